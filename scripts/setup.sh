@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# One entry point for a fresh Debian 12 / Ubuntu 22.04+ machine, as root:
+#   bash scripts/setup.sh run    install what is needed, then run the PoseNet sweep
+#   bash scripts/setup.sh test   install what is needed, then run the whole test suite
+# Safe to run again: every step checks before it acts.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+mode="${1:-}"
+case "$mode" in
+  run|test) ;;
+  *) echo "usage: bash scripts/setup.sh run|test" >&2; exit 2 ;;
+esac
+
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+# Distribution packages: what the testbed drives (iproute2, docker, prometheus)
+# and what the tests need (qemu + debootstrap + a netem kernel for tests/vm,
+# iperf3 as the goodput reference, chromium to open the report).
+APT_PACKAGES=(
+  ca-certificates python3 python3-venv python3-pip git
+  iproute2 iputils-ping iperf3 kmod nftables
+  docker.io debootstrap
+  prometheus prometheus-pushgateway
+)
+APT_TEST_PACKAGES=(
+  qemu-system-x86 linux-image-cloud-amd64 chromium
+)
+
+install_apt() {
+  local wanted=("${APT_PACKAGES[@]}")
+  [ "$mode" = test ] && wanted+=("${APT_TEST_PACKAGES[@]}")
+  local missing=()
+  for p in "${wanted[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    log "apt-get install ${missing[*]}"
+    apt-get update -q
+    # Installing a kernel image into a container/VM must not try to run bootloaders.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
+  # Prometheus from Debian starts itself on some systems; the testbed runs its own.
+  pkill -x prometheus 2>/dev/null || true
+  pkill -x prometheus-pushgateway 2>/dev/null || true
+}
+
+install_python() {
+  if [ ! -x .venv/bin/python ]; then
+    log "creating .venv"
+    python3 -m venv .venv
+  fi
+  log "pip install -e .[test]"
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  .venv/bin/pip install -q -e ".[test]"
+}
+
+start_dockerd() {
+  if docker info >/dev/null 2>&1; then return; fi
+  log "starting dockerd"
+  mkdir -p /var/log
+  nohup dockerd >/var/log/testbed-dockerd.log 2>&1 &
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && return
+    sleep 1
+  done
+  echo "dockerd did not start; see /var/log/testbed-dockerd.log" >&2
+  exit 1
+}
+
+install_apt
+install_python
+start_dockerd
+
+export PATH="$here/.venv/bin:$PATH"
+if [ "$mode" = run ]; then
+  exec testbed run experiments/posenet_sweep.yaml
+fi
+
+# pytest exits 5 when it collected nothing: that is a failure here.
+set +e
+.venv/bin/python -m pytest tests -v --timeout=1800
+rc=$?
+[ "$rc" -eq 5 ] && echo "no tests were collected" >&2
+exit "$rc"

@@ -1,0 +1,63 @@
+"""The ``testbed`` command: parse, call the library, print.
+
+Each command group lives in its own module under ``testbed/commands/`` and is
+registered here. A ``TestbedError`` anywhere becomes one red line on stderr and
+its exit code (1, or 130 for an interrupted run); ``--debug`` shows the traceback
+instead. Nothing here measures or decides anything.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from testbed.errors import TestbedError
+
+
+class _ErrorsAsOneLine(TyperGroup):
+    """Top-level group that maps TestbedError to one line and an exit code."""
+
+    def invoke(self, ctx: click.Context):  # noqa: D401 - click API
+        try:
+            return super().invoke(ctx)
+        except TestbedError as e:
+            if ctx.meta.get("testbed.debug"):
+                traceback.print_exc()
+            Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]error:[/red] {e}", markup=True)
+            raise click.exceptions.Exit(getattr(e, "exit_code", 1)) from None
+
+
+app = typer.Typer(
+    cls=_ErrorsAsOneLine,
+    help="Split DNN inference over an emulated mobile network.\n\n"
+    "Example: testbed run experiments/posenet_sweep.yaml",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(ctx: typer.Context,
+          debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")) -> None:
+    ctx.meta["testbed.debug"] = debug
+
+
+def _register() -> None:
+    from testbed.commands import model_tools, models
+
+    app.add_typer(models.app, name="models")
+    model_tools.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(app())
