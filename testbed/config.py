@@ -48,8 +48,16 @@ class Located:
                            field=".".join(str(p) for p in loc) or None)
 
 
+_PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
+
+
 def _construct(node: yaml.Node, loc: Loc, lines: dict[Loc, int], constructor: yaml.SafeConstructor) -> Any:
     lines.setdefault(loc, node.start_mark.line + 1)
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _PLAIN_TAGS:
+        # Collections are built here, not by the constructor, so refuse tags
+        # explicitly rather than silently ignoring them.
+        raise ConfigError(f"unsupported YAML tag {node.tag}", line=node.start_mark.line + 1,
+                          field=".".join(str(p) for p in loc) or None)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:

@@ -19,10 +19,10 @@ from pydantic import BeforeValidator
 _NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 
 _RATE_UNITS = {
-    "bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12,
+    "": 1, "bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12,
     "kibit": 2**10, "mibit": 2**20, "gibit": 2**30,
 }
-_TIME_UNITS = {"s": 1.0, "sec": 1.0, "ms": 1e-3, "msec": 1e-3, "us": 1e-6, "usec": 1e-6, "ns": 1e-9}
+_TIME_UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "ms": 1e-3, "msec": 1e-3, "us": 1e-6, "usec": 1e-6, "ns": 1e-9}
 _SIZE_UNITS = {
     "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
     "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -50,7 +50,7 @@ def parse_rate(value: object) -> int:
     if unit.endswith("bps"):
         raise ValueError(f"ambiguous rate unit in {value!r}: write bits as 'mbit' (tc reads 'bps' as bytes/s)")
     if unit not in _RATE_UNITS:
-        raise ValueError(f"unknown rate unit in {value!r}; expected one of {', '.join(_RATE_UNITS)}")
+        raise ValueError(f"unknown rate unit in {value!r}; expected one of {', '.join(u for u in _RATE_UNITS if u)}")
     rate = int(round(number * _RATE_UNITS[unit]))
     if rate <= 0:
         raise ValueError(f"rate must be positive, got {value!r}")
@@ -66,7 +66,7 @@ def parse_duration(value: object) -> float:
     else:
         number, unit = _split(str(value), "a duration", "40ms")
         if unit.lower() not in _TIME_UNITS:
-            raise ValueError(f"unknown time unit in {value!r}; expected one of {', '.join(_TIME_UNITS)}")
+            raise ValueError(f"unknown time unit in {value!r}; expected one of {', '.join(u for u in _TIME_UNITS if u)}")
         seconds = number * _TIME_UNITS[unit.lower()]
     if seconds < 0:
         raise ValueError(f"duration must not be negative, got {value!r}")
