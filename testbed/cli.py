@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 import traceback
 
-import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
@@ -22,14 +21,15 @@ from testbed.errors import TestbedError
 class _ErrorsAsOneLine(TyperGroup):
     """Top-level group that maps TestbedError to one line and an exit code."""
 
-    def invoke(self, ctx: click.Context):  # noqa: D401 - click API
+    def invoke(self, ctx: typer.Context):  # noqa: D401 - click API
         try:
             return super().invoke(ctx)
         except TestbedError as e:
             if ctx.meta.get("testbed.debug"):
                 traceback.print_exc()
             Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]error:[/red] {e}", markup=True)
-            raise click.exceptions.Exit(getattr(e, "exit_code", 1)) from None
+            # typer.Exit, not click's: typer >= 0.2x vendors click and no longer installs it.
+            raise typer.Exit(getattr(e, "exit_code", 1)) from None
 
 
 app = typer.Typer(
@@ -53,6 +53,15 @@ def _register() -> None:
 
     app.add_typer(models.app, name="models")
     model_tools.register(app)
+    from testbed.commands import run as run_commands
+
+    run_commands.register(app)
+    from testbed.commands import monitor
+
+    app.add_typer(monitor.app, name="monitor")
+    from testbed.commands import report as report_commands
+
+    report_commands.register(app)
 
 
 _register()

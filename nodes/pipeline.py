@@ -1,0 +1,395 @@
+"""The sample flow across the data plane, and its timings.
+
+Local side (``LocalLink`` + ``run_samples``): run the head on the input, encode the cut
+tensors, send them up; wait for the remote's result frame, decode it. Remote side
+(``serve_data_connection``): decode, run the tail, encode the outputs plus every
+received cut tensor that is a model output, send them down. Both sides stamp
+``time.monotonic_ns`` (CLOCK_MONOTONIC); the remote's stamps travel back in the result
+header so the local side computes every timing of the measurement contract:
+
+=================  =================================================================
+``head_s``         set inputs + invoke + read outputs of the head part (0 at k = 0)
+``encode_s``       encoding the cut tensors (raw: a memoryview; PNG/JPEG: real work)
+``uplink_s``       first byte out at local -> last byte in at remote
+``remote_decode_s``  remote: decoding the cut tensors
+``tail_s``         remote: invoke of the tail part
+``remote_encode_s``  remote: encoding the result
+``downlink_s``     first byte out at remote -> last byte in at local
+``decode_s``       local: decoding the result
+``e2e_s``          start of head -> final output decoded locally
+=================  =================================================================
+
+Clocks: two nodes on one host (containers, namespaces) share CLOCK_MONOTONIC, so the
+one-way times are exact differences (``clock: shared``). That is detected at hello
+(same ``boot_id`` and same time namespace) unless the orchestrator says otherwise.
+Otherwise the remote's clock offset is estimated NTP-style from the fastest of a few
+small ping round trips at the start of every run, one-way times are corrected with it
+and marked ``clock: derived`` (their sum is exact; the split assumes the ping's path
+delay is symmetric).
+
+Which tensors cross: local sends ``head outputs + model inputs the tail reads`` (exactly
+the manifest's cut); the remote tells its tail's inputs in the ``ready`` frame. The
+remote returns its tail outputs plus received tensors that are model outputs: those the
+tail does not read, plus any named in ``model_outputs``. With no head (k = 0) the input
+itself crosses, encoded with ``input_encoding``; with no tail (k = N) nothing crosses.
+
+This module owns the data-plane conversation; ``nodes.agent`` owns the servers, the
+loaded parts and the control operations; ``nodes.protocol`` owns the frame format.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from nodes import protocol as P
+from nodes.codecs import IMAGE_CODECS
+from nodes.part import Part, sha256_of
+
+CODECS = P.codec_registry(IMAGE_CODECS)
+log = logging.getLogger("nodes.agent")
+PING_COUNT = 8
+#: A data-plane read or write that stalls this long means the peer is gone. Generous:
+#: one frame at 1 Mbit/s of a 13 MB PoseNet head takes ~100 s.
+IO_TIMEOUT_S = 900.0
+now = time.monotonic_ns
+
+
+class StepError(Exception):
+    """An operation failed for a reason the caller should read (sent back as an error)."""
+
+
+def clock_identity() -> dict[str, str]:
+    """What decides whether two processes share CLOCK_MONOTONIC: boot and time namespace."""
+    ident = {}
+    try:
+        ident["boot_id"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        ident["boot_id"] = ""
+    try:
+        import os
+        ident["timens"] = os.readlink("/proc/self/ns/time")
+    except OSError:
+        ident["timens"] = ""  # kernel without time namespaces: all share one
+    return ident
+
+
+def same_clock(a: Mapping[str, str], b: Mapping[str, str]) -> bool:
+    return bool(a.get("boot_id")) and a.get("boot_id") == b.get("boot_id") \
+        and a.get("timens") == b.get("timens")
+
+
+class RemoteState(Protocol):
+    """What the remote side of a data connection needs from its agent."""
+
+    token: str
+    name: str
+
+    def tail(self) -> Part | None: ...
+    def staged(self, sha256: str) -> bytes | None: ...
+    def tail_lock(self) -> threading.Lock: ...
+    def observe(self, part: str, seconds: float, role: str | None = None) -> None: ...
+
+
+# --------------------------------------------------------------------------- remote side
+
+def serve_data_connection(conn: socket.socket, state: RemoteState) -> None:
+    """Serve one data connection until the peer closes it or sends garbage.
+
+    The first frame must be ``hello`` with the run token. A frame that does not parse
+    gets an ``error`` frame back and the connection is closed; the agent keeps serving.
+    """
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    greeted = False
+    model_outputs: set[str] = set()
+    try:
+        while True:
+            frame = P.recv_frame(conn)
+            h = frame.header
+            kind = h.get("kind")
+            if not greeted:
+                if kind != "hello":
+                    raise P.FrameError("first data frame must be 'hello'")
+                P.check_token(h, state.token)
+                greeted = True
+                P.send_frame(conn, {"kind": "hello", "node": state.name, **clock_identity()})
+            elif kind == "ping":
+                P.send_frame(conn, {"kind": "pong", "t": now()})
+            elif kind == "begin":
+                mo = h.get("model_outputs") or []
+                if not isinstance(mo, list) or not all(isinstance(x, str) for x in mo):
+                    raise P.FrameError("'model_outputs' must be a list of names")
+                model_outputs = set(mo)
+                tail = state.tail()
+                P.send_frame(conn, {"kind": "ready",
+                                    "tail_inputs": tail.input_names if tail else None,
+                                    "tail_outputs": tail.output_names if tail else None})
+            elif kind == "tensors":
+                _answer_sample(conn, frame, state, model_outputs)
+            elif kind == "fetch":
+                _answer_fetch(conn, h, state)
+            else:
+                raise P.FrameError(f"unknown data frame kind {kind!r}")
+    except P.PeerClosed:
+        pass
+    except P.FrameError as e:
+        log.warning("data: refused a frame: %s", e)
+        _try_send(conn, {"kind": "error", "error": f"refused: {e}"})
+    except OSError:
+        pass  # peer vanished (reset, timeout): nothing to answer
+    finally:
+        conn.close()
+
+
+def _try_send(conn: socket.socket, header: dict[str, Any]) -> None:
+    try:
+        P.send_frame(conn, header)
+    except OSError:
+        pass
+
+
+def _answer_sample(conn: socket.socket, frame: P.Frame, state: RemoteState,
+                   model_outputs: set[str]) -> None:
+    t_rx = frame.t_last_ns
+    cut = P.decode_tensors(frame.header.get("tensors"), frame.payload, CODECS)
+    t_dec = now()
+    tail = state.tail()
+    if tail is None:
+        _try_send(conn, {"kind": "error", "error": "no tail part loaded on the remote"})
+        return
+    try:
+        with state.tail_lock():
+            t_tail0 = now()
+            out = tail.run(cut)
+            t_tail = now()
+    except (KeyError, ValueError) as e:
+        _try_send(conn, {"kind": "error", "error": f"tail: {e}"})
+        return
+    state.observe("tail", (t_tail - t_tail0) / 1e9, role="remote")
+    back = dict(out)
+    for name, arr in cut.items():
+        if name in model_outputs or name not in tail.input_names:
+            back[name] = np.array(arr)  # copy: the receive buffer is not ours to keep
+    descs, bufs, _ = P.encode_tensors(back, CODECS)
+    t_enc = now()
+    stamps = {"rx_first": frame.t_first_ns, "rx_last": t_rx, "decoded": t_dec,
+              "tail_start": t_tail0, "tail_done": t_tail, "encoded": t_enc}
+    stamps["tx"] = now()
+    P.send_frame(conn, {"kind": "result", "seq": frame.header.get("seq"), "tensors": descs,
+                        "t": stamps}, bufs)
+
+
+def _answer_fetch(conn: socket.socket, h: Mapping[str, Any], state: RemoteState) -> None:
+    sha = h.get("sha256")
+    data = state.staged(sha) if isinstance(sha, str) else None
+    if data is None:
+        _try_send(conn, {"kind": "error", "error": f"no part with sha256 {sha} staged"})
+        return
+    P.send_frame(conn, {"kind": "part", "sha256": sha, "t_tx": now()}, [data])
+
+
+# --------------------------------------------------------------------------- local side
+
+@dataclass
+class Plan:
+    """What one run sends and expects, fixed by the begin/ready handshake."""
+
+    cut: list[str]
+    remote: bool
+    offset_ns: int = 0  # remote clock - local clock
+    clock: str = "shared"
+    choose: Callable[[str], str] = field(default=lambda name: "raw")
+
+
+class LocalLink:
+    """The local node's data connection to the remote (one per connect_peer)."""
+
+    def __init__(self, host: str, port: int, token: str, timeout: float = 10.0,
+                 io_timeout: float = IO_TIMEOUT_S):
+        self.address = (host, port)
+        self.lock = threading.Lock()
+        try:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as e:
+            raise StepError(f"cannot connect to peer data port {host}:{port}: {e}") from e
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        P.send_frame(self.sock, {"kind": "hello", "token": token, **clock_identity()})
+        reply = self.expect("hello")
+        self.peer_name = reply.header.get("node")
+        self.clock_shared = same_clock(clock_identity(), reply.header)
+        self.sock.settimeout(io_timeout)
+
+    def expect(self, kind: str) -> P.Frame:
+        frame = P.recv_frame(self.sock, clock=now)
+        got = frame.header.get("kind")
+        if got == "error":
+            raise StepError(f"peer: {frame.header.get('error')}")
+        if got != kind:
+            raise P.FrameError(f"expected {kind!r} from peer, got {got!r}")
+        return frame
+
+    def estimate_offset(self) -> int:
+        """Remote clock minus local clock (ns), from the fastest of PING_COUNT pings."""
+        best: tuple[int, int] | None = None
+        for _ in range(PING_COUNT):
+            t0 = now()
+            P.send_frame(self.sock, {"kind": "ping"})
+            t_remote = int(self.expect("pong").header["t"])
+            t1 = now()
+            if best is None or t1 - t0 < best[0]:
+                best = (t1 - t0, t_remote - (t0 + t1) // 2)
+        assert best is not None
+        return best[1]
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+@dataclass
+class RunSpec:
+    samples: int
+    warmup: int = 0
+    codec: str = "raw"
+    input_encoding: str = "raw"
+    model_outputs: Sequence[str] = ()
+    clock_shared: bool | None = None
+    max_seconds: float | None = None
+
+
+def plan_run(link: LocalLink | None, head: Part | None, input_names: Sequence[str],
+             spec: RunSpec) -> Plan:
+    """Handshake with the remote and fix what crosses, which codec, which clock."""
+    for name in (spec.codec, spec.input_encoding):
+        if name not in CODECS:
+            raise StepError(f"unknown codec {name!r} (have {sorted(CODECS)})")
+    if link is None:
+        if head is None:
+            raise StepError("no head part loaded and no peer connected: nothing to run")
+        return Plan(cut=[], remote=False)
+    P.send_frame(link.sock, {"kind": "begin", "model_outputs": list(spec.model_outputs)})
+    ready = link.expect("ready").header
+    tail_inputs = ready.get("tail_inputs")
+    if tail_inputs is None:  # k = N: everything stays local
+        if head is None:
+            raise StepError("neither a head here nor a tail on the remote is loaded")
+        return Plan(cut=[], remote=False)
+    head_out = head.output_names if head else []
+    cut = list(head_out) + [n for n in input_names if n in tail_inputs and n not in head_out]
+    missing = [n for n in tail_inputs if n not in cut]
+    if missing:
+        raise StepError(f"the remote tail needs {missing}, which neither the head outputs "
+                        f"nor the inputs provide (have {cut})")
+    shared = link.clock_shared if spec.clock_shared is None else spec.clock_shared
+    offset = 0 if shared else link.estimate_offset()
+    inputs = set(input_names)
+    choose = (lambda n: spec.input_encoding if n in inputs else spec.codec)
+    return Plan(cut=cut, remote=True, offset_ns=offset,
+                clock="shared" if shared else "derived", choose=choose)
+
+
+def run_samples(link: LocalLink | None, head: Part | None,
+                inputs: Sequence[Mapping[str, np.ndarray]], spec: RunSpec,
+                observe: Callable[[str, float], None] = lambda part, s: None,
+                ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Run warm-up + samples; returns (per-sample timing dicts, last final outputs).
+
+    Stops early (after at least one sample) once ``max_seconds`` have passed.
+    """
+    if not inputs:
+        raise StepError("no input set: call set_inputs first")
+    plan = plan_run(link, head, list(inputs[0]), spec)
+    rows: list[dict[str, Any]] = []
+    final: dict[str, np.ndarray] = {}
+    start = time.monotonic()
+    for i in range(spec.warmup + spec.samples):
+        row, final = _one_sample(link, head, inputs[i % len(inputs)], plan, i, observe)
+        if i >= spec.warmup:
+            row["sample"] = i - spec.warmup
+            rows.append(row)
+            if spec.max_seconds is not None and time.monotonic() - start > spec.max_seconds:
+                break
+    return rows, final
+
+
+def _one_sample(link: LocalLink | None, head: Part | None, feed: Mapping[str, np.ndarray],
+                plan: Plan, seq: int, observe: Callable[[str, float], None],
+                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    t0 = now()
+    head_out = head.run(feed) if head is not None else {}
+    t1 = now()
+    if head is not None:
+        observe("head", (t1 - t0) / 1e9)
+    if not plan.remote:
+        raw = sum(a.nbytes for a in head_out.values())
+        row = _row(head_s=t1 - t0, e2e_s=t1 - t0, clock="shared")
+        row.update(cut_bytes_raw=raw, cut_bytes_wire=0, uplink_bytes=0, downlink_bytes=0)
+        return row, head_out
+    assert link is not None
+    tensors = [(n, head_out[n] if n in head_out else feed[n]) for n in plan.cut]
+    descs, bufs, raw = P.encode_tensors(tensors, CODECS, plan.choose)
+    wire = sum(d["nbytes"] for d in descs)
+    t2 = now()
+    t_send = now()
+    up = P.send_frame(link.sock, {"kind": "tensors", "seq": seq, "tensors": descs}, bufs)
+    frame = link.expect("result")
+    final = P.decode_tensors(frame.header.get("tensors"), frame.payload, CODECS)
+    t_dec = now()
+    st = frame.header.get("t", {})
+    off = plan.offset_ns
+    try:
+        rx, dec, t_a, t_b, enc, tx = (int(st[k]) for k in
+                                      ("rx_last", "decoded", "tail_start", "tail_done",
+                                       "encoded", "tx"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise P.FrameError(f"result frame lacks timestamps: {e}") from e
+    row = _row(head_s=t1 - t0 if head is not None else 0, encode_s=t2 - t1, uplink_s=(rx - off) - t_send,
+               remote_decode_s=dec - rx, tail_s=t_b - t_a, remote_encode_s=enc - t_b,
+               downlink_s=frame.t_last_ns - (tx - off), decode_s=t_dec - frame.t_last_ns,
+               e2e_s=t_dec - t0, clock=plan.clock)
+    row.update(cut_bytes_raw=raw, cut_bytes_wire=wire, uplink_bytes=up,
+               downlink_bytes=frame.wire_bytes,
+               codec=",".join(sorted({d["codec"] for d in descs})) or "raw")
+    return row, final
+
+
+TIMING_KEYS = ("head_s", "encode_s", "uplink_s", "remote_decode_s", "tail_s",
+               "remote_encode_s", "downlink_s", "decode_s", "e2e_s")
+
+
+def _row(clock: str, **ns: int) -> dict[str, Any]:
+    row: dict[str, Any] = {k: ns.get(k, 0) / 1e9 for k in TIMING_KEYS}
+    row["clock"] = clock
+    row["codec"] = "none"
+    return row
+
+
+def fetch_part(link: LocalLink, sha256: str, clock_shared: bool | None = None,
+               ) -> tuple[bytes, dict[str, Any]]:
+    """Pull a staged part from the remote over the downlink; returns (bytes, timing).
+
+    ``delivery_s`` runs from the remote's first byte out to the last byte in here.
+    """
+    shared = link.clock_shared if clock_shared is None else clock_shared
+    offset = 0 if shared else link.estimate_offset()
+    t_req = now()
+    P.send_frame(link.sock, {"kind": "fetch", "sha256": sha256})
+    frame = link.expect("part")
+    data = bytes(frame.payload)
+    got = sha256_of(data)
+    if got != sha256:
+        raise StepError(f"delivered part has sha256 {got}, expected {sha256}")
+    t_tx = int(frame.header.get("t_tx", 0))
+    return data, {"delivery_s": (frame.t_last_ns - (t_tx - offset)) / 1e9,
+                  "request_to_loaded_s": (now() - t_req) / 1e9,
+                  "bytes": len(data), "wire_bytes": frame.wire_bytes,
+                  "clock": "shared" if shared else "derived"}

@@ -1,0 +1,389 @@
+"""The wire protocol both planes speak: length-prefixed frames with a small JSON header.
+
+A frame is ``PREFIX | header | payload``:
+
+* ``PREFIX`` is fixed-size (``!4sIQ``): a 4-byte magic, the header length and the
+  payload length. Both lengths are checked against bounds *before* anything is
+  allocated, so a garbage or hostile prefix cannot make a peer allocate gigabytes.
+* ``header`` is UTF-8 JSON, one object, at most ``MAX_HEADER_BYTES``. JSON rather than a
+  binary struct because it is small next to the tensors, self-describing, and leaves room
+  for new fields (codec parameters, timestamps) without a version bump. Never pickle.
+* ``payload`` is opaque bytes: on the data plane the concatenated tensor buffers, on the
+  control plane a part file, an input, one-layer models...
+
+Tensors travel as descriptors in the header (``name, dtype, shape, codec, nbytes`` plus
+codec ``params``) and their bytes back to back in the payload. ``send_frame`` hands the
+numpy buffers to ``sendmsg`` without copying them; ``recv_frame`` reads the payload with
+``recv_into`` into one buffer and ``decode_tensors`` views it with ``np.frombuffer``, so
+the raw codec is zero-copy on both sides.
+
+Control requests are frames whose header has ``op`` and ``token``; replies have
+``ok`` and either ``result`` or ``error``. ``check_token`` refuses a request without the
+run's token. Anything that does not parse raises ``FrameError``; a server answers with an
+error frame, drops that connection and keeps serving.
+
+This module owns framing, bounds and the raw codec. Other codecs (PNG/JPEG for the k=0
+input) live in ``nodes.codecs``; the agent's behaviour lives in ``nodes.agent``; the
+orchestrator's client in ``testbed.deploy.agent_client`` (which maps ``FrameError`` to
+``testbed.errors.ProtocolError``). It imports only numpy and the standard library.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+MAGIC = b"TBF1"
+PREFIX = struct.Struct("!4sIQ")
+MAX_HEADER_BYTES = 64 * 1024
+#: Largest payload a peer accepts in one frame: room for a float32 part of a few
+#: hundred MB, small enough that a bogus length is refused instead of allocated.
+MAX_PAYLOAD_BYTES = 512 * 1024 * 1024
+MAX_TENSORS = 256
+MAX_NAME_CHARS = 512
+MAX_DIMS = 8
+#: Tensor dtypes the data plane carries (numpy names, as TFLite parts produce them).
+DTYPES = frozenset({"float32", "float16", "float64", "int8", "uint8", "int16", "uint16",
+                    "int32", "uint32", "int64", "uint64", "bool"})
+
+
+class FrameError(Exception):
+    """A frame did not parse, broke a bound, or a request lacked the token."""
+
+
+class PeerClosed(FrameError):
+    """The peer closed the connection (cleanly, between frames, or mid-frame)."""
+
+
+@dataclass(frozen=True)
+class TensorDesc:
+    """How one tensor sits in a payload: what it is and how it was encoded.
+
+    ``nbytes`` is the size on the wire (after the codec); ``params`` carries codec
+    parameters (e.g. the quantisation range of PNG/JPEG) and stays empty for ``raw``.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    codec: str
+    nbytes: int
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+                               "codec": self.codec, "nbytes": self.nbytes}
+        if self.params:
+            out["params"] = dict(self.params)
+        return out
+
+    @property
+    def raw_nbytes(self) -> int:
+        """Size of the decoded tensor."""
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "TensorDesc":
+        """Validate one descriptor from a header; raises FrameError on anything odd."""
+        if not isinstance(obj, dict):
+            raise FrameError("tensor descriptor is not an object")
+        name, dtype, shape = obj.get("name"), obj.get("dtype"), obj.get("shape")
+        codec, nbytes, params = obj.get("codec"), obj.get("nbytes"), obj.get("params", {})
+        if not isinstance(name, str) or len(name) > MAX_NAME_CHARS:
+            raise FrameError("tensor name missing or too long")
+        if dtype not in DTYPES:
+            raise FrameError(f"tensor {name!r}: unsupported dtype {dtype!r}")
+        if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+                or not all(_is_int(d) and d >= 0 for d in shape)):
+            raise FrameError(f"tensor {name!r}: shape must be at most {MAX_DIMS} non-negative ints")
+        if not isinstance(codec, str) or not codec:
+            raise FrameError(f"tensor {name!r}: codec missing")
+        if not _is_int(nbytes) or not 0 <= nbytes <= MAX_PAYLOAD_BYTES:
+            raise FrameError(f"tensor {name!r}: bad byte count {nbytes!r}")
+        if not isinstance(params, dict):
+            raise FrameError(f"tensor {name!r}: params must be an object")
+        desc = cls(name, dtype, tuple(shape), codec, nbytes, params)
+        if desc.raw_nbytes > MAX_PAYLOAD_BYTES:
+            raise FrameError(f"tensor {name!r}: decoded size exceeds {MAX_PAYLOAD_BYTES} bytes")
+        if codec == "raw" and nbytes != desc.raw_nbytes:
+            raise FrameError(f"tensor {name!r}: {nbytes} bytes for shape {shape} {dtype}")
+        return desc
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# --------------------------------------------------------------------------- codecs
+
+Buffer = Any  # bytes | bytearray | memoryview | contiguous ndarray
+
+
+@dataclass(frozen=True)
+class Codec:
+    """Turns an array into wire buffers and back.
+
+    ``encode(array) -> (buffers, params)``; ``decode(view, desc) -> array`` where ``view``
+    is a memoryview of exactly ``desc.nbytes`` bytes inside the received payload.
+    """
+
+    name: str
+    encode: Callable[[np.ndarray], tuple[list[Buffer], dict[str, Any]]]
+    decode: Callable[[memoryview, TensorDesc], np.ndarray]
+
+
+def _raw_encode(array: np.ndarray) -> tuple[list[Buffer], dict[str, Any]]:
+    # ascontiguousarray is a no-op for the C-contiguous arrays LiteRT returns; the
+    # memoryview then goes straight into sendmsg without a copy.
+    arr = np.ascontiguousarray(array)
+    return [memoryview(arr).cast("B")] if arr.nbytes else [], {}
+
+
+def _raw_decode(view: memoryview, desc: TensorDesc) -> np.ndarray:
+    # A view into the receive buffer, not a copy. Writable because the buffer is a
+    # bytearray, so it can be handed to set_tensor directly.
+    return np.frombuffer(view, dtype=desc.dtype).reshape(desc.shape)
+
+
+RAW = Codec("raw", _raw_encode, _raw_decode)
+
+
+def codec_registry(extra: Iterable[Codec] = ()) -> dict[str, Codec]:
+    """The codecs a peer understands: ``raw`` plus any given (e.g. from ``nodes.codecs``)."""
+    reg = {RAW.name: RAW}
+    for c in extra:
+        reg[c.name] = c
+    return reg
+
+
+def encode_tensors(tensors: Mapping[str, np.ndarray] | Sequence[tuple[str, np.ndarray]],
+                   codecs: Mapping[str, Codec], choose: Callable[[str], str] | None = None,
+                   ) -> tuple[list[dict[str, Any]], list[Buffer], int]:
+    """Encode named arrays; returns (descriptor JSON list, buffers, raw bytes total).
+
+    ``choose(name) -> codec name`` picks a codec per tensor (default ``raw``).
+    """
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    descs: list[dict[str, Any]] = []
+    buffers: list[Buffer] = []
+    raw_total = 0
+    for name, array in items:
+        codec = codecs[choose(name) if choose else "raw"]
+        array = np.asarray(array)
+        bufs, params = codec.encode(array)
+        nbytes = sum(memoryview(b).nbytes for b in bufs)
+        descs.append(TensorDesc(name, array.dtype.name, tuple(array.shape), codec.name,
+                                nbytes, params).to_json())
+        buffers.extend(bufs)
+        raw_total += array.nbytes
+    if len(descs) > MAX_TENSORS:
+        raise FrameError(f"more than {MAX_TENSORS} tensors in one frame")
+    return descs, buffers, raw_total
+
+
+def decode_tensors(descs_json: Any, payload: Buffer, codecs: Mapping[str, Codec],
+                   ) -> dict[str, np.ndarray]:
+    """Check descriptors against the payload and decode them (raw: views, no copies)."""
+    descs = parse_descs(descs_json)
+    view = memoryview(payload).cast("B")
+    if sum(d.nbytes for d in descs) != view.nbytes:
+        raise FrameError("tensor byte counts do not add up to the payload size")
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    for d in descs:
+        codec = codecs.get(d.codec)
+        if codec is None:
+            raise FrameError(f"tensor {d.name!r}: unknown codec {d.codec!r}")
+        try:
+            arr = codec.decode(view[offset:offset + d.nbytes], d)
+        except FrameError:
+            raise
+        except Exception as e:  # a codec library rejecting corrupt data
+            raise FrameError(f"tensor {d.name!r}: {d.codec} decode failed: {e}") from e
+        if tuple(arr.shape) != d.shape or arr.dtype.name != d.dtype:
+            raise FrameError(f"tensor {d.name!r}: decoded to {arr.dtype}{list(arr.shape)}")
+        out[d.name] = arr
+        offset += d.nbytes
+    return out
+
+
+def parse_descs(descs_json: Any) -> list[TensorDesc]:
+    """Validate a header's tensor list (unique names, bounded count)."""
+    if not isinstance(descs_json, list) or len(descs_json) > MAX_TENSORS:
+        raise FrameError(f"'tensors' must be a list of at most {MAX_TENSORS} descriptors")
+    descs = [TensorDesc.from_json(o) for o in descs_json]
+    if len({d.name for d in descs}) != len(descs):
+        raise FrameError("duplicate tensor names in one frame")
+    return descs
+
+
+# --------------------------------------------------------------------------- framing
+
+def pack_header(header: Mapping[str, Any], payload_nbytes: int) -> bytes:
+    """PREFIX + JSON header bytes; raises FrameError if a bound is broken."""
+    try:
+        hbytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise FrameError(f"header is not JSON-serialisable: {e}") from e
+    if len(hbytes) > MAX_HEADER_BYTES:
+        raise FrameError(f"header of {len(hbytes)} bytes exceeds {MAX_HEADER_BYTES}")
+    if payload_nbytes > MAX_PAYLOAD_BYTES:
+        raise FrameError(f"payload of {payload_nbytes} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    return PREFIX.pack(MAGIC, len(hbytes), payload_nbytes) + hbytes
+
+
+def unpack_prefix(prefix: Buffer, max_payload: int = MAX_PAYLOAD_BYTES) -> tuple[int, int]:
+    """(header length, payload length) from a PREFIX, refusing bad magic and bounds."""
+    magic, hlen, plen = PREFIX.unpack(prefix)
+    if magic != MAGIC:
+        raise FrameError(f"bad magic {bytes(magic)!r}: not a testbed frame")
+    if not 2 <= hlen <= MAX_HEADER_BYTES:
+        raise FrameError(f"header length {hlen} outside 2..{MAX_HEADER_BYTES}")
+    if plen > max_payload:
+        raise FrameError(f"payload length {plen} exceeds {max_payload}")
+    return hlen, plen
+
+
+def parse_header(hbytes: Buffer) -> dict[str, Any]:
+    """Decode the JSON header; it must be an object."""
+    try:
+        header = json.loads(bytes(hbytes).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FrameError(f"header is not JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise FrameError("header is not a JSON object")
+    return header
+
+
+def send_frame(sock: socket.socket, header: Mapping[str, Any],
+               buffers: Sequence[Buffer] = ()) -> int:
+    """Send one frame; the payload is the buffers back to back, never copied.
+
+    Returns the bytes sent (prefix + header + payload).
+    """
+    views = [memoryview(b).cast("B") for b in buffers]
+    views = [v for v in views if v.nbytes]
+    head = pack_header(header, sum(v.nbytes for v in views))
+    return send_buffers(sock, [memoryview(head), *views])
+
+
+def send_buffers(sock: socket.socket, views: list[memoryview]) -> int:
+    """sendmsg until every view is out, resuming after partial sends."""
+    total = sum(v.nbytes for v in views)
+    i = 0
+    # sendmsg takes at most IOV_MAX (1024 on Linux) buffers; batch below that.
+    while i < len(views):
+        sent = sock.sendmsg(views[i:i + 512])
+        while sent and i < len(views):
+            n = views[i].nbytes
+            if sent >= n:
+                sent -= n
+                i += 1
+            else:
+                views[i] = views[i][sent:]
+                sent = 0
+    return total
+
+
+def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from the socket; PeerClosed if the peer goes away first."""
+    got = 0
+    n = view.nbytes
+    while got < n:
+        r = sock.recv_into(view[got:], n - got)
+        if r == 0:
+            raise PeerClosed("peer closed the connection mid-frame" if got or n else "peer closed")
+        got += r
+
+
+@dataclass
+class Frame:
+    """A received frame: the parsed header, the payload, and when its last byte arrived."""
+
+    header: dict[str, Any]
+    payload: bytearray
+    t_first_ns: int  # monotonic time the first prefix bytes were in hand
+    t_last_ns: int  # monotonic time the last payload byte was in hand
+    wire_bytes: int
+
+
+def recv_frame(sock: socket.socket, max_payload: int = MAX_PAYLOAD_BYTES,
+               clock: Callable[[], int] | None = None,
+               before_payload: Callable[[dict[str, Any]], None] | None = None) -> Frame:
+    """Read one frame. Raises PeerClosed on EOF before a frame, FrameError on garbage.
+
+    ``clock`` (default ``time.monotonic_ns``) stamps the moment the last byte was
+    received — the uplink/downlink end point of the measurement contract.
+    ``before_payload(header)`` runs before the payload is allocated and read, so a
+    control server refuses a request without the token without buffering its payload.
+    """
+    import time
+    clock = clock or time.monotonic_ns
+    prefix = bytearray(PREFIX.size)
+    pv = memoryview(prefix)
+    first = sock.recv_into(pv, PREFIX.size)
+    if first == 0:
+        raise PeerClosed("peer closed")
+    t_first = clock()
+    recv_exact_into(sock, pv[first:])
+    hlen, plen = unpack_prefix(prefix, max_payload)
+    hbytes = bytearray(hlen)
+    recv_exact_into(sock, memoryview(hbytes))
+    header = parse_header(hbytes)
+    if before_payload is not None:
+        before_payload(header)
+    payload = bytearray(plen)
+    recv_exact_into(sock, memoryview(payload))
+    return Frame(header, payload, t_first, clock(), PREFIX.size + hlen + plen)
+
+
+# --------------------------------------------------------------------------- control plane
+
+def request_header(op: str, token: str, **args: Any) -> dict[str, Any]:
+    """The header of a control request: operation, run token, arguments."""
+    return {"op": op, "token": token, "args": args}
+
+
+def check_token(header: Mapping[str, Any], token: str) -> None:
+    """Refuse a request whose token is missing or wrong (constant-time compare)."""
+    given = header.get("token")
+    if not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode()):
+        raise FrameError("request refused: missing or wrong run token")
+
+
+def parse_request(header: Mapping[str, Any], token: str) -> tuple[str, dict[str, Any]]:
+    """(op, args) of a control request after the token check."""
+    check_token(header, token)
+    op, args = header.get("op"), header.get("args", {})
+    if not isinstance(op, str) or not isinstance(args, dict):
+        raise FrameError("request needs 'op' (string) and 'args' (object)")
+    return op, args
+
+
+def ok_header(result: Any = None) -> dict[str, Any]:
+    return {"ok": True, "result": result}
+
+
+def error_header(message: str, kind: str = "node") -> dict[str, Any]:
+    """A refusal; ``kind`` is ``protocol`` (bad frame/token) or ``node`` (op failed)."""
+    return {"ok": False, "kind": kind, "error": message}
+
+
+def split_blobs(payload: Buffer, sizes: Any) -> list[memoryview]:
+    """Cut a payload into the blobs a header's ``sizes`` list announces."""
+    view = memoryview(payload).cast("B")
+    if (not isinstance(sizes, list) or not all(_is_int(s) and s >= 0 for s in sizes)
+            or sum(sizes) != view.nbytes):
+        raise FrameError("'sizes' must list non-negative ints adding up to the payload")
+    out, off = [], 0
+    for s in sizes:
+        out.append(view[off:off + s])
+        off += s
+    return out

@@ -1,0 +1,110 @@
+"""Top-level ``testbed inspect``, ``testbed split`` and ``testbed profile`` (thin: parse, call, print)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Column, Table
+
+from testbed.errors import ModelError
+from testbed.model.graph import ModelGraph
+from testbed.model.profiler import profile as run_profile
+from testbed.model.splitter import split_model
+from testbed.units import format_bytes, format_duration
+
+
+def _shape(shapes) -> str:
+    return " ".join("x".join(str(d) for d in s) for s in shapes)
+
+
+def inspect(model: Path = typer.Argument(..., help="a TFLite model file"),
+            as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables")) -> None:
+    """Layers in execution order (op, output shapes/bytes, params, MACs) and the cut at every split point.
+
+    Example: testbed inspect posenet.tflite --json
+    """
+    graph = ModelGraph.from_file(model)
+    if as_json:
+        typer.echo(json.dumps(graph.to_dict(), indent=2))
+        return
+    console = Console()
+    table = Table("#", Column("op", no_wrap=True), "output shape", "output bytes", "params", "param bytes", "MACs",
+                  title=f"{model} — {graph.num_layers} layers, {format_bytes(graph.size)}")
+    for la in graph.layers:
+        table.add_row(str(la.index), la.op, _shape(la.output_shapes), str(la.output_bytes), str(la.params),
+                      str(la.param_bytes), str(la.macs))
+    console.print(table)
+    cuts = Table("k", "head:tail", "cut bytes", "cut tensors", title="split points")
+    for k in range(graph.num_layers + 1):
+        cut = graph.cut(k)
+        cuts.add_row(str(k), f"{k}:{graph.num_layers - k}", str(sum(t.bytes for t in cut)),
+                     ", ".join(f"{t.name} {'x'.join(map(str, t.shape))}" for t in cut))
+    console.print(cuts)
+
+
+def split(model: Path = typer.Argument(..., help="a TFLite model file"),
+          at: list[int] = typer.Option(None, "--at", help="split point k (repeatable)"),
+          all_: bool = typer.Option(False, "--all", help="every split point 0..N"),
+          out: Path = typer.Option(..., "--out", "-o", help="directory for the parts and manifest.json"),
+          as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON")) -> None:
+    """Write head/tail parts and manifest.json for the given split points.
+
+    Example: testbed split posenet.tflite --all --out parts/
+    """
+    if bool(at) == all_:
+        raise ModelError("give either --at K (repeatable) or --all", path=str(model))
+    ks = list(at) if at else None
+    if ks is None:
+        ks = list(range(ModelGraph.from_file(model).num_layers + 1))
+    manifest = split_model(model, ks, out)
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2))
+        return
+    table = Table("k", "head", "tail", "head bytes", "tail bytes", "cut bytes", title=f"{out}/manifest.json")
+    for s in manifest["splits"]:
+        table.add_row(str(s["k"]), s["head"] or "-", s["tail"] or "-", str(s["head_bytes"]),
+                      str(s["tail_bytes"]), str(sum(c["bytes"] for c in s["cut"])))
+    Console().print(table)
+
+
+def profile(model: Path = typer.Argument(..., help="a TFLite model file"),
+            runs: int = typer.Option(50, "--runs", help="steady-state runs"),
+            warmup: int = typer.Option(5, "--warmup", help="warm-up runs after the first inference"),
+            threads: int = typer.Option(None, "--threads", help="interpreter threads (default: runtime's)"),
+            as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """benchmark_model KPIs (fresh process) and per-layer latency (one-layer models) on this host.
+
+    Example: testbed profile posenet.tflite --runs 20 --warmup 3 --threads 1
+    """
+    result = run_profile(model, runs, warmup, threads)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    console = Console()
+    k = result["kpis"]
+    kp = Table("KPI", "value", title=f"{model} (fresh process, {runs} runs, {warmup} warm-up)")
+    for key in ("init_s", "first_s", "warmup_mean_s", "steady_mean_s", "steady_std_s", "steady_p50_s",
+                "steady_p90_s"):
+        kp.add_row(key, format_duration(k[key]))
+    for key in ("init_memory_bytes", "peak_memory_bytes"):
+        kp.add_row(key, format_bytes(k[key]))
+    console.print(kp)
+    lt = Table("#", Column("op", no_wrap=True), "output shape", "output bytes", "param bytes", "MACs", "mean", "p50", "p90", "std")
+    for r in result["layers"]:
+        lt.add_row(str(r["index"]), r["op"], _shape(r["output_shapes"]), str(r["output_bytes"]),
+                   str(r["param_bytes"]), str(r["macs"]), format_duration(r["mean_s"]),
+                   format_duration(r["p50_s"]), format_duration(r["p90_s"]), format_duration(r["std_s"]))
+    console.print(lt)
+    ratio = result["sum_layers_over_whole"]
+    console.print(f"Σ layers / whole model = {format_duration(result['sum_layers_mean_s'])} / "
+                  f"{format_duration(k['steady_mean_s'])} = {ratio:.2f}" if ratio else "Σ layers / whole: n/a")
+
+
+def register(app: typer.Typer) -> None:
+    """Add inspect, split and profile as top-level commands of ``app``."""
+    app.command("inspect")(inspect)
+    app.command("split")(split)
+    app.command("profile")(profile)

@@ -1,0 +1,76 @@
+"""``testbed models build|fetch|add|list``: the model zoo from the command line (thin)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from testbed.errors import ModelError
+from testbed.model import zoo
+from testbed.units import format_bytes
+
+app = typer.Typer(help="Build, fetch, register and list models.\n\nExample: testbed models build posenet --out posenet.tflite",
+                  no_args_is_help=True)
+
+
+@app.command("build")
+def build(name: str = typer.Argument(..., help="built-in model name (posenet)"),
+          out: Path = typer.Option(..., "--out", "-o", help="file to write"),
+          seed: int = typer.Option(0, "--seed", help="weight seed: same seed, same bytes")) -> None:
+    """Write a built-in model (float32 TFLite, seeded weights, no download).
+
+    Example: testbed models build posenet --out posenet.tflite --seed 0
+    """
+    if name not in zoo.BUILTINS:
+        raise ModelError(f"unknown built-in model {name!r} (have: {', '.join(zoo.BUILTINS)})")
+    data = zoo.BUILTINS[name](seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(out)
+    typer.echo(f"{out}  {len(data)} bytes  sha256 {hashlib.sha256(data).hexdigest()}")
+
+
+@app.command("fetch")
+def fetch(name: str = typer.Argument("posenet", help="official model name (posenet)"),
+          dest: Path = typer.Option(None, "--dest", help="directory to download into (default: the cache)")) -> None:
+    """Download the official model, verify its pinned sha256 and register it.
+
+    Example: testbed models fetch posenet --dest models/
+    """
+    e = zoo.fetch(name, dest=dest)
+    note = "" if e["verified"] else " (no pinned checksum: recorded, not verified)"
+    typer.echo(f"{e['name']}: {e['path']}  {e['bytes']} bytes  sha256 {e['sha256']}{note}")
+
+
+@app.command("add")
+def add(name: str = typer.Argument(..., help="name to register under"),
+        path: Path = typer.Argument(..., help="a TFLite file")) -> None:
+    """Register a TFLite file (e.g. one fetched by hand) under NAME.
+
+    Example: testbed models add posenet ~/Downloads/posenet_mobilenet_v1_100_257x257_multi_kpt_stripped.tflite
+    """
+    e = zoo.add(name, path)
+    typer.echo(f"{e['name']}: {e['path']}  {e['bytes']} bytes  sha256 {e['sha256']}")
+
+
+@app.command("list")
+def list_(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Show built-in and registered models with sizes and checksums.
+
+    Example: testbed models list --json
+    """
+    rows = zoo.list_models()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("name", "source", "size", "sha256", "path")
+    for r in rows:
+        table.add_row(r["name"], r["source"], format_bytes(r["bytes"]) if r["bytes"] is not None else "?",
+                      (r["sha256"] or "?")[:16] + "…", r["path"] or "(built on use)")
+    Console().print(table)

@@ -1,0 +1,83 @@
+"""``testbed monitor up|down|status``: parse, call ``testbed.monitor``, print the URLs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="A Prometheus (and Grafana with docker) that scrapes running sweeps live.",
+                  no_args_is_help=True)
+
+_DIR = typer.Option(None, "--dir", metavar="DIR",
+                    help="Monitor folder (config, targets, data); default ~/.cache/testbed/monitor "
+                         "or $TESTBED_MONITOR_DIR.")
+
+
+def _print(status, console: Console) -> None:
+    from testbed.monitor import REPO
+
+    if not status.running:
+        console.print(f"monitor: not running ({status.monitor_dir})")
+        return
+    console.print(f"Prometheus: {status.prometheus_url}  ({status.backend}"
+                  f"{f', pid {status.pid}' if status.pid else ''}, "
+                  f"{'ready' if status.ready else 'not ready'}"
+                  f"{f', {status.active_targets} target(s)' if status.active_targets is not None else ''})")
+    if status.grafana_url:
+        console.print(f"Grafana:    {status.grafana_url}  (dashboards: Sweep overview, Per-layer, Nodes, Link)")
+    else:
+        console.print(f"Grafana:    not started with the binary backend; add {status.prometheus_url} as a "
+                      f"Prometheus data source and import {REPO / 'grafana' / 'dashboards'}/*.json")
+    console.print(f"Targets:    {status.monitor_dir / 'targets'}/<run>.json (kept current by testbed run)")
+
+
+@app.command("up")
+def up(
+    monitor_dir: Optional[Path] = _DIR,
+    listen: str = typer.Option("127.0.0.1:9090", "--listen", metavar="HOST:PORT",
+                               help="Prometheus listen address (keep it on loopback)."),
+    backend: str = typer.Option("auto", "--backend", metavar="auto|binary|compose",
+                                help="binary = the installed prometheus; compose = docker/monitoring-compose.yml."),
+    scrape_interval: str = typer.Option("1s", "--scrape-interval", metavar="DURATION"),
+    pushgateway: Optional[str] = typer.Option(None, "--pushgateway", metavar="URL",
+                                              help="Also scrape this Pushgateway (experiment metrics.pushgateway)."),
+    grafana_port: int = typer.Option(3000, "--grafana-port", help="Grafana port (compose backend)."),
+) -> None:
+    """Start Prometheus (scrape config generated; targets follow running sweeps) and print its URL."""
+    from testbed.errors import ConfigError
+    from testbed.metrics import parse_listen
+    from testbed.monitor import Monitor
+    from testbed.units import parse_duration
+
+    try:
+        interval_s = parse_duration(scrape_interval)
+    except ValueError as e:
+        raise ConfigError(str(e), field="--scrape-interval") from None
+    try:
+        host, port = parse_listen(listen, default_port=9090)
+    except ValueError as e:
+        raise ConfigError(str(e), field="--listen") from None
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    status = Monitor(monitor_dir).up(address, backend=backend, scrape_interval_s=interval_s,
+                                     pushgateway=pushgateway, grafana_port=grafana_port)
+    _print(status, Console(highlight=False))
+
+
+@app.command("down")
+def down(monitor_dir: Optional[Path] = _DIR) -> None:
+    """Stop the monitoring stack (its data stays, so finished runs can still be compared)."""
+    from testbed.monitor import Monitor
+
+    stopped = Monitor(monitor_dir).down()
+    Console(highlight=False).print("monitor: stopped" if stopped else "monitor: was not running")
+
+
+@app.command("status")
+def status(monitor_dir: Optional[Path] = _DIR) -> None:
+    """Say whether the monitoring stack runs, where, and how many targets it scrapes."""
+    from testbed.monitor import Monitor
+
+    _print(Monitor(monitor_dir).status(), Console(highlight=False))

@@ -1,0 +1,121 @@
+"""``testbed report`` and ``testbed plan``: thin wrappers over testbed.report and testbed.planner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from testbed.errors import ConfigError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("report")(report)
+    app.command("plan")(plan)
+
+
+def report(
+    run_dir: Path = typer.Argument(..., help="Run folder written by `testbed run`."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default RUN_DIR/report)."),
+    compare: List[Path] = typer.Option([], "--compare", help="Another run folder to overlay (repeatable)."),
+) -> None:
+    """Write report.html (self-contained), the figures as PNG and the tables as CSV.
+
+    Example: testbed report results/posenet-sweep-20261123-0940 --compare results/other-run
+    """
+    from testbed.report import build_report
+
+    rep = build_report(run_dir, out, compare)
+    con = Console(highlight=False)
+    for w in rep.warnings or []:
+        con.print(f"[yellow]note:[/yellow] {w}")
+    if rep.evaluation is not None and rep.evaluation.worst_ratio() is not None:
+        con.print(f"planner: worst choice ÷ best measured e2e = {rep.evaluation.worst_ratio():.3f}")
+    con.print(f"{len(rep.figures)} figures, {len(rep.tables)} tables → {rep.html_path}")
+
+
+def plan(
+    run: Optional[Path] = typer.Option(None, "--run", help="Run folder: its layers.csv, manifest and profiles."),
+    layers: Optional[Path] = typer.Option(None, "--layers", help="layers.csv (manifest.json beside it, or --manifest)."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Splitter manifest.json for cut sizes."),
+    profile: List[str] = typer.Option([], "--profile", help="netem_profiles name or profile file (repeatable)."),
+    uplink: Optional[str] = typer.Option(None, "--uplink", help="Ad-hoc uplink rate, e.g. 5mbit."),
+    downlink: Optional[str] = typer.Option(None, "--downlink", help="Ad-hoc downlink rate, e.g. 20mbit."),
+    delay: Optional[str] = typer.Option(None, "--delay", help="Ad-hoc one-way delay, both directions, e.g. 10ms."),
+    no_calibrate: bool = typer.Option(False, "--no-calibrate",
+                                      help="Use per-layer sums as measured, not scaled to whole-model KPIs."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write plan.csv (every split, every link) and plan.png here."),
+    all_splits: bool = typer.Option(False, "--all", help="Print every split point, not only the best."),
+) -> None:
+    """Predict e2e per split point from per-layer profiles and the link; pick the best split.
+
+    Examples:
+      testbed plan --run results/RUN                       (the run's own profiles, judged against measurements)
+      testbed plan --run results/RUN --profile lte --uplink 5mbit --downlink 20mbit --delay 10ms
+      testbed plan --layers results/RUN/layers.csv --profile ladder-10mbit
+    """
+    from testbed import planner
+
+    if (run is None) == (layers is None):
+        raise ConfigError("give exactly one of --run RUN_DIR or --layers LAYERS_CSV", field="--run")
+    if run is not None:
+        model = planner.model_from_run(run, calibrate=not no_calibrate)
+    else:
+        model = planner.model_from_files(layers, manifest, calibrate=False)
+    links = [planner.link_from_profile(p) for p in profile]
+    if uplink or downlink or delay:
+        links.append(planner.link_from_args(uplink, downlink, delay))
+    judged = None
+    if run is not None and not profile and not (uplink or downlink or delay):
+        judged = planner.evaluate(run, model)
+        links = planner.links_from_summary(planner.RunFolder(run).summary())
+    if not links:
+        raise ConfigError("name a link: --profile NAME, or --uplink/--downlink/--delay (or use --run)",
+                          field="--profile")
+    predictions = {link.name: planner.predict(model, link) for link in links}
+    _print_plan(predictions, judged, model, all_splits)
+    if out is not None:
+        _write_plan(out, predictions)
+
+
+def _print_plan(predictions, judged, model, all_splits: bool) -> None:
+    from testbed import planner
+
+    con = Console(highlight=False)
+    con.print(f"[dim]{model.num_layers} layers; {model.source}[/dim]")
+    t = Table("profile", "best k", "predicted e2e", "head", "uplink", "tail", "downlink")
+    for name, preds in predictions.items():
+        rows = preds if all_splits else [planner.best(preds)]
+        for p in rows:
+            t.add_row(name, str(p.split), f"{p.e2e_s * 1e3:.2f} ms", f"{p.head_s * 1e3:.2f}",
+                      f"{p.uplink_s * 1e3:.2f}", f"{p.tail_s * 1e3:.2f}", f"{p.downlink_s * 1e3:.2f}")
+    con.print(t)
+    if judged is not None:
+        j = Table("profile", "chosen k", "best measured k", "choice ÷ best (mean)", "choice ÷ best (p50)")
+        for c in judged.choices:
+            j.add_row(c["profile"], str(c["chosen_split"]), str(c.get("best_split_mean")),
+                      f"{c['ratio_mean']:.3f}" if c.get("ratio_mean") else "–",
+                      f"{c['ratio_p50']:.3f}" if c.get("ratio_p50") else "–")
+        con.print(j)
+        if judged.worst_ratio() is not None:
+            con.print(f"worst choice ÷ best measured e2e: {judged.worst_ratio():.3f} (goal ≤ 1.05)")
+
+
+def _write_plan(out: Path, predictions) -> None:
+    import csv
+
+    from testbed import report_plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "plan.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, ["profile", "split", "head_s", "uplink_s", "tail_s", "downlink_s", "e2e_s"],
+                           lineterminator="\n")
+        w.writeheader()
+        for preds in predictions.values():
+            w.writerows(p.row() for p in preds)
+    report_plots.plan_curves(predictions, out / "plan.png")
+    Console(highlight=False).print(f"→ {out / 'plan.csv'}, {out / 'plan.png'}")
+

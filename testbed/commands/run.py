@@ -1,0 +1,56 @@
+"""``testbed run`` and ``testbed cleanup``: parse, call ``testbed.sweep`` / ``testbed.deploy``, print.
+
+Exit codes: 0 done, 1 a ``TestbedError`` (one red line, from ``testbed.cli``),
+130 interrupted by Ctrl-C or SIGTERM after tearing everything down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+
+def run(
+    experiment: Path = typer.Argument(..., help="Experiment file, e.g. experiments/posenet_sweep.yaml.",
+                                      exists=False, dir_okay=False),
+    resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN_DIR",
+                                          help="Continue an interrupted run: skip its finished configurations."),
+    metrics_listen: Optional[str] = typer.Option(None, "--metrics-listen", metavar="HOST:PORT",
+                                                 help="Serve /metrics here (default: the experiment's "
+                                                      "metrics.listen, 127.0.0.1:9400; port 0 = any free port)."),
+    backend: Optional[str] = typer.Option(None, "--backend", metavar="auto|docker|netns",
+                                          help="Override the experiment's node backend."),
+    output: Optional[Path] = typer.Option(None, "--output", metavar="DIR",
+                                          help="Parent folder of the run folder (default: the experiment's output)."),
+) -> None:
+    """Run an experiment: every split point at every link profile; results in a run folder."""
+    from testbed.sweep import SweepOptions, run_experiment
+
+    console = Console(stderr=True)
+    run_dir = run_experiment(experiment, SweepOptions(resume=resume, metrics_listen=metrics_listen,
+                                                      backend=backend, output=output), console=console)
+    # stdout carries only the run folder, so scripts can capture it.
+    typer.echo(str(run_dir))
+
+
+def cleanup(
+    run_id: Optional[str] = typer.Option(None, "--run", metavar="ID",
+                                         help="Only what run ID left (the id is in environment.json)."),
+) -> None:
+    """Remove containers, networks, namespaces, veths and qdiscs a killed run left behind."""
+    from testbed.deploy import cleanup as deploy_cleanup
+
+    removed = deploy_cleanup(run_id)
+    console = Console(highlight=False)
+    for item in removed:
+        console.print(f"removed {item}")
+    console.print(f"{len(removed)} item(s) removed" if removed else "nothing to clean up")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``run`` and ``cleanup`` to the top-level app."""
+    app.command("run")(run)
+    app.command("cleanup")(cleanup)

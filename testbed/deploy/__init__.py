@@ -1,0 +1,231 @@
+"""Deploying the two nodes of a run, and removing them again whatever happens.
+
+``deploy(run_id, local, remote, backend=...)`` is a context manager yielding a
+``Deployment`` (two ``Node`` handles and the backend used). On leaving it — normal
+exit, exception, KeyboardInterrupt, SIGTERM — everything labelled or named with
+the run id is removed. Teardown works from labels and names, not from what this
+process remembers, so it also finishes half-created state; it is idempotent, and
+Ctrl-C / SIGTERM arriving during it are held back until it is done.
+
+Signals: the sweep installs its own SIGINT/SIGTERM handlers. If nobody has
+(SIGTERM still at its default, which would kill the process without teardown),
+``deploy`` makes SIGTERM raise KeyboardInterrupt for its duration and restores the
+previous handler afterwards — unless someone replaced it meanwhile.
+
+``cleanup(run_id=None)`` removes what a killed run left (all runs when None).
+Backends: ``testbed.deploy.docker`` and ``testbed.deploy.netns``; the link
+shaper's state lives on the nodes' interfaces and goes with them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+from testbed.deploy.node import ROLES, Node, NodeSpec, check_run_id
+from testbed.errors import ConfigError, NodeError
+
+__all__ = ["BACKENDS", "Deployment", "Node", "NodeSpec", "choose_backend", "cleanup", "deploy"]
+
+log = logging.getLogger("testbed.deploy")
+
+BACKENDS = ("auto", "docker", "netns")
+
+
+@dataclass
+class Deployment:
+    """The running nodes of one run."""
+
+    run_id: str
+    backend: str
+    reason: str
+    token: str
+    local: Node
+    remote: Node
+    health: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nodes(self) -> list[Node]:
+        return [self.local, self.remote]
+
+    def environment(self) -> dict[str, Any]:
+        """JSON-ready facts for environment.json (no token)."""
+        return {"backend": self.backend, "backend_reason": self.reason,
+                "nodes": {n.name: n.environment() for n in self.nodes}}
+
+
+def choose_backend(backend: str = "auto") -> tuple[str, str]:
+    """Resolve ``auto``: docker when a daemon answers, else netns. Returns
+    (backend, reason)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}",
+                          field="backend")
+    if backend == "netns":
+        return "netns", "asked for netns"
+    from testbed.deploy import docker as dk
+
+    ok, why = dk.daemon_available()
+    if backend == "docker":
+        if not ok:
+            raise NodeError(f"backend docker asked for, but {why}")
+        return "docker", "asked for docker"
+    return ("docker", f"auto: {why}") if ok else ("netns", f"auto: {why}; using network namespaces")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    mine = None
+    if previous in (signal.SIG_DFL, None):
+        owner = os.getpid()
+
+        def mine(signum, frame):  # noqa: ANN001 - signal API
+            if os.getpid() != owner:  # a forked child (pyroute2's): die as by default
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            raise KeyboardInterrupt(f"signal {signum}")
+        signal.signal(signal.SIGTERM, mine)
+    try:
+        yield
+    finally:
+        if mine is not None and signal.getsignal(signal.SIGTERM) is mine:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while the body runs; deliver them afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in sigs}
+    owner = os.getpid()
+
+    def hold(signum, frame):  # noqa: ANN001 - signal API
+        if os.getpid() != owner:  # a forked child (pyroute2's): die as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        pending.append(signum)
+
+    for s in sigs:
+        signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        for s in sigs:
+            signal.signal(s, previous[s])
+    # Reached only when the body succeeded: now deliver what was held back.
+    if pending:
+        signum = pending[0]
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, None)
+        elif handler == signal.SIG_DFL:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _teardown(run_id: str, backend: str) -> list[str]:
+    if backend == "docker":
+        from testbed.deploy import docker as dk
+
+        return dk.remove_run(run_id)
+    from testbed.deploy import netns as ns
+
+    return ns.remove_run(run_id)
+
+
+def _agent_client_available() -> bool:
+    try:
+        import testbed.deploy.agent_client  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def deploy(run_id: str, local: NodeSpec, remote: NodeSpec, backend: str = "auto",
+           token: str | None = None, *, image: str | None = None,
+           agent_argv: Sequence[str] | None = None, ready_timeout_s: float = 90.0,
+           health: bool | None = None) -> Iterator[Deployment]:
+    """Start the local and remote nodes; tear them down on exit, whatever happens.
+
+    Args:
+        run_id: names and labels everything created (see ``check_run_id``).
+        local, remote: limits per node.
+        backend: ``auto`` | ``docker`` | ``netns``. The choice and why is logged
+            and kept in ``Deployment.backend`` / ``.reason``.
+        token: the run's agent token (a random one when None); ``Deployment.token``.
+        image: docker node image; default: ``image.ensure_node_image()`` (builds
+            it when nodes/ or the Dockerfile changed).
+        agent_argv: program replacing ``python -m nodes.agent`` (same arguments
+            appended) — for backend tests; with it, readiness is the control port
+            accepting connections, without it a ``health`` request.
+        ready_timeout_s: per node, until its agent answers.
+        health: force / skip the health probe (default: when the real agent is used).
+
+    Raises:
+        NodeError: a node could not be started (after tearing down what exists).
+        ConfigError: bad run id or backend name.
+    """
+    check_run_id(run_id)
+    chosen, reason = choose_backend(backend)
+    log.info("deploy %s: backend %s (%s)", run_id, chosen, reason)
+    token = token or secrets.token_hex(16)
+    specs = {"local": local, "remote": remote}
+    if health is None:
+        health = agent_argv is None and _agent_client_available()
+    with _sigterm_as_interrupt():
+        try:
+            if chosen == "docker":
+                from testbed.deploy import docker as dk
+                from testbed.deploy.image import ensure_node_image
+
+                image = image or ensure_node_image()
+                # Use the program as entrypoint, keeping the agent's arguments.
+                nodes, checks = dk.start(run_id, specs, token, image=image, entrypoint=agent_argv)
+            else:
+                from testbed.deploy import netns as ns
+
+                nodes, checks = ns.start(run_id, specs, token, agent_argv=agent_argv)
+            from testbed.deploy.ready import wait_ready
+
+            answers = {r: wait_ready(nodes[r], token, checks[r], timeout_s=ready_timeout_s,
+                                     health=health) for r in ROLES}
+            yield Deployment(run_id=run_id, backend=chosen, reason=reason, token=token,
+                             local=nodes["local"], remote=nodes["remote"],
+                             health={r: a for r, a in answers.items() if a is not None})
+        finally:
+            with _signals_deferred():
+                removed = _teardown(run_id, chosen)
+            log.info("teardown %s: removed %d objects", run_id, len(removed))
+
+
+def cleanup(run_id: str | None = None) -> list[str]:
+    """Remove what a killed run left: containers and networks labelled
+    ``testbed.run=<run_id>``, its namespaces, veths, cgroups and agent processes.
+    ``run_id=None``: every run's. Returns what was removed, one line each."""
+    if run_id is not None:
+        check_run_id(run_id)
+    removed: list[str] = []
+    from testbed.deploy import docker as dk
+    from testbed.deploy import netns as ns
+
+    ok, why = dk.daemon_available()
+    if ok:
+        removed += dk.remove_run(run_id)
+    else:
+        log.info("cleanup: skipping Docker (%s)", why)
+    for rid in ([run_id] if run_id else sorted(ns.run_ids())):
+        removed += ns.remove_run(rid)
+    return removed

@@ -1,0 +1,227 @@
+"""The orchestrator's handle on one node agent's control plane.
+
+One TCP connection to the agent's control address (never the shaped link), one request
+frame per call (``nodes.protocol``), each carrying the run token. Errors come back as:
+
+* ``ProtocolError`` — the agent refused the frame (bad token, garbage) or answered
+  something that does not parse;
+* ``NodeError(node=...)`` — the agent is unreachable, timed out, closed the connection,
+  or the operation failed on the node (the node's message is in the error).
+
+Per-sample dicts returned by ``run`` carry the measurement contract's timings in
+seconds — ``head_s, encode_s, uplink_s, remote_decode_s, tail_s, remote_encode_s,
+downlink_s, decode_s, e2e_s`` — plus ``cut_bytes_raw`` (decoded size of what crossed
+the uplink), ``cut_bytes_wire`` (its size after the codec), ``uplink_bytes`` /
+``downlink_bytes`` (whole frames incl. headers), ``codec``, ``clock``
+(``shared``/``derived``) and ``sample`` (0-based, warm-up excluded). At k = N nothing
+crosses: link timings and wire bytes are 0 and ``cut_bytes_raw`` is the outputs' size.
+
+This module owns the client side only; the agent is ``nodes.agent``.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from nodes import protocol as P
+from testbed.errors import NodeError, ProtocolError
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class AgentClient:
+    """Control-plane client of one agent.
+
+    Args:
+        host, port: the agent's control address.
+        token: the run token (the agent's ``TESTBED_TOKEN``).
+        node_name: used in error messages (``node local: ...``).
+        timeout: seconds to wait for a reply to quick operations; ``run``,
+            ``deliver_part``/``fetch_part``, ``kpis`` and ``profile_layers`` take their own.
+    """
+
+    def __init__(self, host: str, port: int, token: str, node_name: str = "",
+                 timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self.host, self.port, self.token = host, int(port), token
+        self.node_name = node_name or f"{host}:{port}"
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- plumbing
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            try:
+                self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            except OSError as e:
+                raise NodeError(f"cannot reach agent control {self.host}:{self.port}: {e}",
+                                node=self.node_name) from e
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self._sock
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+            self._sock = None
+
+    def call(self, op: str, buffers: Sequence[Any] = (), timeout: float | None = None,
+             **args: Any) -> tuple[Any, bytearray]:
+        """One request/reply; returns (result, reply payload). Raises NodeError/ProtocolError."""
+        with self._lock:
+            sock = self._connect()
+            sock.settimeout(timeout if timeout is not None else self.timeout)
+            try:
+                P.send_frame(sock, P.request_header(op, self.token, **args), buffers)
+                frame = P.recv_frame(sock)
+            except P.PeerClosed as e:
+                self._drop()
+                raise NodeError(f"{op}: agent closed the control connection", node=self.node_name) from e
+            except P.FrameError as e:
+                self._drop()
+                raise ProtocolError(f"node {self.node_name}: {op}: unreadable reply: {e}") from e
+            except socket.timeout as e:
+                self._drop()  # a late reply would desynchronise the connection
+                raise NodeError(f"{op}: no reply within {sock.gettimeout()} s",
+                                node=self.node_name) from e
+            except OSError as e:
+                self._drop()
+                raise NodeError(f"{op}: {e}", node=self.node_name) from e
+        h = frame.header
+        if h.get("ok") is True:
+            return h.get("result"), frame.payload
+        message = str(h.get("error", "unspecified error"))
+        if h.get("kind") == "protocol":
+            self._drop()  # the agent closes the connection after a refusal
+            raise ProtocolError(f"node {self.node_name}: {message}")
+        raise NodeError(message, node=self.node_name)
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def __enter__(self) -> "AgentClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- operations
+    def health(self, timeout: float | None = None) -> dict[str, Any]:
+        """Name, pid, uptime, loaded parts (role -> sha256, bytes, inputs, outputs), peer."""
+        return self.call("health", timeout=timeout)[0]
+
+    def load_part(self, role: str, data: bytes | None, sha256: str | None = None,
+                  threads: int | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """Load ``data`` as the ``head``/``tail``/``full`` part; the agent refuses a
+        sha256 mismatch. ``data=None`` unloads the role (k = 0 has no head, k = N no tail)."""
+        if data is None:
+            return self.call("load_part", role=role, present=False, timeout=timeout)[0]
+        return self.call("load_part", [data], timeout=timeout, role=role, sha256=sha256,
+                         threads=threads)[0]
+
+    def connect_peer(self, host: str, port: int, timeout: float | None = None) -> dict[str, Any]:
+        """Open this (local) agent's data connection to the remote's data address.
+        Returns {"peer": name, "clock_shared": bool}."""
+        return self.call("connect_peer", host=host, port=int(port), timeout=timeout)[0]
+
+    def stage_part(self, data: bytes, sha256: str, timeout: float | None = None) -> dict[str, Any]:
+        """Hand the (remote) agent a part to deliver to its peer later."""
+        return self.call("stage_part", [data], sha256=sha256, timeout=timeout)[0]
+
+    def fetch_part(self, sha256: str, role: str = "head", threads: int | None = None,
+                   clock_shared: bool | None = None, timeout: float | None = 600.0,
+                   ) -> dict[str, Any]:
+        """(Local) pull a staged part from the peer over the shaped downlink and load it.
+        Returns {"delivery_s", "bytes", "wire_bytes", "load_s", "request_to_loaded_s", "clock"}."""
+        return self.call("fetch_part", sha256=sha256, role=role, threads=threads,
+                         clock_shared=clock_shared, timeout=timeout)[0]
+
+    def deliver_part(self, to_peer: "AgentClient", data: bytes, sha256: str, role: str = "head",
+                     threads: int | None = None, clock_shared: bool | None = None,
+                     timeout: float | None = 600.0) -> dict[str, Any]:
+        """Model delivery: call on the REMOTE's client; the part goes remote -> local over
+        the shaped downlink (``to_peer`` is the local's client, already connected to this
+        node with ``connect_peer``), timed, and is loaded there as ``role``."""
+        self.stage_part(data, sha256)
+        return to_peer.fetch_part(sha256, role=role, threads=threads,
+                                  clock_shared=clock_shared, timeout=timeout)
+
+    def set_inputs(self, inputs: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
+                   timeout: float | None = None) -> dict[str, Any]:
+        """The model inputs (by input tensor NAME) samples use; a list is cycled through.
+        Pre-processing happens before this, so it is not timed."""
+        sets = [inputs] if isinstance(inputs, Mapping) else list(inputs)
+        meta, buffers = [], []
+        for s in sets:
+            descs, bufs, _ = P.encode_tensors({n: np.asarray(a) for n, a in s.items()},
+                                              P.codec_registry())
+            meta.append({"tensors": descs, "payload_bytes": sum(d["nbytes"] for d in descs)})
+            buffers.extend(bufs)
+        return self.call("set_inputs", buffers, sets=meta, timeout=timeout)[0]
+
+    def run(self, samples: int, warmup: int = 0, *,
+            inputs: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
+            codec: str = "raw", input_encoding: str = "raw",
+            model_outputs: Sequence[str] = (), clock_shared: bool | None = None,
+            max_seconds: float | None = None, timeout: float | None = 3600.0,
+            ) -> list[dict[str, Any]]:
+        """(Local) run ``warmup`` + ``samples`` samples; returns one timing dict per sample.
+
+        Args:
+            inputs: set the inputs first (else those of the last ``set_inputs``).
+            codec: codec of the cut tensors (``raw``).
+            input_encoding: codec of model inputs crossing the link (k = 0): raw|png|jpeg.
+            model_outputs: names of the model's outputs; needed only when a cut tensor
+                is both a model output and read by the tail (DAGs).
+            clock_shared: None = detect (same boot id and time namespace).
+            max_seconds: stop after this long (at least one sample is kept).
+        """
+        if inputs is not None:
+            self.set_inputs(inputs)
+        result = self.call("run", timeout=timeout, samples=int(samples), warmup=int(warmup),
+                           codec=codec, input_encoding=input_encoding,
+                           model_outputs=list(model_outputs), clock_shared=clock_shared,
+                           max_seconds=max_seconds)[0]
+        return result["samples"]
+
+    def outputs(self, timeout: float | None = None) -> dict[str, np.ndarray]:
+        """Final outputs (by name) of the last sample run on this (local) node."""
+        result, payload = self.call("outputs", timeout=timeout)
+        try:
+            arrays = P.decode_tensors(result["tensors"], payload, P.codec_registry())
+        except (P.FrameError, KeyError, TypeError) as e:
+            raise ProtocolError(f"node {self.node_name}: outputs: {e}") from e
+        return {n: np.array(a) for n, a in arrays.items()}
+
+    def kpis(self, role: str, runs: int = 20, warmup: int = 3, threads: int | None = None,
+             timeout: float | None = 900.0) -> dict[str, Any]:
+        """benchmark_model KPIs of the loaded ``role`` part, measured in a fresh process on
+        the node: init_s, first_s, warmup_mean_s, steady_mean_s, steady_std_s,
+        steady_p50_s, steady_p90_s, init_memory_bytes, peak_memory_bytes."""
+        return self.call("kpis", role=role, runs=runs, warmup=warmup, threads=threads,
+                         timeout=timeout)[0]
+
+    def profile_layers(self, models: Sequence[bytes], runs: int = 20, warmup: int = 3,
+                       threads: int | None = None, timeout: float | None = 1800.0,
+                       ) -> list[dict[str, Any]]:
+        """Latency of each one-layer model on this node: list of {mean_s, p50_s, p90_s, std_s}."""
+        result = self.call("profile_layers", list(models), timeout=timeout,
+                           sizes=[len(m) for m in models], runs=runs, warmup=warmup,
+                           threads=threads)[0]
+        return result["layers"]
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        """Ask the agent to exit; an agent already gone is fine."""
+        try:
+            self.call("shutdown", timeout=timeout)
+        except NodeError:
+            pass
+        finally:
+            self.close()

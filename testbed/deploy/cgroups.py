@@ -1,0 +1,181 @@
+"""CPU and memory limits for processes outside Docker, through cgroup files.
+
+Used by the netns backend. Works with cgroup v1 (one hierarchy per controller,
+``/sys/fs/cgroup/{cpu,memory}``) and cgroup v2 (``/sys/fs/cgroup`` with the
+``cpu`` and ``memory`` controllers). Where the host allows neither (no
+controller, read-only cgroupfs, a container without delegation) ``create``
+says why and the node runs unlimited: the Node handle then reports ``cpus=None``
+so results are never labelled with a limit that was not applied.
+
+Groups are named ``testbed-<run>-<role>``. In v1 they are nested under the
+calling process's own group of each hierarchy, so they stay inside whatever
+limits the orchestrator itself runs under; v2 forbids controllers below a group
+that has processes, so there they sit at the root. Processes and networks are
+the netns backend's business; this module only creates, fills limits into,
+lists and removes groups.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+CFS_PERIOD_US = 100_000
+
+
+@dataclass
+class Group:
+    """A cgroup made for one node: its directories and the files to join it."""
+
+    name: str
+    dirs: list[str] = field(default_factory=list)
+    procs_files: list[str] = field(default_factory=list)
+    cpus: float | None = None
+    memory_bytes: int | None = None
+    how: str = "none"
+
+
+def _v1_controller_dir(controller: str) -> Path | None:
+    d = ROOT / controller
+    return d if (d / "cgroup.procs").exists() and not (ROOT / "cgroup.controllers").exists() else None
+
+
+def _own_v1_path(controller: str) -> str:
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, ctrls, path = line.split(":", 2)
+        if controller in ctrls.split(","):
+            return path.lstrip("/")
+    return ""
+
+
+def _is_v2() -> bool:
+    return (ROOT / "cgroup.controllers").exists()
+
+
+def _write(path: Path, value: str) -> None:
+    path.write_text(value)
+
+
+def create(name: str, cpus: float | None, memory_bytes: int | None) -> Group:
+    """Make the group(s) and write the limits. Never raises for "host does not
+    allow": returns a Group with ``how`` explaining and limits left None."""
+    g = Group(name=name)
+    if cpus is None and memory_bytes is None:
+        g.how = "no limits asked"
+        return g
+    try:
+        if _is_v2():
+            _create_v2(g, cpus, memory_bytes)
+        else:
+            _create_v1(g, cpus, memory_bytes)
+    except OSError as e:
+        remove(g.dirs)
+        return Group(name=name, how=f"none: cgroups not usable here ({e.strerror or e})")
+    return g
+
+
+def _create_v1(g: Group, cpus: float | None, memory_bytes: int | None) -> None:
+    hows = []
+    if cpus is not None:
+        base = _v1_controller_dir("cpu")
+        if base is None:
+            raise OSError(errno.ENOENT, "no cgroup v1 cpu controller")
+        d = base / _own_v1_path("cpu") / g.name
+        d.mkdir(exist_ok=True)
+        g.dirs.append(str(d))
+        _write(d / "cpu.cfs_period_us", str(CFS_PERIOD_US))
+        _write(d / "cpu.cfs_quota_us", str(max(1000, int(round(cpus * CFS_PERIOD_US)))))
+        g.procs_files.append(str(d / "cgroup.procs"))
+        g.cpus = cpus
+        hows.append("cpu.cfs_quota_us")
+    if memory_bytes is not None:
+        base = _v1_controller_dir("memory")
+        if base is None:
+            raise OSError(errno.ENOENT, "no cgroup v1 memory controller")
+        d = base / _own_v1_path("memory") / g.name
+        d.mkdir(exist_ok=True)
+        g.dirs.append(str(d))
+        _write(d / "memory.limit_in_bytes", str(memory_bytes))
+        # No swap beyond the limit (the file exists only with swap accounting).
+        if (d / "memory.memsw.limit_in_bytes").exists():
+            _write(d / "memory.memsw.limit_in_bytes", str(memory_bytes))
+        g.procs_files.append(str(d / "cgroup.procs"))
+        g.memory_bytes = memory_bytes
+        hows.append("memory.limit_in_bytes")
+    g.how = "cgroup v1 (" + ", ".join(hows) + ")"
+
+
+def _create_v2(g: Group, cpus: float | None, memory_bytes: int | None) -> None:
+    available = (ROOT / "cgroup.controllers").read_text().split()
+    need = (["cpu"] if cpus is not None else []) + (["memory"] if memory_bytes is not None else [])
+    missing = [c for c in need if c not in available]
+    if missing:
+        raise OSError(errno.ENOTSUP, f"cgroup v2 lacks {' '.join(missing)}")
+    enabled = (ROOT / "cgroup.subtree_control").read_text().split()
+    for c in need:
+        if c not in enabled:
+            _write(ROOT / "cgroup.subtree_control", f"+{c}")
+    d = ROOT / g.name
+    d.mkdir(exist_ok=True)
+    g.dirs.append(str(d))
+    if cpus is not None:
+        _write(d / "cpu.max", f"{max(1000, int(round(cpus * CFS_PERIOD_US)))} {CFS_PERIOD_US}")
+        g.cpus = cpus
+    if memory_bytes is not None:
+        _write(d / "memory.max", str(memory_bytes))
+        if (d / "memory.swap.max").exists():
+            _write(d / "memory.swap.max", "0")
+        g.memory_bytes = memory_bytes
+    g.procs_files.append(str(d / "cgroup.procs"))
+    g.how = "cgroup v2 (" + ", ".join(f for f, v in (("cpu.max", cpus), ("memory.max", memory_bytes))
+                                       if v is not None) + ")"
+
+
+def pids(dirs: list[str]) -> set[int]:
+    """Processes still in any of the groups."""
+    out: set[int] = set()
+    for d in dirs:
+        try:
+            out |= {int(p) for p in Path(d, "cgroup.procs").read_text().split()}
+        except OSError:
+            pass
+    return out
+
+
+def remove(dirs: list[str], timeout_s: float = 5.0) -> list[str]:
+    """rmdir the groups (their processes must be gone; the kernel refuses with
+    EBUSY while a dying process lingers, so retry briefly). Returns removed dirs."""
+    removed = []
+    for d in dirs:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                os.rmdir(d)
+                removed.append(d)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+    return removed
+
+
+def find(prefix: str) -> list[str]:
+    """Group directories named ``prefix*`` where ``create`` would have put them."""
+    found: list[str] = []
+    if _is_v2():
+        found += [str(p) for p in ROOT.glob(prefix + "*") if p.is_dir()]
+        return found
+    for controller in ("cpu", "memory"):
+        base = _v1_controller_dir(controller)
+        if base is None:
+            continue
+        for parent in {base / _own_v1_path(controller), base}:
+            found += [str(p) for p in parent.glob(prefix + "*") if p.is_dir()]
+    return sorted(set(found))

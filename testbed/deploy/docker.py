@@ -1,0 +1,287 @@
+"""The docker backend, and every Docker SDK call the testbed makes.
+
+Two containers (``local``, ``remote``) from the node image, each with a CPU quota
+(``--cpus``), a hard memory limit (``--memory``, no extra swap) and NET_ADMIN,
+attached to two bridge networks of the run:
+
+- CONTROL (``testbed-<run>-ctl``): orchestrator <-> agents, never shaped. The host
+  reaches each container at its address on this bridge, so no ports are published.
+- DATA (``testbed-<run>-data``): local <-> remote only. The link shaper acts on
+  each container's interface on this network, from the host, through the
+  container's network namespace (``/proc/<pid>/ns/net``): ``Node.shaping`` is
+  ``Target(dev=<ifname inside>, pid=<container pid>)``.
+
+Both networks are ``internal`` (no route out of the host). Every container and
+network carries the label ``testbed.run=<run id>``; teardown and ``cleanup``
+remove by label, so they also catch what a half-finished deploy created.
+Building the image is ``testbed.deploy.image``'s decision; it calls in here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Sequence
+
+import docker
+from docker.errors import APIError, BuildError, DockerException, ImageNotFound, NotFound
+
+from testbed.deploy import kernel
+from testbed.deploy.node import (CONTROL_PORT, DATA_PORT, METRICS_PORT, ROLES, Node,
+                                 NodeSpec, make_target)
+from testbed.errors import NodeError
+
+log = logging.getLogger("testbed.deploy")
+
+LABEL_RUN = "testbed.run"
+LABEL_NODE = "testbed.node"
+WORKDIR = "/tmp/testbed"
+
+
+def net_name(run_id: str, plane: str) -> str:
+    return f"testbed-{run_id}-{plane}"
+
+
+def container_name(run_id: str, role: str) -> str:
+    return f"testbed-{run_id}-{role}"
+
+
+# --- daemon and images -------------------------------------------------------
+
+def connect(timeout: float = 120) -> docker.DockerClient:
+    """A client on the local daemon (DOCKER_HOST etc. honoured)."""
+    try:
+        client = docker.from_env(timeout=timeout)
+        client.ping()
+        return client
+    except DockerException as e:
+        raise NodeError(f"Docker daemon not reachable: {e}") from e
+
+
+def daemon_available(timeout: float = 3.0) -> tuple[bool, str]:
+    """(answers?, why) — used by ``backend: auto``."""
+    try:
+        client = docker.from_env(timeout=timeout)
+        try:
+            version = client.version().get("Version", "?")
+        finally:
+            client.close()
+        return True, f"Docker daemon {version} answers"
+    except DockerException as e:
+        return False, f"no Docker daemon ({str(e).splitlines()[0][:120]})"
+
+
+def image_id(client: docker.DockerClient, ref: str) -> str | None:
+    try:
+        return client.images.get(ref).id
+    except ImageNotFound:
+        return None
+    except APIError as e:
+        raise NodeError(f"cannot inspect image {ref}: {e.explanation}") from e
+
+
+def pull(client: docker.DockerClient, ref: str) -> bool:
+    """Pull ``ref``; False (not an error) when no registry answers."""
+    repo, _, tag = ref.rpartition(":") if ":" in ref.split("/")[-1] else (ref, "", "latest")
+    try:
+        client.images.pull(repo, tag=tag)
+        return True
+    except (APIError, DockerException) as e:
+        log.info("cannot pull %s: %s", ref, str(e).splitlines()[0][:160])
+        return False
+
+
+def build_image(client: docker.DockerClient, context_dir: str, tag: str, *,
+                buildargs: dict[str, str], labels: dict[str, str]) -> str:
+    """Build ``context_dir``'s Dockerfile as ``tag``; return the image id."""
+    try:
+        image, _ = client.images.build(path=context_dir, tag=tag, buildargs=buildargs,
+                                       labels=labels, rm=True, forcerm=True, pull=False)
+        return image.id
+    except BuildError as e:
+        lines = [c.get("stream") or c.get("error") or "" for c in e.build_log]
+        tail = "".join(lines).strip()
+        raise NodeError(f"building {tag} failed: {e.msg}", stderr=tail) from e
+    except (APIError, DockerException) as e:
+        raise NodeError(f"building {tag} failed: {e}") from e
+
+
+# --- one run's networks and containers ---------------------------------------
+
+def _labels(run_id: str, **extra: str) -> dict[str, str]:
+    return {LABEL_RUN: run_id, **extra}
+
+
+def _create_network(client: docker.DockerClient, run_id: str, plane: str):
+    try:
+        return client.networks.create(net_name(run_id, plane), driver="bridge", internal=True,
+                                      check_duplicate=True,
+                                      labels=_labels(run_id, **{"testbed.plane": plane}))
+    except APIError as e:
+        raise NodeError(f"cannot create Docker network {net_name(run_id, plane)}: "
+                        f"{e.explanation}") from e
+
+
+def agent_args(role: str, spec: NodeSpec, host: str = "0.0.0.0") -> list[str]:
+    """Arguments of ``python -m nodes.agent`` for a node listening on ``host``."""
+    args = ["--name", role,
+            "--control-listen", f"{host}:{CONTROL_PORT}",
+            "--data-listen", f"{host}:{DATA_PORT}",
+            "--metrics-listen", f"{host}:{METRICS_PORT}",
+            "--workdir", WORKDIR]
+    return args + (["--threads", str(spec.threads)] if spec.threads else [])
+
+
+def _create_container(client, run_id: str, role: str, spec: NodeSpec, image: str, token: str,
+                      ctl_net, data_net, entrypoint: Sequence[str] | None):
+    kwargs = dict(
+        image=image, name=container_name(run_id, role), hostname=role, detach=True,
+        # The agent binds all of the container's interfaces: which plane a
+        # request uses is decided by the address the client dials (control IP
+        # from the host, data IP from the peer), and the data network only
+        # joins the two nodes of this run.
+        command=agent_args(role, spec),
+        environment={"TESTBED_TOKEN": token},
+        labels=_labels(run_id, **{LABEL_NODE: role}),
+        cap_add=["NET_ADMIN"],
+        network=ctl_net.name,
+    )
+    if entrypoint:
+        kwargs["entrypoint"] = list(entrypoint)
+    if spec.cpus is not None:
+        kwargs["nano_cpus"] = int(round(spec.cpus * 1e9))
+    if spec.memory_bytes is not None:
+        # memswap == memory: no swap on top of the limit, so the node cannot
+        # page its way past what the experiment gives it.
+        kwargs["mem_limit"] = spec.memory_bytes
+        kwargs["memswap_limit"] = spec.memory_bytes
+    try:
+        container = client.containers.create(**kwargs)
+        data_net.connect(container, aliases=[role])
+        container.start()
+        container.reload()
+        return container
+    except (APIError, DockerException) as e:
+        msg = getattr(e, "explanation", None) or str(e)
+        raise NodeError(f"cannot start container: {msg}", node=role) from e
+
+
+def _node_from(container, run_id: str, role: str, image: str, image_ref: str) -> Node:
+    attrs = container.attrs
+    nets = attrs["NetworkSettings"]["Networks"]
+    ctl = nets[net_name(run_id, "ctl")]
+    data = nets[net_name(run_id, "data")]
+    pid = int(attrs["State"]["Pid"])
+    if not pid:
+        raise NodeError("container is not running", node=role,
+                        exit_status=attrs["State"].get("ExitCode"), stderr=logs(container))
+    # The interface name inside depends on the order Docker attached the
+    # networks; the MAC address it reports for the data network is certain.
+    dev = kernel.ifname_by_mac(f"/proc/{pid}/ns/net", data["MacAddress"])
+    host_cfg = attrs["HostConfig"]
+    nano = host_cfg.get("NanoCpus") or 0
+    mem = host_cfg.get("Memory") or 0
+    return Node(
+        name=role, backend="docker",
+        control_host=ctl["IPAddress"], control_port=CONTROL_PORT,
+        metrics_host=ctl["IPAddress"], metrics_port=METRICS_PORT,
+        data_host=data["IPAddress"], data_port=DATA_PORT,
+        shaping=make_target(dev, pid=pid),
+        cpus=nano / 1e9 if nano else None, memory_bytes=mem or None, clock_shared=True,
+        details={"container": container.name, "container_id": container.id, "pid": pid,
+                 "image": image_ref, "image_id": image, "limits": "docker (cgroups)"},
+    )
+
+
+def logs(container, lines: int = 30) -> str:
+    try:
+        return container.logs(tail=lines).decode("utf-8", "replace")
+    except (APIError, DockerException):
+        return ""
+
+
+def alive_check(client: docker.DockerClient, name: str) -> Callable[[], tuple[bool, int | None, str]]:
+    """A function telling whether a container still runs: (running, exit code, log tail)."""
+    def check() -> tuple[bool, int | None, str]:
+        try:
+            c = client.containers.get(name)
+        except NotFound:
+            return False, None, "container vanished"
+        state = c.attrs["State"]
+        if state.get("Running"):
+            return True, None, ""
+        return False, state.get("ExitCode"), logs(c)
+    return check
+
+
+def start(run_id: str, specs: dict[str, NodeSpec], token: str, *, image: str,
+          entrypoint: Sequence[str] | None = None,
+          client: docker.DockerClient | None = None) -> tuple[dict[str, Node], dict[str, Callable]]:
+    """Create the run's networks and both containers; return Nodes and liveness checks.
+
+    Does not clean up on failure: the caller tears down by label (what exists
+    of it), which is what also happens after an interrupt.
+    """
+    client = client or connect()
+    image_ref = image
+    img = image_id(client, image)
+    if img is None:
+        raise NodeError(f"node image {image} is not in the local store")
+    ctl_net = _create_network(client, run_id, "ctl")
+    data_net = _create_network(client, run_id, "data")
+    nodes, checks = {}, {}
+    for role in ROLES:
+        c = _create_container(client, run_id, role, specs[role], img, token, ctl_net, data_net,
+                              entrypoint)
+        nodes[role] = _node_from(c, run_id, role, img, image_ref)
+        checks[role] = alive_check(client, c.name)
+    return nodes, checks
+
+
+# --- removal -------------------------------------------------------------------
+
+def _label_filter(run_id: str | None) -> dict:
+    return {"label": f"{LABEL_RUN}={run_id}" if run_id else LABEL_RUN}
+
+
+def run_ids(client: docker.DockerClient | None = None) -> set[str]:
+    """Run ids that still own containers or networks."""
+    client = client or connect()
+    ids = {c.labels.get(LABEL_RUN) for c in client.containers.list(all=True, filters=_label_filter(None))}
+    ids |= {n.attrs.get("Labels", {}).get(LABEL_RUN) for n in client.networks.list(filters=_label_filter(None))}
+    return {i for i in ids if i}
+
+
+def remove_run(run_id: str | None, client: docker.DockerClient | None = None) -> list[str]:
+    """Remove the containers, then the networks labelled ``testbed.run=<run_id>``
+    (any run id when None). Tolerates objects vanishing meanwhile."""
+    client = client or connect()
+    removed: list[str] = []
+    flt = _label_filter(run_id)
+    for c in client.containers.list(all=True, filters=flt):
+        try:
+            c.remove(force=True, v=True)
+            removed.append(f"container {c.name}")
+        except NotFound:
+            pass
+        except APIError as e:
+            # 409 "removal already in progress": someone else is on it; wait below.
+            if e.status_code != 409:
+                raise NodeError(f"cannot remove container {c.name}: {e.explanation}") from e
+    deadline = time.monotonic() + 30
+    while client.containers.list(all=True, filters=flt) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for n in client.networks.list(filters=flt):
+        for attempt in range(50):
+            try:
+                n.remove()
+                removed.append(f"network {n.name}")
+                break
+            except NotFound:
+                break
+            except APIError as e:
+                # A just-removed container may still hold an endpoint for a moment.
+                if attempt == 49:
+                    raise NodeError(f"cannot remove network {n.name}: {e.explanation}") from e
+                time.sleep(0.2)
+    return removed

@@ -1,0 +1,216 @@
+"""One pure function from a profile direction to kernel parameters.
+
+Owns: the rules between fields ("loss correlation needs loss", "jitter needs
+delay", ...), the choice of qdisc arrangement (which root qdisc limits the
+rate, whether a netem child is needed), unit conversion to what the kernel
+takes (bytes/s, nanoseconds, probabilities scaled to 2^32-1) and queue sizing
+(netem's ``limit`` from the bandwidth-delay product). No I/O, no root: this is
+what unit tests pin down. Talking to the kernel is ``testbed.link.netlink``'s
+job; deciding when is ``testbed.link.shaper``'s.
+
+Arrangements (``arrangement=``):
+
+* ``auto`` (default) = ``htb``: root htb with one class that holds the rate;
+  its leaf is a pfifo (rate only) or a netem (anything else). One root for
+  every profile means every change between configurations is in place: a class
+  change and at most a leaf swap, never a new root. htb counts bytes of whole
+  (GSO) packets and measures as well as tbf here (see bench/link_bench.py).
+* ``tbf``: root tbf (+ netem child). Rate-only profiles only need tbf.
+* ``netem``: one root netem doing delay, loss *and* rate (netem's own ``rate``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from testbed.link.profile import Direction
+
+MTU_BYTES = 1500
+NETEM_DEFAULT_LIMIT = 1000     # netem's own default (packets)
+RATE_QUEUE_PACKETS = 1000      # the leaf queue behind a rate limiter (= veth/ethernet txqueuelen)
+ASSUMED_LINE_RATE_BPS = 10**9  # sizes netem's queue when a direction sets no rate
+PASS_THROUGH_BPS = 100 * 10**9  # htb class rate when a direction sets no rate (netem does the rest)
+ARRANGEMENTS = ("auto", "htb", "tbf", "netem")
+U32_MAX = 2**32 - 1
+
+
+def u32(pct: float) -> int:
+    """A percentage as netem's probability: 0 % → 0, 100 % → 2^32-1."""
+    return min(U32_MAX, int(round(pct / 100.0 * U32_MAX)))
+
+
+def needs_netem(d: Direction) -> bool:
+    """True when ``d`` asks for more than a rate (and its overhead / queue)."""
+    return bool(d.delay_s or d.jitter_s or d.loss or d.duplicate or d.corrupt or d.reorder or d.slot
+                or d.distribution not in (None, "uniform") or d.delay_correlation_pct)
+
+
+def check(d: Direction) -> list[tuple[tuple[str, ...], str]]:
+    """Rules between fields. Returns ``[(field path (YAML keys), message), ...]``; empty when fine."""
+    out: list[tuple[tuple[str, ...], str]] = []
+    if d.jitter_s and not d.delay_s:
+        out.append((("jitter",), "jitter needs delay (netem draws each packet's delay as delay ± jitter)"))
+    if d.distribution is not None and not d.jitter_s:
+        out.append((("distribution",), "a delay distribution needs jitter (it shapes how delay varies)"))
+    if d.delay_correlation_pct and not d.jitter_s:
+        out.append((("delay_correlation",), "delay correlation needs jitter (and delay)"))
+    if d.loss is not None and d.loss.random_pct is not None:
+        if d.loss.correlation_pct and not d.loss.random_pct:
+            out.append((("loss", "correlation"), "loss correlation needs a non-zero random loss"))
+    elif d.loss is not None and d.loss.correlation_pct:
+        out.append((("loss", "correlation"), "correlation goes with random loss only; "
+                                             "gemodel and state models have their own transition probabilities"))
+    for name in ("duplicate", "corrupt"):
+        chance = getattr(d, name)
+        if chance is not None and chance.correlation_pct and not chance.percent_pct:
+            out.append(((name, "correlation"), f"{name} correlation needs a non-zero {name} percent"))
+    if d.reorder is not None:
+        if not d.delay_s:
+            out.append((("reorder",), "reordering needs delay (reordered packets are those sent without it)"))
+        elif (d.reorder.correlation_pct or d.reorder.gap) and not d.reorder.percent_pct:
+            out.append((("reorder", "percent"), "reorder correlation/gap need a non-zero reorder percent"))
+    if d.slot is not None and d.slot.max_delay_s is not None and d.slot.max_delay_s < d.slot.min_delay_s:
+        out.append((("slot", "max_delay"), "max_delay must not be below min_delay"))
+    if d.overhead_bytes and d.rate_bps is None:
+        out.append((("overhead",), "overhead adjusts a rate; give rate too"))
+    return out
+
+
+@dataclass(frozen=True)
+class NetemOptions:
+    """netem's options as the kernel takes them (``struct tc_netem_qopt`` and its attributes)."""
+
+    latency_ns: int = 0
+    jitter_ns: int = 0
+    limit: int = NETEM_DEFAULT_LIMIT
+    loss: int = 0                 # random loss, u32 probability
+    gap: int = 0
+    duplicate: int = 0
+    delay_corr: int = 0
+    loss_corr: int = 0
+    dup_corr: int = 0
+    reorder_prob: int = 0
+    reorder_corr: int = 0
+    corrupt_prob: int = 0
+    corrupt_corr: int = 0
+    rate_Bps: int | None = None   # only when netem itself limits the rate
+    packet_overhead: int = 0
+    gemodel: tuple[int, int, int, int] | None = None            # p, r, h, k1 (kernel fields)
+    gimodel: tuple[int, int, int, int, int] | None = None       # p13, p31, p32, p14, p23
+    slot: tuple[int, int, int, int] | None = None               # min_ns, max_ns, packets, bytes
+    distribution: str | None = None                              # None/uniform: no table
+
+
+@dataclass(frozen=True)
+class KernelParams:
+    """What the shaper puts on the interface for one direction."""
+
+    root: str                      # "htb" | "tbf" | "netem"
+    emulation: str                 # what results report: "htb", "tbf", "netem", "htb+netem", "tbf+netem"
+    rate_Bps: int | None           # the rate limiter's rate in bytes/s (None: no limiter)
+    overhead_bytes: int
+    burst_bytes: int
+    queue_packets: int             # leaf pfifo / tbf queue behind the rate limiter
+    netem: NetemOptions | None
+
+    @property
+    def needs_netem(self) -> bool:
+        return self.netem is not None
+
+
+def bdp_packets(rate_bps: float, seconds: float) -> int:
+    """Full-size packets in flight at ``rate_bps`` over ``seconds``."""
+    return math.ceil(rate_bps * seconds / 8 / MTU_BYTES)
+
+
+def netem_limit(d: Direction) -> int:
+    """netem's queue (packets). netem holds every delayed packet in its queue,
+    so the default 1000 tail-drops at high rate × delay (1 Gbit/s × 20 ms is
+    1667 packets); size it to twice the bandwidth-delay product, never below
+    netem's default. An explicit ``limit`` wins."""
+    if d.limit_packets is not None:
+        return d.limit_packets
+    hold = d.delay_s + d.jitter_s + (d.slot.max_delay_s or d.slot.min_delay_s if d.slot else 0.0)
+    return max(NETEM_DEFAULT_LIMIT, 2 * bdp_packets(d.rate_bps or ASSUMED_LINE_RATE_BPS, hold))
+
+
+def burst_bytes(rate_Bps: int) -> int:
+    """Token bucket depth: 1 ms at the rate plus one MTU (tc's default for
+    htb with HZ=1000). Larger bursts let short transfers beat the rate."""
+    return int(rate_Bps / 1000) + MTU_BYTES
+
+
+def _netem_options(d: Direction, with_rate: bool) -> NetemOptions:
+    loss = d.loss
+    gemodel = gimodel = None
+    if loss is not None and loss.gemodel is not None:
+        g = loss.gemodel
+        # kernel (sch_netem.c loss_gilb_ell): good→bad if rnd < p; bad→good if rnd < r;
+        # lost in bad if rnd > h; lost in good if rnd < k1. So h = 1 - (1-h), k1 = 1-k.
+        gemodel = (u32(g.p_pct), u32(g.r_pct), u32(100.0 - g.one_minus_h_pct), u32(g.one_minus_k_pct))
+    if loss is not None and loss.state is not None:
+        s = loss.state
+        p31 = 100.0 - s.p13_pct if s.p31_pct is None else s.p31_pct
+        gimodel = (u32(s.p13_pct), u32(p31), u32(s.p32_pct), u32(s.p14_pct), u32(s.p23_pct))
+    slot = None
+    if d.slot is not None:
+        lo = int(round(d.slot.min_delay_s * 1e9))
+        hi = int(round((d.slot.max_delay_s if d.slot.max_delay_s is not None else d.slot.min_delay_s) * 1e9))
+        slot = (lo, hi, d.slot.packets, d.slot.bytes_)
+    reorder = d.reorder
+    return NetemOptions(
+        latency_ns=int(round(d.delay_s * 1e9)),
+        jitter_ns=int(round(d.jitter_s * 1e9)),
+        limit=netem_limit(d),
+        loss=u32(loss.random_pct) if loss is not None and loss.random_pct is not None else 0,
+        loss_corr=u32(loss.correlation_pct) if loss is not None else 0,
+        gap=(reorder.gap or 1) if reorder is not None and reorder.percent_pct else 0,  # tc: gap defaults to 1
+        duplicate=u32(d.duplicate.percent_pct) if d.duplicate else 0,
+        dup_corr=u32(d.duplicate.correlation_pct) if d.duplicate else 0,
+        delay_corr=u32(d.delay_correlation_pct),
+        reorder_prob=u32(reorder.percent_pct) if reorder else 0,
+        reorder_corr=u32(reorder.correlation_pct) if reorder else 0,
+        corrupt_prob=u32(d.corrupt.percent_pct) if d.corrupt else 0,
+        corrupt_corr=u32(d.corrupt.correlation_pct) if d.corrupt else 0,
+        rate_Bps=(d.rate_bps // 8) if with_rate and d.rate_bps else None,
+        packet_overhead=d.overhead_bytes if with_rate else 0,
+        gemodel=gemodel,
+        gimodel=gimodel,
+        slot=slot,
+        distribution=None if d.distribution in (None, "uniform") else d.distribution,
+    )
+
+
+def kernel_params(d: Direction, arrangement: str = "auto") -> KernelParams:
+    """Turn one direction into what the shaper installs.
+
+    Raises:
+        ValueError: a rule between fields is broken (message names the field),
+            or ``arrangement`` is unknown / cannot express ``d``.
+    """
+    problems = check(d)
+    if problems:
+        loc, message = problems[0]
+        raise ValueError(f"{'.'.join(loc)}: {message}")
+    if arrangement not in ARRANGEMENTS:
+        raise ValueError(f"arrangement must be one of {', '.join(ARRANGEMENTS)}, not {arrangement!r}")
+    root = "htb" if arrangement == "auto" else arrangement
+    netem_needed = needs_netem(d)
+    queue = d.limit_packets or RATE_QUEUE_PACKETS
+    if root == "netem":
+        return KernelParams(root="netem", emulation="netem", rate_Bps=None, overhead_bytes=0, burst_bytes=0,
+                            queue_packets=queue, netem=_netem_options(d, with_rate=True))
+    rate_Bps = d.rate_bps // 8 if d.rate_bps else None
+    if rate_Bps is None and not netem_needed:
+        raise ValueError("this direction sets nothing to shape (no rate, no delay, no loss)")
+    if rate_Bps is None:
+        # The root stays (so later changes are in place) but does not limit:
+        # netem alone shapes this direction, and results say so.
+        limiter_Bps, emulation = PASS_THROUGH_BPS // 8, "netem"
+    else:
+        limiter_Bps, emulation = rate_Bps, root + ("+netem" if netem_needed else "")
+    return KernelParams(
+        root=root, emulation=emulation, rate_Bps=limiter_Bps, overhead_bytes=d.overhead_bytes,
+        burst_bytes=burst_bytes(limiter_Bps), queue_packets=queue,
+        netem=_netem_options(d, with_rate=False) if netem_needed else None)

@@ -1,0 +1,444 @@
+"""``testbed report RUN_DIR``: the run as figures and tables a researcher can cite.
+
+Owns what the report says and how it is laid out: the tables (computed from the
+result files, written as CSV and shown in the HTML with the very same values),
+the order of sections, and the self-contained ``report.html`` (PNGs embedded as
+base64, inline CSS, no script, nothing fetched). Reads result files only (via
+``testbed.report_data``), so a report rebuilds from a copied folder. Figures are
+drawn by ``testbed.report_plots``; predictions come from ``testbed.planner``.
+
+Output folder (default ``RUN_DIR/report``)::
+
+    report.html         everything, self-contained
+    *.png               each figure
+    *.csv               each table (base units: seconds, bytes, bit/s)
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from testbed import report_plots as plots
+from testbed.errors import TestbedError
+from testbed.report_data import SA4, RunData
+from testbed.units import format_bytes, format_rate
+
+
+# --- tables ----------------------------------------------------------------------
+
+
+@dataclass
+class Column:
+    key: str
+    title: str
+    kind: str = "text"  # text | int | ms | bytes | rate | ratio | pct
+
+
+@dataclass
+class Table:
+    name: str           # file stem of the CSV, id of the HTML table
+    title: str
+    columns: list[Column]
+    rows: list[dict[str, Any]]
+    note: str = ""
+    collapsed: bool = False
+
+
+def csv_cell(value: Any) -> str:
+    """How a value is written to a table CSV (and carried in the HTML's ``data-v``)."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return str(value)
+
+
+def display(value: Any, kind: str) -> str:
+    """How a value is shown to a reader."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if kind == "ms":
+        return f"{value * 1e3:.3g} ms" if abs(value) < 1 else f"{value:.3g} s"
+    if kind == "bytes":
+        return format_bytes(value)
+    if kind == "rate":
+        return format_rate(value)
+    if kind == "ratio":
+        return f"{value:.2f}×"
+    if kind == "pct":
+        return f"{value:+.1f} %"
+    if kind == "int":
+        return f"{int(value)}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def write_csv(table: Table, out: Path) -> Path:
+    path = out / f"{table.name}.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow([c.key for c in table.columns])
+        for r in table.rows:
+            w.writerow([csv_cell(r.get(c.key)) for c in table.columns])
+    return path
+
+
+def _speedup(anchor: float | None, value: float | None) -> float | None:
+    return anchor / value if anchor and value else None
+
+
+def best_split_table(runs: Sequence[RunData]) -> Table:
+    """Best split per profile (lowest measured e2e p50) and its speedup over each anchor."""
+    rows = []
+    for run in runs:
+        for prof in run.profiles:
+            cfg = [r for r in run.config_rows(prof) if r.get("e2e_p50_s") is not None]
+            if not cfg:
+                continue
+            b = min(cfg, key=lambda r: (r["e2e_p50_s"], -r["split"]))
+            row = {"run": run.label, "profile": prof, "uplink_rate_bps": b.get("uplink_rate_bps"),
+                   "downlink_rate_bps": b.get("downlink_rate_bps"), "best_split": b["split"],
+                   "e2e_p50_s": b["e2e_p50_s"], "e2e_p90_s": b.get("e2e_p90_s"),
+                   "cut_bytes_wire": b.get("cut_bytes_wire") if b["split"] != run.num_layers else 0}
+            for name, k in (("network", 0), ("device", run.num_layers)):
+                a = run.row(prof, k) if k is not None else None
+                row[f"{name}_anchor_p50_s"] = a.get("e2e_p50_s") if a else None
+                row[f"speedup_vs_{name}"] = _speedup(row[f"{name}_anchor_p50_s"], b["e2e_p50_s"])
+            rows.append(row)
+    cols = [Column("run", "run"), Column("profile", "profile"),
+            Column("uplink_rate_bps", "uplink", "rate"), Column("downlink_rate_bps", "downlink", "rate"),
+            Column("best_split", "best split k", "int"), Column("e2e_p50_s", "e2e p50", "ms"),
+            Column("e2e_p90_s", "e2e p90", "ms"), Column("cut_bytes_wire", "intermediate data", "bytes"),
+            Column("network_anchor_p50_s", "network anchor (k=0) p50", "ms"),
+            Column("speedup_vs_network", "speedup vs network", "ratio"),
+            Column("device_anchor_p50_s", "device anchor (k=N) p50", "ms"),
+            Column("speedup_vs_device", "speedup vs device", "ratio")]
+    if len(runs) == 1:
+        cols = cols[1:]
+    return Table("best_split", "Best split per profile", cols, rows,
+                 note="Best = lowest measured end-to-end latency p50 among the measured split points; "
+                      "speedup = anchor p50 ÷ best p50 (– when that anchor was not measured).")
+
+
+def configurations_table(runs: Sequence[RunData]) -> Table:
+    rows = []
+    for run in runs:
+        for r in run.summary:
+            up = r.get("uplink_mean_s")
+            wire = r.get("cut_bytes_wire")
+            rows.append({
+                "run": run.label, "profile": r["profile"], "split": r["split"], "count": r.get("count"),
+                **{c: r.get(c) for c in ("e2e_p50_s", "e2e_p90_s", "e2e_mean_s", "head_mean_s", "encode_mean_s",
+                                         "uplink_mean_s", "tail_mean_s", "downlink_mean_s", "decode_mean_s",
+                                         "cut_bytes_raw", "cut_bytes_wire", "delivery_s",
+                                         "head_file_bytes", "tail_file_bytes")},
+                # Achieved bitrate of the intermediate data over the uplink (SA4 "intermediate data bitrate").
+                "bitrate_bps": (wire * 8 / up) if wire and up else None,
+                "emulation": f"{r.get('emulation_uplink') or '-'}/{r.get('emulation_downlink') or '-'}",
+            })
+    cols = [Column("run", "run"), Column("profile", "profile"), Column("split", "k", "int"),
+            Column("count", "samples", "int"),
+            Column("e2e_p50_s", "e2e p50", "ms"), Column("e2e_p90_s", "e2e p90", "ms"),
+            Column("e2e_mean_s", "e2e mean", "ms"), Column("head_mean_s", "local inference", "ms"),
+            Column("encode_mean_s", "encode", "ms"), Column("uplink_mean_s", "uplink delivery", "ms"),
+            Column("tail_mean_s", "remote inference", "ms"), Column("downlink_mean_s", "downlink", "ms"),
+            Column("decode_mean_s", "decode", "ms"), Column("cut_bytes_raw", "intermediate raw", "bytes"),
+            Column("cut_bytes_wire", "intermediate wire", "bytes"),
+            Column("bitrate_bps", "intermediate bitrate", "rate"), Column("delivery_s", "model delivery", "ms"),
+            Column("head_file_bytes", "head file", "bytes"), Column("tail_file_bytes", "tail file", "bytes"),
+            Column("emulation", "emulation up/down")]
+    if len(runs) == 1:
+        cols = cols[1:]
+    return Table("configurations", "Every configuration (means unless stated)", cols, rows, collapsed=True,
+                 note="Intermediate bitrate = wire bytes × 8 ÷ mean uplink delivery time.")
+
+
+def kpi_table(runs: Sequence[RunData]) -> Table:
+    rows, seen = [], set()
+    for run in runs:
+        for r in run.parts:
+            key = (run.label, r.get("split"), r.get("part"), r.get("node"))
+            if key in seen:
+                continue  # KPIs are per part and node; the same part under several profiles measures once
+            seen.add(key)
+            rows.append({"run": run.label, **{c: r.get(c) for c in (
+                "split", "part", "node", "file_bytes", "init_s", "first_s", "warmup_mean_s", "steady_mean_s",
+                "steady_std_s", "init_memory_bytes", "peak_memory_bytes")}})
+    rows.sort(key=lambda r: (r["run"], r["split"] if r["split"] is not None else -1, str(r["part"])))
+    cols = [Column("run", "run"), Column("split", "k", "int"), Column("part", "part"), Column("node", "node"),
+            Column("file_bytes", "file size", "bytes"), Column("init_s", "init", "ms"),
+            Column("first_s", "first inference", "ms"), Column("warmup_mean_s", "warm-up mean", "ms"),
+            Column("steady_mean_s", "steady mean", "ms"), Column("steady_std_s", "steady std", "ms"),
+            Column("init_memory_bytes", "init memory", "bytes"), Column("peak_memory_bytes", "peak memory", "bytes")]
+    if len(runs) == 1:
+        cols = cols[1:]
+    return Table("part_kpis", "Benchmark KPIs per part (fresh process per part)", cols, rows, collapsed=True)
+
+
+def layer_table(runs: Sequence[RunData]) -> Table:
+    rows = []
+    for run in runs:
+        by = {}
+        for r in run.layers:
+            d = by.setdefault(r["layer"], {"run": run.label, "layer": r["layer"], "op": r.get("op"),
+                                           "output_bytes": r.get("output_bytes"), "macs": r.get("macs"),
+                                           "param_bytes": r.get("param_bytes")})
+            d[f"{r['node']}_mean_s"] = r.get("mean_s")
+            d[f"{r['node']}_p90_s"] = r.get("p90_s")
+        rows += [by[k] for k in sorted(by)]
+    cols = [Column("run", "run"), Column("layer", "layer", "int"), Column("op", "op"),
+            Column("output_bytes", "output", "bytes"), Column("param_bytes", "params", "bytes"),
+            Column("macs", "MACs", "int"), Column("local_mean_s", "local mean", "ms"),
+            Column("local_p90_s", "local p90", "ms"), Column("remote_mean_s", "remote mean", "ms"),
+            Column("remote_p90_s", "remote p90", "ms")]
+    if len(runs) == 1:
+        cols = cols[1:]
+    return Table("layer_profile", "Per-layer profile", cols, rows, collapsed=True)
+
+
+def _flatten(data: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(data, dict):
+        out = []
+        for k in data:
+            out += _flatten(data[k], f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(data, list) and all(not isinstance(x, (dict, list)) for x in data):
+        return [(prefix, ", ".join(map(str, data)))]
+    if isinstance(data, list):
+        return [(prefix, json.dumps(data, sort_keys=True, default=str))]
+    return [(prefix, "" if data is None else str(data))]
+
+
+def environment_table(runs: Sequence[RunData]) -> Table:
+    rows = []
+    for run in runs:
+        rows.append({"run": run.label, "key": "emulation (uplink/downlink)", "value": run.emulation()})
+        rows += [{"run": run.label, "key": k, "value": v} for k, v in _flatten(run.environment)]
+        nodes = (run.config or {}).get("nodes") or {}
+        for name, spec in nodes.items():
+            for k, v in (spec or {}).items():
+                rows.append({"run": run.label, "key": f"config.nodes.{name}.{k}", "value": "" if v is None else str(v)})
+    cols = [Column("run", "run"), Column("key", "what"), Column("value", "value")]
+    if len(runs) == 1:
+        cols = cols[1:]
+    return Table("environment", "Environment: what was measured, where", cols, rows)
+
+
+def planner_tables(evaluation: Any) -> list[Table]:
+    conf = Table("planner_configurations", "Planner: predicted vs measured per configuration", [
+        Column("profile", "profile"), Column("split", "k", "int"),
+        Column("predicted_e2e_s", "predicted e2e", "ms"), Column("measured_e2e_mean_s", "measured mean", "ms"),
+        Column("measured_e2e_p50_s", "measured p50", "ms"), Column("error_pct", "error", "pct"),
+        Column("predicted_head_s", "pred. head", "ms"), Column("predicted_uplink_s", "pred. uplink", "ms"),
+        Column("predicted_tail_s", "pred. tail", "ms"), Column("predicted_downlink_s", "pred. downlink", "ms"),
+    ], evaluation.configurations, collapsed=True)
+    choice = Table("planner_choices", "Planner: chosen split vs best measured split", [
+        Column("profile", "profile"), Column("chosen_split", "chosen k", "int"),
+        Column("predicted_e2e_s", "predicted e2e", "ms"),
+        Column("chosen_e2e_mean_s", "measured mean of choice", "ms"),
+        Column("best_split_mean", "best k (mean)", "int"), Column("best_e2e_mean_s", "best measured mean", "ms"),
+        Column("ratio_mean", "choice ÷ best (mean)", "ratio"),
+        Column("best_split_p50", "best k (p50)", "int"), Column("ratio_p50", "choice ÷ best (p50)", "ratio"),
+    ], evaluation.choices,
+        note=f"Model inputs: {evaluation.model.source}. Goal: choice ÷ best ≤ 1.05.")
+    return [choice, conf]
+
+
+GLOSSARY = [
+    ("split model file size", "head_file_bytes, tail_file_bytes, file_bytes"),
+    ("intermediate data size", "cut_bytes_raw (before the codec), cut_bytes_wire (framed, on the link)"),
+    ("intermediate data bitrate", "bitrate_bps = cut_bytes_wire × 8 ÷ uplink_mean_s"),
+    ("local inference time", "head_s (head part on the local node)"),
+    ("remote inference time", "tail_s (tail part on the remote node)"),
+    ("encode / decode time", "encode_s, remote_decode_s, remote_encode_s, decode_s"),
+    ("intermediate data delivery time", "uplink_s (first byte out → last byte in at remote); downlink_s for results"),
+    ("end-to-end latency", "e2e_s (start of head → final output available locally)"),
+    ("split model delivery time", "delivery_s (head part, remote → local over the shaped downlink)"),
+    ("memory", "init_memory_bytes, peak_memory_bytes (per part, fresh process)"),
+]
+
+
+# --- HTML ----------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:1250px;
+color:#222;padding:0 1em;line-height:1.4}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;font-size:.85em;margin:.6em 0}th,td{border:1px solid #ddd;padding:3px 7px}
+th{background:#f3f3f3;text-align:left}td{text-align:right;font-variant-numeric:tabular-nums}
+td.t{text-align:left}tr:nth-child(even) td{background:#fafafa}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
+.note{font-size:.85em;color:#555}.kpi{font-size:1.1em}summary{cursor:pointer;color:#1a5fb4}
+code{background:#f3f3f3;padding:0 3px}
+"""
+
+
+def _table_html(t: Table) -> str:
+    head = "".join(f"<th>{html.escape(c.title)}</th>" for c in t.columns)
+    body = []
+    for r in t.rows:
+        cells = []
+        for c in t.columns:
+            v = r.get(c.key)
+            cls = ' class="t"' if c.kind == "text" else ""
+            cells.append(f'<td{cls} data-v="{html.escape(csv_cell(v), quote=True)}">{html.escape(display(v, c.kind))}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    table = (f'<table id="tbl-{t.name}" data-csv="{t.name}.csv" data-keys="{html.escape(",".join(c.key for c in t.columns))}">'
+             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+    note = f'<p class="note">{html.escape(t.note)} CSV: <code>{t.name}.csv</code></p>'
+    if t.collapsed:
+        return f"<details><summary>{html.escape(t.title)} ({len(t.rows)} rows)</summary>{table}</details>{note}"
+    return f"<h3>{html.escape(t.title)}</h3>{table}{note}"
+
+
+def _figure_html(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f'<figure id="fig-{path.stem}"><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(caption)} (<code>{path.name}</code>)</figcaption></figure>")
+
+
+@dataclass
+class Report:
+    html_path: Path
+    figures: dict[str, Path]
+    tables: dict[str, Path]
+    evaluation: Any = None
+    warnings: list[str] | None = None
+
+
+FIGURES: list[tuple[str, str, Callable[..., Path | None], str]] = [
+    ("e2e", "End-to-end latency", plots.e2e_vs_split,
+     "End-to-end latency p50 per split point, one line per profile, band p10–p90; stars mark the anchors "
+     "(k=0: everything remote, the input crosses the uplink; k=N: everything on the local node)."),
+    ("stacked", "Where the time goes", plots.stacked_time,
+     "Mean local inference (head), encode, uplink delivery, remote decode, remote inference (tail), result "
+     "encode, downlink, decode; the black tick is the mean e2e."),
+    ("intermediate_bytes", "Intermediate data", plots.cut_bytes,
+     "Intermediate data size per split point, raw and on the wire, against the model input size (log axis)."),
+    ("layers", "Per-layer profile", plots.per_layer,
+     "Per-layer latency on the local and the remote node (each layer run as its own model under the node's "
+     "CPU limit), and each layer's output size."),
+    ("parts", "Split model files and delivery", plots.part_sizes,
+     "Head and tail file sizes per split point; time to deliver the head to the local node over the shaped "
+     "downlink."),
+    ("kpis", "Benchmark KPIs per part", plots.part_kpis,
+     "benchmark_model KPIs of each part on its node, each in a fresh process: init, first inference, warm-up "
+     "mean, steady-state mean; init and peak memory."),
+]
+
+
+def build_report(run_dir: str | Path, out_dir: str | Path | None = None,
+                 compare: Sequence[str | Path] = ()) -> Report:
+    """Write ``report.html``, the PNGs and the table CSVs for a run (plus overlays).
+
+    Raises:
+        TestbedError: a folder is not a run folder or holds no finished configuration.
+    """
+    runs = [RunData.load(run_dir)] + [RunData.load(c) for c in compare]
+    labels = [r.label for r in runs]
+    for i, r in enumerate(runs):  # two folders with one name (a/run, b/run) need distinct labels
+        if labels.count(r.label) > 1:
+            r.label = f"{r.label}#{i + 1}"
+    out = Path(out_dir) if out_dir else runs[0].path / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    warnings: list[str] = []
+
+    figures: dict[str, Path] = {}
+    sections: list[str] = []
+    for stem, title, fn, caption in FIGURES:
+        path = fn(runs, out / f"{stem}.png")
+        if path is None:
+            warnings.append(f"{title}: nothing to draw in this run")
+            sections.append(f"<h2>{html.escape(title)}</h2><p class='note'>Nothing recorded for this figure.</p>")
+            continue
+        figures[stem] = path
+        sections.append(f"<h2>{html.escape(title)}</h2>{_figure_html(path, caption)}")
+        if stem == "e2e":
+            best = best_split_table(runs)
+            sections.append(_table_html(best))
+            sections.append(_table_html(configurations_table(runs)))
+        if stem == "layers":
+            sections.append(_table_html(layer_table(runs)))
+        if stem == "kpis":
+            sections.append(_table_html(kpi_table(runs)))
+
+    tables = [best_split_table(runs), configurations_table(runs), layer_table(runs), kpi_table(runs)]
+    evaluation = _planner_section(runs[0], out, sections, figures, tables, warnings)
+    env = environment_table(runs)
+    tables.append(env)
+    sections.append(f"<h2>Environment</h2>{_table_html(env)}")
+    gl = "".join(f"<tr><td class='t'>{html.escape(a)}</td><td class='t'><code>{html.escape(b)}</code></td></tr>"
+                 for a, b in GLOSSARY)
+    sections.append("<h2>Metric names</h2><p class='note'>Metrics follow the 3GPP SA4 evaluation framework "
+                    "for split inference (TR 26.927); columns hold base units (s, bytes, bit/s).</p>"
+                    f"<table id='glossary'><thead><tr><th>SA4 metric</th><th>columns</th></tr></thead>"
+                    f"<tbody>{gl}</tbody></table>")
+
+    table_paths = {t.name: write_csv(t, out) for t in tables}
+    page = _page(runs, sections, evaluation, warnings)
+    html_path = out / "report.html"
+    tmp = html_path.with_suffix(".html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(html_path)
+    return Report(html_path, figures, table_paths, evaluation, warnings)
+
+
+def _planner_section(run: RunData, out: Path, sections: list[str], figures: dict[str, Path],
+                     tables: list[Table], warnings: list[str]) -> Any:
+    from testbed import planner
+
+    sections.append("<h2>Split-point planner</h2>")
+    try:
+        evaluation = planner.evaluate(run.path)
+    except TestbedError as e:
+        warnings.append(f"planner: {e}")
+        sections.append(f"<p class='note'>Planner not evaluated: {html.escape(str(e))}</p>")
+        return None
+    path = plots.planner(evaluation, out / "planner.png")
+    if path is not None:
+        figures["planner"] = path
+        sections.append(_figure_html(path, "Predicted (per-layer latencies + bytes·8/rate + delay) vs measured "
+                                           "mean e2e, and the distribution of the prediction error."))
+    worst = evaluation.worst_ratio()
+    if worst is not None:
+        sections.append(f"<p class='kpi' id='planner-ratio'>Worst measured e2e of the planner's choice ÷ best "
+                        f"measured e2e over the profiles: <b>{worst:.3f}</b> (goal ≤ 1.05)</p>")
+    for t in planner_tables(evaluation):
+        tables.append(t)
+        sections.append(_table_html(t))
+    return evaluation
+
+
+def _page(runs: Sequence[RunData], sections: list[str], evaluation: Any, warnings: list[str]) -> str:
+    run = runs[0]
+    cfg = run.config or {}
+    n_cfg = len(run.summary)
+    model = (run.manifest.get("model") or {})
+    facts = [
+        ("experiment", cfg.get("name") or "–"),
+        ("run folder", str(run.path)),
+        ("model", f"{Path(str(model.get('path', '') or '')).name or '–'} ({model.get('layers', '?')} layers, "
+                  f"{format_bytes(model['bytes']) if model.get('bytes') else '?'})"),
+        ("configurations", f"{n_cfg} ({len(run.profiles)} profiles × {len(run.splits)} split points)"),
+        ("samples", str(sum(r.get("count") or 0 for r in run.summary))),
+        ("emulation", run.emulation()),
+    ]
+    if len(runs) > 1:
+        facts.append(("compared with", ", ".join(r.label for r in runs[1:])))
+    fact_html = "".join(f"<tr><th>{html.escape(k)}</th><td class='t'>{html.escape(v)}</td></tr>" for k, v in facts)
+    warn = ("<p class='note'>" + "<br>".join(html.escape(w) for w in warnings) + "</p>") if warnings else ""
+    title = f"Split inference report: {cfg.get('name') or run.label}"
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width,initial-scale=1'>"
+            # An empty data: icon keeps the browser from asking for /favicon.ico (a console error on file://).
+            f"<link rel='icon' href='data:,'><title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1><table id='facts'>{fact_html}</table>{warn}"
+            + "".join(sections) + "</body></html>\n")

@@ -1,0 +1,277 @@
+"""The run folder: what a sweep leaves on disk, written as it goes.
+
+Owns the file names, the column names and units (documented in the README,
+"Result files"), appending after every configuration so an interrupted sweep
+keeps what it measured and ``--resume`` knows what is finished, and reading the
+files back with typed values (the report and the planner read only these).
+Measuring is ``testbed.sweep``'s job; plotting ``testbed.report``'s.
+
+Layout of ``RUN_DIR``::
+
+    config.yaml        the resolved experiment (base units, split points, profiles)
+    environment.json   versions, kernel, CPU, netem capability, backend, image ids
+    manifest.json      the splitter's manifest (parts/ holds the part files)
+    samples.csv        one row per sample
+    summary.csv        one row per configuration (profile x split), written last:
+                       a configuration is finished when its summary row exists
+    parts.csv          per configuration, per part, per node: file bytes, delivery, KPIs
+    layers.csv         per node, per layer: latency stats, output bytes, params, MACs
+
+Every time is in seconds, every size in bytes, rates in bit/s, loss in percent.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import yaml
+
+SAMPLES, SUMMARY, PARTS, LAYERS = "samples.csv", "summary.csv", "parts.csv", "layers.csv"
+ENVIRONMENT, CONFIG, MANIFEST = "environment.json", "config.yaml", "manifest.json"
+
+# Per-sample timings in the order the measurement contract lists them.
+TIMINGS = ("head", "encode", "uplink", "remote_decode", "tail", "remote_encode", "downlink", "decode", "e2e")
+# The parts of e2e that do not overlap: their sum can never exceed e2e.
+E2E_PARTS = ("head", "encode", "uplink", "remote_decode", "tail", "remote_encode", "downlink", "decode")
+STATS = ("mean", "std", "p10", "p50", "p90", "p99")
+
+CONFIG_KEY = ("profile", "split")
+
+SAMPLE_COLUMNS = (
+    "profile", "split", "sample", "input_index", "codec", "input_encoding",
+    "emulation_uplink", "emulation_downlink", "clock",
+    *(f"{t}_s" for t in TIMINGS),
+    "cut_bytes_raw", "cut_bytes_wire", "result_bytes_wire",
+)
+
+SUMMARY_COLUMNS = (
+    "profile", "split", "codec", "input_encoding", "emulation_uplink", "emulation_downlink", "clock",
+    "uplink_rate_bps", "uplink_delay_s", "uplink_loss_pct",
+    "downlink_rate_bps", "downlink_delay_s", "downlink_loss_pct",
+    "count", "warmup", "cut_bytes_raw", "cut_bytes_wire", "result_bytes_wire",
+    "head_file_bytes", "tail_file_bytes", "delivery_s", "sampling_s", "wall_s",
+    *(f"{t}_{s}_s" for t in TIMINGS for s in STATS),
+)
+
+KPI_COLUMNS = (
+    "init_s", "first_s", "warmup_mean_s", "steady_mean_s", "steady_std_s", "steady_p50_s", "steady_p90_s",
+    "init_memory_bytes", "peak_memory_bytes",
+)
+PART_COLUMNS = (
+    "profile", "split", "part", "node", "file_bytes", "sha256", "delivery_s", "kpi_profile", *KPI_COLUMNS,
+)
+
+LAYER_COLUMNS = (
+    "node", "layer", "op", "output_bytes", "params", "param_bytes", "macs",
+    "mean_s", "std_s", "p50_s", "p90_s", "runs", "threads", "cpus",
+)
+
+_TEXT = {"profile", "codec", "input_encoding", "emulation_uplink", "emulation_downlink", "clock",
+         "part", "node", "sha256", "kpi_profile", "op"}
+_INT_SUFFIX = ("_bytes", "_bytes_raw", "_bytes_wire")
+_INTS = {"split", "sample", "input_index", "count", "warmup", "layer", "params", "macs", "runs", "threads",
+         "uplink_rate_bps", "downlink_rate_bps"}
+
+
+def summarize(values: Sequence[float]) -> dict[str, float | None]:
+    """mean, std (sample, ddof=1; 0 for one value), p10, p50, p90, p99
+    (linear interpolation). All None for no values; NaNs are ignored."""
+    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if arr.size == 0:
+        return {s: None for s in STATS}
+    p10, p50, p90, p99 = np.percentile(arr, [10, 50, 90, 99])
+    return {
+        "mean": float(arr.mean()),
+        "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
+        "p10": float(p10), "p50": float(p50), "p90": float(p90), "p99": float(p99),
+    }
+
+
+@dataclass
+class ConfigurationResult:
+    """Everything one configuration (profile x split) produced."""
+
+    profile: str
+    split: int
+    samples: list[dict[str, Any]]
+    summary: dict[str, Any] = field(default_factory=dict)  # the non-timing summary columns
+    parts: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary_row(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"profile": self.profile, "split": self.split, "count": len(self.samples)}
+        row.update(self.summary)
+        for t in TIMINGS:
+            stats = summarize([s.get(f"{t}_s") for s in self.samples if s.get(f"{t}_s") is not None])
+            for s, v in stats.items():
+                row[f"{t}_{s}_s"] = v
+        for col in ("cut_bytes_raw", "cut_bytes_wire", "result_bytes_wire", "clock"):
+            if col not in row:
+                vals = [s.get(col) for s in self.samples if s.get(col) is not None]
+                row[col] = vals[0] if vals else None
+        return row
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        return repr(value)  # shortest exact round trip
+    return str(value)
+
+
+def _typed(column: str, text: str) -> Any:
+    if text == "":
+        return None
+    if column in _TEXT:
+        return text
+    if column in _INTS or column.endswith(_INT_SUFFIX):
+        try:
+            return int(text)
+        except ValueError:
+            return int(float(text))
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a result CSV with numbers as int/float and empty cells as None."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        return [{k: _typed(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _append(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        if new:
+            w.writerow(columns)
+        for row in rows:
+            w.writerow([_cell(row.get(c)) for c in columns])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    """A run folder being written (or read back).
+
+    Append order per configuration is parts, samples, then the summary row: the
+    summary row is the commit mark. :meth:`open` drops sample and part rows of
+    configurations without a summary row (a run killed mid-configuration), so a
+    resumed run measures them again from scratch.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # --- creation and resume -------------------------------------------
+
+    @classmethod
+    def create(cls, parent: str | Path, name: str) -> "RunFolder":
+        """A fresh ``parent/name`` folder; refuses one that exists."""
+        path = Path(parent) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir()
+        return cls(path)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunFolder":
+        """An existing run folder, for ``--resume``; unfinished configurations removed."""
+        folder = cls(path)
+        if not (folder.path / CONFIG).is_file():
+            from testbed.errors import TestbedError
+            raise TestbedError(f"{folder.path}: not a run folder (no {CONFIG})")
+        folder._drop_unfinished()
+        return folder
+
+    def _drop_unfinished(self) -> None:
+        done = self.finished()
+        for name, columns in ((SAMPLES, SAMPLE_COLUMNS), (PARTS, PART_COLUMNS)):
+            path = self.path / name
+            if not path.exists():
+                continue
+            with path.open(newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+            keep = [r for r in rows if (r["profile"], int(r["split"])) in done]
+            if len(keep) != len(rows):
+                with path.with_name(name + ".tmp").open("w", newline="", encoding="utf-8") as f:
+                    w = csv.DictWriter(f, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+                    w.writeheader()
+                    w.writerows(keep)
+                os.replace(path.with_name(name + ".tmp"), path)
+
+    # --- writing ----------------------------------------------------------
+
+    def write_config(self, data: dict[str, Any]) -> None:
+        _write_atomic(self.path / CONFIG, yaml.safe_dump(data, sort_keys=False))
+
+    def write_environment(self, data: dict[str, Any]) -> None:
+        _write_atomic(self.path / ENVIRONMENT, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        _write_atomic(self.path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+    def append_configuration(self, result: ConfigurationResult) -> dict[str, Any]:
+        """Append one finished configuration; returns its summary row."""
+        key = {"profile": result.profile, "split": result.split}
+        _append(self.path / PARTS, PART_COLUMNS, ({**p, **key} for p in result.parts))
+        _append(self.path / SAMPLES, SAMPLE_COLUMNS,
+                ({**s, **key, "sample": s.get("sample", i)} for i, s in enumerate(result.samples)))
+        row = result.summary_row()
+        _append(self.path / SUMMARY, SUMMARY_COLUMNS, [row])
+        return row
+
+    def append_layers(self, rows: Iterable[dict[str, Any]]) -> None:
+        _append(self.path / LAYERS, LAYER_COLUMNS, rows)
+
+    # --- reading ----------------------------------------------------------
+
+    def finished(self) -> set[tuple[str, int]]:
+        """(profile, split) of every configuration with a summary row."""
+        return {(r["profile"], r["split"]) for r in read_csv(self.path / SUMMARY)}
+
+    def layer_nodes(self) -> set[str]:
+        """Nodes whose per-layer profile is already recorded."""
+        return {r["node"] for r in read_csv(self.path / LAYERS)}
+
+    def samples(self) -> list[dict[str, Any]]:
+        return read_csv(self.path / SAMPLES)
+
+    def summary(self) -> list[dict[str, Any]]:
+        return read_csv(self.path / SUMMARY)
+
+    def parts(self) -> list[dict[str, Any]]:
+        return read_csv(self.path / PARTS)
+
+    def layers(self) -> list[dict[str, Any]]:
+        return read_csv(self.path / LAYERS)
+
+    def config(self) -> dict[str, Any]:
+        return yaml.safe_load((self.path / CONFIG).read_text(encoding="utf-8"))
+
+    def environment(self) -> dict[str, Any]:
+        path = self.path / ENVIRONMENT
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+    def manifest(self) -> dict[str, Any]:
+        path = self.path / MANIFEST
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}

@@ -1,0 +1,549 @@
+"""Running an experiment: every split point at every link profile, measured and recorded.
+
+Owns the order of work and its bookkeeping: resolve and split the model, deploy
+the two nodes, shape each direction (uplink at the local node's data egress,
+downlink at the remote's), walk the configurations profile-outer / split-inner
+so the link changes in place and nodes are reused, and for each configuration
+deliver the head over the shaped downlink, load the parts, warm up, take
+samples bounded by time, measure part KPIs (once per part, in a fresh worker),
+and append everything to the run folder. Per-layer latency is profiled once per
+run per node. Ctrl-C or SIGTERM stops the run, tears everything down, keeps the
+results and raises ``Interrupted`` (exit 130).
+
+It leaves *how* to the parts: ``testbed.deploy`` (nodes and teardown),
+``testbed.link`` (shapers), ``testbed.model`` (splitting), the agent client
+(protocol, timing inside the nodes), ``testbed.results`` (files) and
+``testbed.metrics`` (Prometheus).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+from testbed.errors import Interrupted, TestbedError
+from testbed.experiment import Experiment, load_experiment, parse_host_port, resolved_dict
+from testbed.results import ConfigurationResult, RunFolder
+
+# Samples are asked for in batches so max_seconds is honoured without a control
+# round trip per sample; a batch is sized from the time per sample seen so far
+# and never exceeds this, so Ctrl-C and progress stay responsive.
+_MAX_BATCH = 50
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    resume: Path | None = None
+    metrics_listen: str | None = None
+    backend: str | None = None
+    output: Path | None = None
+    progress: bool = True
+
+
+@dataclass
+class Plan:
+    """What the sweep will do, resolved before anything is deployed."""
+
+    experiment: Experiment
+    profiles: list[Any]                  # testbed.link.profile.LinkProfile, in file order
+    model_path: Path
+    graph: Any                           # testbed.model.graph.ModelGraph
+    splits: list[int]
+    manifest: dict[str, Any] = field(default_factory=dict)
+    n_inputs: int = 1
+
+    @property
+    def configurations(self) -> list[tuple[Any, int]]:
+        """Profile outer, split inner: the link changes in place len(profiles) times."""
+        return [(p, k) for p in self.profiles for k in self.splits]
+
+
+# --------------------------------------------------------------------------- signals
+
+class _Signals:
+    """SIGTERM behaves like Ctrl-C; once either arrived, further ones are ignored
+    so the teardown they started cannot itself be interrupted half-way."""
+
+    def __init__(self, console: Console) -> None:
+        self.console, self.stopping = console, False
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, _frame: Any) -> None:
+        if self.stopping:
+            self.console.print("[yellow]still tearing down; please wait[/yellow]")
+            return
+        self.stopping = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "_Signals":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# --------------------------------------------------------------------------- planning
+
+def plan(experiment: Experiment) -> Plan:
+    """Resolve the model, its layers, the split points and the profiles; no side effects on nodes."""
+    from testbed.model.graph import ModelGraph
+    from testbed.model.zoo import resolve
+
+    profiles = experiment.load_profiles()
+    model_path = Path(resolve(experiment.model.as_spec()))
+    graph = ModelGraph.from_file(model_path)
+    return Plan(experiment, profiles, model_path, graph, experiment.split_points(graph.num_layers))
+
+
+def _split_parts(p: Plan, run: RunFolder) -> None:
+    from testbed.model.splitter import load_manifest, split_model
+
+    parts_dir = run.path / "parts"
+    manifest = None
+    if (parts_dir / "manifest.json").exists():
+        manifest = load_manifest(parts_dir)
+        have = {s["k"] for s in manifest["splits"]}
+        if not set(p.splits) <= have:
+            manifest = None
+    if manifest is None:
+        manifest = split_model(p.model_path, p.splits, parts_dir)
+    p.manifest = manifest
+    run.write_manifest(manifest)
+
+
+def _split_entry(p: Plan, k: int) -> dict[str, Any]:
+    for s in p.manifest["splits"]:
+        if s["k"] == k:
+            return s
+    raise TestbedError(f"manifest has no split point {k}")
+
+
+def _inputs(p: Plan) -> list[Any]:
+    from testbed.inputs import folder_images, synthetic_images
+
+    spec = p.experiment.input
+    info = p.graph.inputs[0]
+    if spec.synthetic:
+        return synthetic_images(tuple(info.shape), info.dtype, spec.count, spec.seed)
+    return folder_images(p.experiment.resolve_path(spec.source), tuple(info.shape), info.dtype, spec.count)
+
+
+# --------------------------------------------------------------------------- environment
+
+def _environment(p: Plan, run_id: str, dep: Any, caps: Any, options: SweepOptions) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    def version(dist: str) -> str | None:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return None
+
+    cpu_model = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+
+    return {
+        "run_id": run_id,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": {"kernel": platform.release(), "system": platform.system(), "machine": platform.machine(),
+                 "cpu_model": cpu_model, "cpu_count": os.cpu_count(), "python": platform.python_version()},
+        "versions": {d: version(d) for d in ("splitbed", "ai-edge-litert", "numpy", "pyroute2", "docker",
+                                             "prometheus-client", "pydantic")},
+        "backend_requested": options.backend or p.experiment.nodes.backend,
+        **dep.environment(),  # backend, backend_reason, nodes (limits, image id, ...)
+        "link_capabilities": {k: getattr(caps, k) for k in ("netem", "htb", "tbf") if hasattr(caps, k)},
+        "model": {"path": str(p.model_path), **{k: p.manifest["model"].get(k) for k in ("sha256", "layers", "bytes")}},
+        "threads": {"local": p.experiment.nodes.local.threads, "remote": p.experiment.nodes.remote.threads},
+    }
+
+
+# --------------------------------------------------------------------------- link
+
+class _Link:
+    """Both directions' shapers; applies a profile, changing qdiscs in place."""
+
+    def __init__(self, dep: Any) -> None:
+        from testbed.link.shaper import Shaper
+
+        self.up, self.down = Shaper(dep.local.shaping), Shaper(dep.remote.shaping)
+        self._applied = {"uplink": False, "downlink": False}
+        self.emulation = {"uplink": "none", "downlink": "none"}
+
+    def capabilities(self) -> Any:
+        return self.up.capabilities()
+
+    def check(self, profiles: list[Any]) -> None:
+        """Refuse, before anything runs, a profile this kernel cannot honour."""
+        from testbed.errors import ShapingError
+
+        caps = self.capabilities()
+        for prof in profiles:
+            for direction in ("uplink", "downlink"):
+                if prof.needs_netem(direction) and not caps.netem:
+                    raise ShapingError(
+                        f"profile {prof.name!r} {direction} needs sch_netem (delay, jitter or loss) and this "
+                        f"kernel has none; use a rate-only profile (e.g. experiments/posenet_sweep.yaml) or a "
+                        f"kernel with CONFIG_NET_SCH_NETEM (modprobe sch_netem)")
+
+    def apply(self, prof: Any) -> None:
+        for direction, shaper in (("uplink", self.up), ("downlink", self.down)):
+            d = getattr(prof, direction)
+            if d is None:
+                if self._applied[direction]:
+                    shaper.clear()
+                    self._applied[direction] = False
+                self.emulation[direction] = "none"
+                continue
+            if self._applied[direction]:
+                shaper.change(d)
+                self.emulation[direction] = shaper.emulation
+            else:
+                self.emulation[direction] = shaper.apply(d)
+                self._applied[direction] = True
+
+    def clear(self) -> None:
+        for direction, shaper in (("uplink", self.up), ("downlink", self.down)):
+            if self._applied[direction]:
+                with contextlib.suppress(Exception):
+                    shaper.clear()
+                self._applied[direction] = False
+
+
+def _loss_pct(d: Any) -> float | None:
+    """Random loss in percent (None when no loss or a Gilbert-Elliott/state model)."""
+    loss = getattr(d, "loss", None) if d is not None else None
+    return getattr(loss, "random_pct", None) if loss is not None else None
+
+
+def _link_columns(prof: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for direction in ("uplink", "downlink"):
+        d = getattr(prof, direction)
+        out[f"{direction}_rate_bps"] = getattr(d, "rate_bps", None) if d is not None else None
+        out[f"{direction}_delay_s"] = getattr(d, "delay_s", None) if d is not None else None
+        out[f"{direction}_loss_pct"] = _loss_pct(d)
+    return out
+
+
+# --------------------------------------------------------------------------- metrics
+
+class _NoMetrics:
+    """Stands in when metrics are off (serving failed is an error, not this)."""
+
+    def __getattr__(self, _name: str) -> Any:
+        return lambda *a, **k: None
+
+
+@contextlib.contextmanager
+def _metrics(exp: Experiment, run_name: str, listen: str, console: Console) -> Iterator[Any]:
+    from prometheus_client import CollectorRegistry
+
+    from testbed.metrics import SweepMetrics, serve
+
+    registry = CollectorRegistry()
+    m = SweepMetrics(registry, exp.name, run_name, pushgateway=exp.metrics.pushgateway)
+    host, port = parse_host_port(listen)
+    server = serve(registry, host, port)
+    console.print(f"metrics: {server.url}")
+    try:
+        yield m
+    finally:
+        with contextlib.suppress(Exception):
+            m.finished()
+        server.close()
+
+
+# --------------------------------------------------------------------------- one configuration
+
+@dataclass
+class _Nodes:
+    dep: Any
+    local: Any       # AgentClient
+    remote: Any      # AgentClient
+
+
+def _take_samples(nodes: _Nodes, runs: Any, input_encoding: str, codec: str,
+                  n_inputs: int, model_outputs: list[str]) -> list[dict[str, Any]]:
+    """Warm-up, then ``runs.samples`` samples, stopped early (after at least one)
+    once ``max_seconds`` have passed; then more, in batches, while under
+    ``min_seconds``. The agent enforces ``max_seconds`` itself, so a slow
+    low-bandwidth configuration costs one control round trip, not one per sample."""
+    t0 = time.monotonic()
+    samples = nodes.local.run(samples=runs.samples, warmup=runs.warmup, codec=codec,
+                              input_encoding=input_encoding, max_seconds=runs.max_seconds,
+                              model_outputs=model_outputs)
+    # the agent cycles through the inputs from the first warm-up inference of each call
+    for s in samples:
+        s["input_index"] = (runs.warmup + s.get("sample", 0)) % n_inputs
+    while samples:
+        elapsed = time.monotonic() - t0
+        if elapsed >= runs.min_seconds or elapsed >= runs.max_seconds:
+            break
+        per_sample = elapsed / len(samples)
+        want = max(1, min(_MAX_BATCH, int((runs.min_seconds - elapsed) / per_sample) + 1))
+        more = nodes.local.run(samples=want, warmup=0, codec=codec, input_encoding=input_encoding,
+                               max_seconds=runs.max_seconds - elapsed, model_outputs=model_outputs)
+        for s in more:
+            s["input_index"] = s.get("sample", 0) % n_inputs
+        samples += more
+    for i, s in enumerate(samples):
+        s["sample"] = i
+        # the agent names bytes per direction; the results name them after what they carry
+        if "result_bytes_wire" not in s and "downlink_bytes" in s:
+            s["result_bytes_wire"] = s["downlink_bytes"]
+    return samples
+
+
+def _kpis(client: Any, role: str, runs: Any, threads: int | None) -> dict[str, Any]:
+    return client.kpis(role=role, runs=runs.kpi_runs, warmup=max(1, runs.warmup), threads=threads)
+
+
+def _run_configuration(p: Plan, nodes: _Nodes, link: _Link, prof: Any, k: int,
+                       measured_kpis: dict[tuple[int, str], dict[str, Any]], metrics: Any) -> ConfigurationResult:
+    exp = p.experiment
+    entry = _split_entry(p, k)
+    parts_dir = Path(p.manifest.get("_dir", "")) if p.manifest.get("_dir") else None
+    t_start = time.monotonic()
+
+    def part_bytes(name: str | None) -> bytes | None:
+        if name is None:
+            return None
+        return (parts_dir / name).read_bytes()
+
+    head, tail = part_bytes(entry["head"]), part_bytes(entry["tail"])
+    # The tail lives in the network: the orchestrator hands it to the remote node
+    # over the (unshaped) control plane. The head is delivered from the remote to
+    # the local node over the shaped downlink, as the scenario delivers the split
+    # model from the network to the device; that delivery is timed by the agents.
+    nodes.remote.load_part("tail", tail, entry["tail_sha256"], threads=exp.nodes.remote.threads)
+    delivery_s = None
+    if head is not None:
+        timing = nodes.remote.deliver_part(nodes.local, head, entry["head_sha256"], role="head",
+                                           threads=exp.nodes.local.threads)
+        delivery_s = float(timing["delivery_s"])
+        metrics.observe_delivery(k, prof.name, delivery_s, size_bytes=len(head))
+    else:
+        nodes.local.load_part("head", None)
+
+    parts_rows = []
+    for role, node_name, client, data, sha, threads in (
+            ("head", "local", nodes.local, head, entry["head_sha256"], exp.nodes.local.threads),
+            ("tail", "remote", nodes.remote, tail, entry["tail_sha256"], exp.nodes.remote.threads)):
+        if data is None:
+            continue
+        key = (k, role)
+        if key not in measured_kpis:
+            measured_kpis[key] = {**_kpis(client, role, exp.runs, threads), "kpi_profile": prof.name}
+        kp = measured_kpis[key]
+        metrics.set_part(node_name, role, k, kp, file_bytes=len(data))
+        parts_rows.append({"part": role, "node": node_name, "file_bytes": len(data), "sha256": sha,
+                           "delivery_s": delivery_s if role == "head" else None, **kp})
+
+    t_sampling = time.monotonic()
+    samples = _take_samples(nodes, exp.runs, exp.input_encoding, exp.codec, p.n_inputs,
+                            [o.name for o in p.graph.outputs])
+    sampling_s = time.monotonic() - t_sampling
+    for s in samples:
+        s.setdefault("codec", exp.codec)
+        s.setdefault("input_encoding", exp.input_encoding)
+        s["emulation_uplink"] = link.emulation["uplink"]
+        s["emulation_downlink"] = link.emulation["downlink"]
+        metrics.observe_sample(k, prof.name, s)
+
+    summary = {
+        "codec": exp.codec, "input_encoding": exp.input_encoding,
+        "emulation_uplink": link.emulation["uplink"], "emulation_downlink": link.emulation["downlink"],
+        **_link_columns(prof), "warmup": exp.runs.warmup,
+        "head_file_bytes": entry.get("head_bytes"), "tail_file_bytes": entry.get("tail_bytes"),
+        "delivery_s": delivery_s, "sampling_s": sampling_s, "wall_s": time.monotonic() - t_start,
+    }
+    return ConfigurationResult(profile=prof.name, split=k, samples=samples, summary=summary, parts=parts_rows)
+
+
+# --------------------------------------------------------------------------- layers
+
+def _profile_layers(p: Plan, nodes: _Nodes, run: RunFolder, metrics: Any) -> None:
+    """Per-layer latency on each node under its limits, once per run."""
+    from testbed.model.layers import one_layer_models
+
+    done = run.layer_nodes()
+    models = None
+    for node_name, client, cfg in (("local", nodes.local, p.experiment.nodes.local),
+                                   ("remote", nodes.remote, p.experiment.nodes.remote)):
+        if node_name in done:
+            continue
+        models = models if models is not None else one_layer_models(p.model_path)
+        stats = client.profile_layers(models, runs=p.experiment.runs.layer_runs,
+                                      warmup=max(1, p.experiment.runs.warmup), threads=cfg.threads)
+        rows = []
+        for layer, st in zip(p.graph.layers, stats):
+            rows.append({"node": node_name, "layer": layer.index, "op": layer.op,
+                         "output_bytes": layer.output_bytes, "params": layer.params,
+                         "param_bytes": layer.param_bytes, "macs": layer.macs,
+                         "mean_s": st.get("mean_s"), "std_s": st.get("std_s"), "p50_s": st.get("p50_s"),
+                         "p90_s": st.get("p90_s"), "runs": p.experiment.runs.layer_runs,
+                         "threads": cfg.threads, "cpus": cfg.cpus})
+        run.append_layers(rows)
+        metrics.set_layers(node_name, rows)
+
+
+# --------------------------------------------------------------------------- the run
+
+def _progress(console: Console, enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=console, disable=not enabled, transient=False)
+
+
+def _open_run(p: Plan, options: SweepOptions) -> RunFolder:
+    exp = p.experiment
+    if options.resume is not None:
+        run = RunFolder.open(options.resume)
+        old = run.config()
+        if old.get("name") != exp.name:
+            raise TestbedError(f"{options.resume}: run of experiment {old.get('name')!r}, not {exp.name!r}")
+        sha = (old.get("resolved_model") or {}).get("sha256")
+        if sha and sha != p.manifest.get("model", {}).get("sha256", sha):
+            raise TestbedError(f"{options.resume}: recorded with another model (sha256 {sha[:12]}…)")
+        return run
+    parent = options.output if options.output is not None else exp.resolve_path(exp.output)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(5):
+        name = f"{exp.name}-{stamp}" + (f"-{attempt}" if attempt else "")
+        try:
+            return RunFolder.create(parent, name)
+        except FileExistsError:
+            continue
+    raise TestbedError(f"cannot create a run folder under {parent}")
+
+
+def _node_spec(cfg: Any) -> Any:
+    from testbed.deploy import NodeSpec
+
+    return NodeSpec(cpus=cfg.cpus, memory_bytes=cfg.memory, threads=cfg.threads)
+
+
+def run_experiment(path: str | Path, options: SweepOptions = SweepOptions(),
+                   console: Console | None = None) -> Path:
+    """Run the experiment at ``path``; returns the run folder.
+
+    Raises:
+        ConfigError: the experiment or a profile is wrong (nothing was started).
+        ShapingError / NodeError / ProtocolError: a part failed (everything torn down).
+        Interrupted: Ctrl-C or SIGTERM (everything torn down, results kept; exit 130).
+    """
+    console = console or Console(stderr=True)
+    exp = load_experiment(path)
+    p = plan(exp)
+    run = _open_run(p, options)
+    _split_parts(p, run)
+    p.manifest["_dir"] = str(run.path / "parts")
+    finished = run.finished()
+    measured_kpis = _kpis_from(run)
+    run.write_config(resolved_dict(exp, p.splits, model={k: v for k, v in p.manifest["model"].items()},
+                                   profiles=p.profiles))
+    todo = pending(p.configurations, finished)
+    total = len(p.configurations)
+    console.print(f"run folder: {run.path}  ({total} configurations, {total - len(todo)} already done)")
+    if not todo:
+        return run.path
+    inputs = _inputs(p)
+    p.n_inputs = len(inputs)
+    run_id = secrets.token_hex(3)
+    token = secrets.token_urlsafe(24)
+    backend = options.backend or exp.nodes.backend
+    listen = options.metrics_listen or exp.metrics.listen
+    from testbed.deploy import deploy
+
+    signals = _Signals(console)
+    try:
+        with signals, contextlib.ExitStack() as stack:
+            metrics = stack.enter_context(_metrics(exp, run.path.name, listen, console))
+            dep = stack.enter_context(deploy(run_id, _node_spec(exp.nodes.local), _node_spec(exp.nodes.remote),
+                                             backend=backend, token=token))
+            console.print(f"backend: {dep.backend}  run id: {run_id}")
+            link = _Link(dep)
+            stack.callback(link.clear)
+            link.check(p.profiles)
+            env = _environment(p, run_id, dep, link.capabilities(), options)
+            old_env = run.environment()
+            if old_env:
+                env = {**old_env, "resumed": [*old_env.get("resumed", []), env]}
+            run.write_environment(env)
+            nodes = _Nodes(dep, dep.local.client(token), dep.remote.client(token))
+            nodes.local.health()
+            nodes.remote.health()
+            nodes.local.set_inputs([{p.graph.inputs[0].name: a} for a in inputs])
+            nodes.local.connect_peer(dep.remote.data_host, dep.remote.data_port)
+            _profile_layers(p, nodes, run, metrics)
+            _sweep(p, nodes, link, run, todo, total, measured_kpis, metrics, console, options)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; everything torn down, results so far in {run.path} "
+                          f"(continue with: testbed run {path} --resume {run.path})") from None
+    return run.path
+
+
+def pending(configurations: list[tuple[Any, int]], finished: set[tuple[str, int]]) -> list[tuple[Any, int]]:
+    """The configurations still to measure, in sweep order (``--resume`` skips the rest)."""
+    return [(prof, k) for prof, k in configurations if (prof.name, k) not in finished]
+
+
+def _kpis_from(run: RunFolder) -> dict[tuple[int, str], dict[str, Any]]:
+    """KPIs measured by an earlier session of a resumed run (measured once per part)."""
+    from testbed.results import KPI_COLUMNS
+
+    out: dict[tuple[int, str], dict[str, Any]] = {}
+    for row in run.parts():
+        if row.get("kpi_profile") == row.get("profile"):
+            out[(row["split"], row["part"])] = {**{c: row.get(c) for c in KPI_COLUMNS},
+                                                "kpi_profile": row["kpi_profile"]}
+    return out
+
+
+def _sweep(p: Plan, nodes: _Nodes, link: _Link, run: RunFolder, todo: list[tuple[Any, int]], total: int,
+           measured_kpis: dict[tuple[int, str], dict[str, Any]], metrics: Any, console: Console,
+           options: SweepOptions) -> None:
+    done = total - len(todo)
+    current_profile = None
+    with _progress(console, options.progress) as bar:
+        task = bar.add_task("starting", total=total, completed=done)
+        metrics.set_progress(done, total)
+        for prof, k in todo:
+            if prof is not current_profile:
+                link.apply(prof)
+                current_profile = prof
+                for direction in ("uplink", "downlink"):
+                    d = getattr(prof, direction)
+                    metrics.set_link(direction, prof.name, getattr(d, "rate_bps", None) if d else None,
+                                     getattr(d, "delay_s", None) if d else None,
+                                     _loss_pct(d),
+                                     jitter_s=getattr(d, "jitter_s", None) if d else None,
+                                     emulation=link.emulation[direction])
+            bar.update(task, description=f"{prof.name}  k={k}")
+            eta = bar.tasks[0].time_remaining
+            metrics.configuration_started(k, prof.name, total=total, done=done, eta_s=eta)
+            result = _run_configuration(p, nodes, link, prof, k, measured_kpis, metrics)
+            run.append_configuration(result)
+            done += 1
+            bar.update(task, completed=done)
+            metrics.configuration_done(k, prof.name, done=done, eta_s=bar.tasks[0].time_remaining)
+        bar.update(task, description="done")
+    console.print(f"done: {run.path}")

@@ -1,0 +1,259 @@
+"""The smoke experiment end to end on real nodes, a real shaped link and real LiteRT.
+
+For each backend (netns: namespaces + veth; docker: containers): run
+``experiments/smoke.yaml`` once (module fixture) and check the run folder is
+complete and consistent; the uplink time at a rate-only profile matches
+bytes·8/rate; control traffic does not cross the shaped link; and nothing the
+run created is left — after a normal run and after a SIGINT mid-run (exit 130).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ROOT / "experiments" / "smoke.yaml"
+BACKENDS = ["netns", "docker"]
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("integration tests need root (namespaces, qdiscs, docker)")
+
+
+# ----------------------------------------------------------------- leftovers
+
+def _leftovers(run_id: str) -> list[str]:
+    """Everything on this host whose name or label carries ``run_id``, found
+    with the system tools (not with the deploy code under test)."""
+    found: list[str] = []
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    found += [f"netns {line.split()[0]}" for line in netns.splitlines() if run_id in line]
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    found += [f"link {line.split(':')[1].strip()}" for line in links.splitlines() if run_id in line]
+    if subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+        for kind in ("ps", "network ls", "volume ls"):
+            out = subprocess.run(["docker", *kind.split(), *(["-a"] if kind == "ps" else []), "-q",
+                                  "--filter", f"label=testbed.run={run_id}"], capture_output=True, text=True).stdout
+            found += [f"docker {kind} {x}" for x in out.split()]
+    cg = Path("/sys/fs/cgroup")
+    if cg.is_dir():
+        found += [f"cgroup {p}" for p in cg.glob(f"**/*{run_id}*") if p.is_dir()]
+    agents = subprocess.run(["pgrep", "-af", "nodes.agent"], capture_output=True, text=True).stdout
+    found += [f"process {line}" for line in agents.splitlines() if run_id in line]
+    return found
+
+
+def _assert_nothing_left(run_id: str) -> None:
+    deadline = time.monotonic() + 20  # docker removes asynchronously
+    left = _leftovers(run_id)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = _leftovers(run_id)
+    assert not left, f"run {run_id} left: {left}"
+
+
+# ----------------------------------------------------------------- one smoke run per backend
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def smoke(request, tmp_path_factory):
+    from rich.console import Console
+
+    from testbed.results import RunFolder
+    from testbed.sweep import SweepOptions, run_experiment
+
+    _need_root()
+    backend = request.param
+    out = tmp_path_factory.mktemp(f"smoke-{backend}")
+    log = io.StringIO()
+    t0 = time.monotonic()
+    run_dir = run_experiment(SMOKE, SweepOptions(backend=backend, output=out, metrics_listen="127.0.0.1:0",
+                                                 progress=False), console=Console(file=log, width=200))
+    wall = time.monotonic() - t0
+    print(f"smoke run on {backend}: {wall:.1f} s\n{log.getvalue()}")
+    return backend, RunFolder(run_dir), wall
+
+
+def test_run_folder_is_complete(smoke):
+    backend, run, _ = smoke
+    for name in ("config.yaml", "environment.json", "manifest.json", "samples.csv", "summary.csv",
+                 "parts.csv", "layers.csv"):
+        assert (run.path / name).is_file() and (run.path / name).stat().st_size > 0, name
+    cfg = run.config()
+    splits, profiles = cfg["split_points"], [p["name"] for p in cfg["resolved_profiles"]]
+    n = run.manifest()["model"]["layers"]
+    assert 0 in splits and n in splits, "smoke must cover both anchors"
+    summary = run.summary()
+    assert {(r["profile"], r["split"]) for r in summary} == {(p, k) for p in profiles for k in splits}
+    samples = run.samples()
+    assert len(samples) == sum(r["count"] for r in summary) and all(r["count"] >= 1 for r in summary)
+    env = run.environment()
+    assert env["backend"] == backend and env["host"]["kernel"] and "netem" in env["link_capabilities"]
+    assert env["model"]["sha256"] == run.manifest()["model"]["sha256"]
+    layers = run.layers()
+    assert sorted((r["node"], r["layer"]) for r in layers) == sorted(
+        (node, i) for node in ("local", "remote") for i in range(n))
+    assert all(r["mean_s"] > 0 and r["op"] for r in layers)
+    parts = run.parts()
+    for r in summary:
+        rows = [p for p in parts if (p["profile"], p["split"]) == (r["profile"], r["split"])]
+        want = ({"head"} if r["split"] > 0 else set()) | ({"tail"} if r["split"] < n else set())
+        assert {p["part"] for p in rows} == want
+        for p in rows:
+            assert p["file_bytes"] > 0 and p["steady_mean_s"] > 0 and p["peak_memory_bytes"] > 0
+            assert p["node"] == ("local" if p["part"] == "head" else "remote")
+            if p["part"] == "head":
+                assert p["delivery_s"] > 0
+    for s in samples:
+        assert s["emulation_uplink"] in ("tbf", "htb", "netem", "htb+netem")
+
+
+def test_e2e_is_at_least_the_sum_of_its_parts(smoke):
+    _, run, _ = smoke
+    from testbed.results import E2E_PARTS
+
+    for s in run.samples():
+        parts = sum(s[f"{t}_s"] or 0.0 for t in E2E_PARTS)
+        assert s["e2e_s"] >= parts - 1e-6, s
+        assert all((s[f"{t}_s"] or 0.0) >= 0 for t in E2E_PARTS), s
+        if s["clock"] == "shared":
+            # everything but the gaps between stages is accounted for
+            assert parts >= 0.5 * s["e2e_s"], s
+
+
+def test_cut_bytes_equal_the_manifest(smoke):
+    _, run, _ = smoke
+    manifest = run.manifest()
+    n = manifest["model"]["layers"]
+    cut = {s["k"]: sum(t["bytes"] for t in s["cut"]) for s in manifest["splits"]}
+    for s in run.samples():
+        assert s["cut_bytes_raw"] == cut[s["split"]], s
+        if s["split"] == n:
+            assert s["cut_bytes_wire"] == 0 and s["uplink_s"] == 0
+        else:
+            assert s["cut_bytes_wire"] == s["cut_bytes_raw"]  # raw codec, raw input encoding
+
+
+def test_uplink_time_matches_the_configured_rate(smoke):
+    """At a rate-only profile the uplink of a big cut takes bytes·8/rate (±10 %)."""
+    _, run, _ = smoke
+    rate = {r["profile"]: r["uplink_rate_bps"] for r in run.summary()}
+    big = [s for s in run.samples() if s["cut_bytes_wire"] >= 200_000]
+    assert big, "smoke needs a split with a large cut"
+    for split in sorted({s["split"] for s in big}):
+        rows = [s for s in big if s["split"] == split]
+        expected = rows[0]["cut_bytes_wire"] * 8 / rate[rows[0]["profile"]]
+        measured = float(np.median([s["uplink_s"] for s in rows]))
+        assert measured == pytest.approx(expected, rel=0.10), (split, measured, expected)
+
+
+def test_nothing_is_left_after_the_run(smoke):
+    _, run, _ = smoke
+    _assert_nothing_left(run.environment()["run_id"])
+
+
+# ----------------------------------------------------------------- control plane is not shaped
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_control_traffic_is_not_shaped(backend, tmp_path):
+    """With the data link at 1 Mbit/s both ways, 1 MB over the control plane
+    takes far less than the 8 s it would take on the data link, while a part
+    delivered over the data link takes its bytes·8/rate."""
+    import hashlib
+    import secrets
+
+    from testbed.deploy import NodeSpec, deploy
+    from testbed.link.profile import Direction
+    from testbed.link.shaper import Shaper
+    from testbed.model.splitter import split_model
+    from testbed.model.zoo import resolve
+
+    _need_root()
+    model = resolve({"builtin": "posenet"})
+    manifest = split_model(model, [30], tmp_path)
+    tail = (tmp_path / manifest["splits"][0]["tail"]).read_bytes()  # ~130 KB, a real model
+    run_id, token = "tbt" + secrets.token_hex(3), secrets.token_urlsafe(16)
+    rate = 1_000_000
+    with deploy(run_id, NodeSpec(cpus=1), NodeSpec(cpus=1), backend=backend, token=token) as dep:
+        local, remote = dep.local.client(token), dep.remote.client(token)
+        for node in (dep.local, dep.remote):
+            Shaper(node.shaping).apply(Direction(rate_bps=rate))
+        local.connect_peer(dep.remote.data_host, dep.remote.data_port)
+        blob = secrets.token_bytes(1_000_000)
+        t0 = time.monotonic()
+        remote.stage_part(blob, hashlib.sha256(blob).hexdigest())
+        control_s = time.monotonic() - t0
+        rtts = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            local.health()
+            rtts.append(time.monotonic() - t0)
+        timing = remote.deliver_part(local, tail, hashlib.sha256(tail).hexdigest(), role="tail")
+    on_data_link = len(tail) * 8 / rate
+    assert timing["delivery_s"] >= 0.9 * on_data_link, timing  # the data link IS shaped
+    assert control_s < 1_000_000 * 8 / rate / 8, control_s     # 1 MB at 1 Mbit/s would take 8 s
+    assert float(np.median(rtts)) < 0.1, rtts
+    _assert_nothing_left(run_id)
+
+
+# ----------------------------------------------------------------- SIGINT mid-run
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigint_mid_run_tears_down_and_exits_130(backend, tmp_path):
+    _need_root()
+    exp = yaml.safe_load(SMOKE.read_text())
+    exp["name"] = "sigint"
+    exp["runs"].update({"samples": 100000, "max_seconds": 120})
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    testbed = Path(sys.executable).with_name("testbed")
+    proc = subprocess.Popen([str(testbed), "run", str(path), "--backend", backend, "--output", str(tmp_path / "out"),
+                             "--metrics-listen", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    run_id = None
+    deadline = time.monotonic() + 300
+    err_lines: list[str] = []
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            err_lines.append(line)
+            m = re.search(r"run id: (\S+)", line)
+            if m:
+                run_id = m.group(1)
+                break
+        assert run_id, "".join(err_lines)
+        # let it get into the configurations (layers profiled, samples running)
+        run_dir = next((tmp_path / "out").iterdir())
+        while time.monotonic() < deadline and not (run_dir / "layers.csv").exists():
+            time.sleep(0.2)
+        time.sleep(2.0)
+        assert proc.poll() is None, "run ended before the signal"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = "".join(err_lines) + err
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "--resume" in err
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "environment.json").is_file()
+    _assert_nothing_left(run_id)
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["run_id"] == run_id

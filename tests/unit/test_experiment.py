@@ -1,0 +1,128 @@
+"""Experiment schema: every mistake is one error naming file, line and field."""
+
+from pathlib import Path
+
+import pytest
+
+from testbed.errors import ConfigError
+from testbed.experiment import load_experiment, parse_host_port, parse_splits, resolved_dict
+
+pytestmark = pytest.mark.unit
+
+HEAD = "name: t\nmodel: {builtin: posenet}\nnetwork: [ladder-10mbit]\n"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "exp.yaml"
+    p.write_text(text)
+    return p
+
+
+def _error(tmp_path: Path, text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_experiment(_write(tmp_path, text))
+    return info.value
+
+
+def test_valid_file_gives_base_units_and_defaults(tmp_path):
+    e = load_experiment(_write(tmp_path, HEAD + "nodes:\n  local: {cpus: 1, memory: 1GiB, threads: 1}\n"
+                                         "runs: {warmup: 1, samples: 5, max_seconds: 2500ms}\n"))
+    assert e.nodes.local.memory == 2**30 and e.nodes.local.cpus == 1.0
+    assert e.runs.max_seconds == pytest.approx(2.5)
+    assert e.metrics.listen == "127.0.0.1:9400" and e.codec == "raw" and e.input.synthetic
+    assert e.split_points(31) == list(range(32))
+
+
+def test_unknown_key_names_its_line(tmp_path):
+    e = _error(tmp_path, HEAD + "runs:\n  warmup: 1\n  sampels: 5\n")
+    assert (e.line, e.field) == (6, "runs.sampels") and "unknown field" in str(e)
+    assert str(e).startswith(f"{tmp_path / 'exp.yaml'}:6: runs.sampels:")
+
+
+def test_backwards_split_range_is_refused_at_its_line(tmp_path):
+    e = _error(tmp_path, HEAD + "splits: [0, '9-3']\n")
+    assert (e.line, e.field) == (4, "splits") and "backwards" in str(e)
+
+
+def test_garbage_split_is_refused(tmp_path):
+    e = _error(tmp_path, HEAD + "splits: 'a-b'\n")
+    assert e.line == 4 and "range such as '0-5'" in str(e)
+
+
+def test_split_beyond_the_model_is_refused_once_layers_are_known(tmp_path):
+    e = load_experiment(_write(tmp_path, HEAD + "splits: '0-2,30-33'\n"))
+    with pytest.raises(ConfigError) as info:
+        e.split_points(31)
+    assert info.value.line == 4 and "beyond" in str(info.value)
+
+
+def test_split_lists_and_ranges_expand_sorted_and_unique(tmp_path):
+    e = load_experiment(_write(tmp_path, HEAD + "splits: [31, '0-2', 1, '5,7']\n"))
+    assert e.split_points(31) == [0, 1, 2, 5, 7, 31]
+    assert parse_splits("all") == [] and parse_splits(3) == [(3, 3)]
+
+
+@pytest.mark.parametrize("text, field, words", [
+    ("model: {path: m.tflite}\n", "model", "sha256"),
+    ("model: {builtin: posenet, fetch: posenet}\n", "model", "exactly one"),
+    ("model: {builtin: resnet}\n", "model.builtin", "posenet"),
+    ("model: {path: m.tflite, sha256: xyz}\n", "model.sha256", "64 hexadecimal"),
+])
+def test_model_source_rules(tmp_path, text, field, words):
+    e = _error(tmp_path, "name: t\nnetwork: [x]\n" + text)
+    assert e.line == 3 and e.field == field and words in str(e)
+
+
+def test_model_path_with_checksum_resolves_relative_to_the_experiment(tmp_path):
+    (tmp_path / "m.tflite").write_bytes(b"x")
+    e = load_experiment(_write(tmp_path, "name: t\nnetwork: [x]\nmodel: {path: m.tflite, sha256: " + "a" * 64 + "}\n"))
+    assert resolved_dict(e)["model"]["path"] == str(tmp_path / "m.tflite")
+
+
+def test_missing_model_file_is_named(tmp_path):
+    e = _error(tmp_path, "name: t\nnetwork: [x]\nmodel: {path: nope.tflite, sha256: " + "a" * 64 + "}\n")
+    assert e.field == "model.path" and "no such model file" in str(e)
+
+
+@pytest.mark.parametrize("text, line, field", [
+    ("nodes:\n  local: {cpus: 0}\n", 5, "nodes.local.cpus"),
+    ("nodes:\n  local: {memory: 10mbit}\n", 5, "nodes.local.memory"),
+    ("nodes:\n  local: {backend: docker}\n  remote: {backend: netns}\n", 4, "nodes"),
+    ("runs: {min_seconds: 5s, max_seconds: 1s}\n", 4, "runs"),
+    ("runs: {samples: 0}\n", 4, "runs.samples"),
+    ("input_encoding: webp\n", 4, "input_encoding"),
+    ("codec: zstd\n", 4, "codec"),
+    ("metrics: {listen: 'localhost'}\n", 4, "metrics.listen"),
+    ("input: {source: /no/such/folder}\n", 4, "input.source"),
+])
+def test_field_errors(tmp_path, text, line, field):
+    e = _error(tmp_path, HEAD + text)
+    assert (e.line, e.field) == (line, field)
+
+
+def test_network_needs_a_profile_and_no_duplicates(tmp_path):
+    assert _error(tmp_path, "name: t\nmodel: {builtin: posenet}\nnetwork: []\n").field == "network"
+    e = _error(tmp_path, "name: t\nmodel: {builtin: posenet}\nnetwork: [a, a]\n")
+    assert "twice" in str(e)
+
+
+def test_profile_refs_files_resolve_names_stay(tmp_path):
+    e = load_experiment(_write(tmp_path, "name: t\nmodel: {builtin: posenet}\nnetwork: [ladder-1mbit, my/p.yaml]\n"))
+    assert e.profile_ref(0) == "ladder-1mbit"
+    assert e.profile_ref(1) == str(tmp_path / "my/p.yaml")
+
+
+def test_host_port():
+    assert parse_host_port("0.0.0.0:0") == ("0.0.0.0", 0)
+    assert parse_host_port("[::1]:9400") == ("::1", 9400)
+    with pytest.raises(ValueError):
+        parse_host_port("1.2.3.4:70000")
+
+
+def test_shipped_experiments_validate():
+    root = Path(__file__).resolve().parents[2] / "experiments"
+    files = sorted(root.glob("*.yaml"))
+    assert {"posenet_sweep.yaml", "posenet_5g.yaml", "smoke.yaml"} <= {f.name for f in files}
+    for f in files:
+        e = load_experiment(f)
+        assert e.split_points(31)

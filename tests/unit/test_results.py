@@ -1,0 +1,101 @@
+"""Run folder: written per configuration, read back typed, resumable."""
+
+import pytest
+
+from testbed.results import (
+    SAMPLE_COLUMNS, SUMMARY_COLUMNS, ConfigurationResult, RunFolder, read_csv, summarize,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def _sample(i: int, e2e: float) -> dict:
+    return {"sample": i, "input_index": i % 2, "codec": "raw", "input_encoding": "raw",
+            "emulation_uplink": "tbf", "emulation_downlink": "tbf", "clock": "shared",
+            "head_s": 0.001, "encode_s": 1e-5, "uplink_s": 0.01, "remote_decode_s": 1e-5, "tail_s": 0.002,
+            "remote_encode_s": 1e-5, "downlink_s": 0.003, "decode_s": 1e-5, "e2e_s": e2e,
+            "cut_bytes_raw": 123456, "cut_bytes_wire": 123456 + 64, "result_bytes_wire": 999}
+
+
+def _result(profile: str, split: int, n: int = 5) -> ConfigurationResult:
+    return ConfigurationResult(
+        profile=profile, split=split, samples=[_sample(i, 0.02 + i * 0.001) for i in range(n)],
+        summary={"codec": "raw", "emulation_uplink": "tbf", "uplink_rate_bps": 10_000_000, "delivery_s": 0.5},
+        parts=[{"part": "head", "node": "local", "file_bytes": 1000, "sha256": "ab", "delivery_s": 0.5,
+                "kpi_profile": profile, "init_s": 0.01, "peak_memory_bytes": 2**20}])
+
+
+def test_summarize_matches_hand_computed_values():
+    s = summarize([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert s["mean"] == 3.0 and s["p50"] == 3.0
+    assert s["std"] == pytest.approx(1.5811388, rel=1e-6)  # sample std, ddof=1
+    assert s["p90"] == pytest.approx(4.6) and s["p10"] == pytest.approx(1.4) and s["p99"] == pytest.approx(4.96)
+    assert summarize([7.0])["std"] == 0.0
+    assert summarize([])["mean"] is None
+    assert summarize([1.0, float("nan"), 3.0])["mean"] == 2.0
+
+
+def test_round_trip_keeps_values_and_types(tmp_path):
+    run = RunFolder.create(tmp_path, "run1")
+    run.write_config({"name": "t", "split_points": [0, 1]})
+    row = run.append_configuration(_result("ladder-10mbit", 3))
+    samples = run.samples()
+    assert len(samples) == 5 and list(samples[0]) == list(SAMPLE_COLUMNS)
+    assert samples[2]["e2e_s"] == 0.022 and samples[0]["cut_bytes_raw"] == 123456
+    assert samples[0]["split"] == 3 and samples[0]["profile"] == "ladder-10mbit" and samples[0]["clock"] == "shared"
+    summary = run.summary()
+    assert len(summary) == 1 and list(summary[0]) == list(SUMMARY_COLUMNS)
+    s = summary[0]
+    assert s["count"] == 5 and s["e2e_mean_s"] == pytest.approx(0.022) and s["e2e_p50_s"] == pytest.approx(0.022)
+    assert s["uplink_rate_bps"] == 10_000_000 and s["cut_bytes_wire"] == 123520 and s["downlink_loss_pct"] is None
+    assert row["e2e_p99_s"] == s["e2e_p99_s"] and row["count"] == 5
+    parts = run.parts()
+    assert parts[0]["file_bytes"] == 1000 and parts[0]["split"] == 3 and parts[0]["steady_mean_s"] is None
+    run.append_layers([{"node": "local", "layer": 0, "op": "CONV_2D", "output_bytes": 4096, "mean_s": 0.001}])
+    assert run.layers()[0]["op"] == "CONV_2D" and run.layer_nodes() == {"local"}
+    assert run.config()["split_points"] == [0, 1]
+
+
+def test_resume_sees_finished_configurations_and_drops_half_written_ones(tmp_path):
+    run = RunFolder.create(tmp_path, "run1")
+    run.write_config({"name": "t"})
+    run.append_configuration(_result("a", 0))
+    run.append_configuration(_result("a", 1))
+    # a run killed after writing samples of (a, 2) but before its summary row
+    import testbed.results as r
+    r._append(run.path / r.SAMPLES, r.SAMPLE_COLUMNS, [{**_sample(0, 0.1), "profile": "a", "split": 2}])
+    r._append(run.path / r.PARTS, r.PART_COLUMNS, [{"profile": "a", "split": 2, "part": "head"}])
+    again = RunFolder.open(run.path)
+    assert again.finished() == {("a", 0), ("a", 1)}
+    assert {s["split"] for s in again.samples()} == {0, 1} and len(again.samples()) == 10
+    assert {p["split"] for p in again.parts()} == {0, 1}
+    again.append_configuration(_result("a", 2))
+    assert len(read_csv(run.path / "summary.csv")) == 3
+
+
+def test_open_refuses_a_folder_that_is_not_a_run(tmp_path):
+    from testbed.errors import TestbedError
+    with pytest.raises(TestbedError, match="not a run folder"):
+        RunFolder.open(tmp_path)
+
+
+def test_create_refuses_to_overwrite(tmp_path):
+    RunFolder.create(tmp_path, "x")
+    with pytest.raises(FileExistsError):
+        RunFolder.create(tmp_path, "x")
+
+
+def test_resume_skips_exactly_the_finished_configurations(tmp_path):
+    from types import SimpleNamespace
+
+    from testbed.sweep import pending
+
+    run = RunFolder.create(tmp_path, "run1")
+    run.write_config({"name": "t"})
+    for profile, split in (("fast", 0), ("fast", 5), ("slow", 0)):
+        run.append_configuration(_result(profile, split))
+    fast, slow = SimpleNamespace(name="fast"), SimpleNamespace(name="slow")
+    configs = [(p, k) for p in (fast, slow) for k in (0, 5, 31)]
+    todo = pending(configs, RunFolder.open(run.path).finished())
+    assert [(p.name, k) for p, k in todo] == [("fast", 31), ("slow", 5), ("slow", 31)]
+    assert pending(configs, set()) == configs

@@ -1,0 +1,1 @@
+"""What runs inside the VM tier's guest (never on the host)."""
