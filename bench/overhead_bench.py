@@ -32,8 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from testbed.deploy import NodeSpec, deploy  # noqa: E402
-from testbed.link.profile import Direction  # noqa: E402
-from testbed.link.shaper import Shaper  # noqa: E402
 from testbed.model.graph import ModelGraph  # noqa: E402
 from testbed.model.splitter import split_model  # noqa: E402
 from testbed.model.zoo import resolve  # noqa: E402
@@ -126,6 +124,9 @@ def sweep_ratio(backend: str) -> None:
 
 
 def goodput_ratio(backend: str, rate_bps: int, samples: int) -> None:
+    from testbed.link.profile import Direction
+    from testbed.link.shaper import Shaper
+
     model = resolve({"builtin": "posenet"})
     graph = ModelGraph.from_file(model)
     data = model.read_bytes()

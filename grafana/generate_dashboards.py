@@ -224,10 +224,10 @@ def sweep_overview() -> dict:
                                   "instance": True, "job": True, "component": True},
                 "renameByName": {"Value #A": "best split", "Value #B": "e2e p50 (s)"}, "indexByName": {}}},
         ], description="Split point with the lowest median e2e among the profile's finished configurations."),
-        _timeseries(L, "Mean e2e of recent samples per configuration", [
-            _target("A", f"sum by (profile, split) (rate(testbed_e2e_seconds_sum{{{R}}}[$__rate_interval]))"
-                         f" / sum by (profile, split) (rate(testbed_e2e_seconds_count{{{R}}}[$__rate_interval]))",
-                    "{{profile}} k={{split}}"),
+        # Cumulative, not rate(): a configuration's few samples often land between
+        # two scrapes, and rate() of a series born with its final value is empty.
+        _timeseries(L, "Mean e2e per configuration (as it accumulates)", [
+            _target("A", _mean("testbed_e2e_seconds", R, "profile, split"), "{{profile}} k={{split}}"),
         ], unit="s", log=True),
         _timeseries(L, "Samples per second", [
             _target("A", f"sum(rate(testbed_e2e_seconds_count{{{R}}}[$__rate_interval]))", "samples/s"),

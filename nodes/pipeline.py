@@ -176,7 +176,7 @@ def _answer_sample(conn: socket.socket, frame: P.Frame, state: RemoteState,
     back = dict(out)
     for name, arr in cut.items():
         if name in model_outputs or name not in tail.input_names:
-            back[name] = np.array(arr)  # copy: the receive buffer is not ours to keep
+            back[name] = arr  # a view into this frame's payload, alive until sent
     descs, bufs, _ = P.encode_tensors(back, CODECS)
     t_enc = now()
     stamps = {"rx_first": frame.t_first_ns, "rx_last": t_rx, "decoded": t_dec,

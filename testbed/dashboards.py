@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -174,18 +175,40 @@ def finite(result: list[dict]) -> list[dict]:
     return [r for r in result if math.isfinite(float(r["value"][1]))]
 
 
-def check_queries(url: str, values: Mapping[str, str], at: float | None = None,
+def series_range(url: str, expr: str, start: float, end: float, step: float = 1.0) -> list[dict]:
+    """Run a range query; returns the matrix's series (``metric``, ``values``)."""
+    data = api(url, "query_range", {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}",
+                                    "step": f"{step:g}"})
+    return data["result"]
+
+
+def check_queries(url: str, values: Mapping[str, str], at: float | None = None, start: float | None = None,
                   folder: Path | str = DASHBOARD_DIR) -> dict[PanelQuery, str]:
     """Run every panel query of every dashboard; return the ones that failed, with why.
 
     A query passes when Prometheus parses it and returns at least one finite
-    value at ``at`` (default: now) with the template variables set to ``values``.
+    value with the template variables set to ``values``. Instant (table)
+    queries are evaluated at ``at`` (default now), as Grafana evaluates them at
+    the end of the dashboard's time range. With ``start``, time-series queries
+    are evaluated over ``[start, at]`` as Grafana draws them, so a finished
+    run's panels are checked over the run's window (targets that went away at
+    its end are stale afterwards).
     """
     failed: dict[PanelQuery, str] = {}
     for name, dashboard in load_dashboards(folder).items():
+        instants = {(p.get("id"), t.get("refId")) for p in panels(dashboard)
+                    for t in p.get("targets", []) if t.get("instant")}
         for q in queries(name, dashboard):
+            expr = substitute(q.expr, values)
             try:
-                result = instant(url, substitute(q.expr, values), at)
+                if start is not None and (q.panel_id, q.ref_id) not in instants:
+                    end = at if at is not None else time.time()
+                    points = [v for series in series_range(url, expr, start, end) for v in series["values"]]
+                    ok = any(math.isfinite(float(v[1])) for v in points)
+                    if not ok:
+                        failed[q] = f"no data in [{start:.0f}, {end:.0f}] ({len(points)} points, none finite)"
+                    continue
+                result = instant(url, expr, at)
             except TestbedError as e:
                 failed[q] = str(e)
                 continue

@@ -197,6 +197,8 @@ class _Definitions:
         self.eta = gauge("testbed_sweep_eta_seconds", "Estimated seconds until the sweep finishes.", b)
         self.started = gauge("testbed_sweep_start_time_seconds", "Unix time the sweep started.", b)
         self.running = gauge("testbed_sweep_running", "1 while the sweep runs, 0 once it finished.", b)
+        self.push_failures = counter("testbed_pushgateway_failures_total",
+                                     "Configuration summaries the Pushgateway did not accept (after the first).", b)
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,8 @@ class SweepMetrics:
         self._e2e: dict[tuple[str, str], list[float]] = {}  # (split, profile) -> e2e of the current configuration
         self._best: dict[str, tuple[float, int]] = {}  # profile -> (p50, split)
         self._current: tuple[str, str] | None = None
+        self._pushed = False
+        self.last_push_error: str | None = None
         self._m.started.labels(**self._base).set(clock())
         self._m.running.labels(**self._base).set(1)
         self._m.completed.labels(**self._base).set(0)
@@ -425,7 +429,9 @@ class SweepMetrics:
         ``configuration_started`` for this split and profile.
 
         Raises:
-            TestbedError: the Pushgateway push failed (the sweep may catch it and go on).
+            TestbedError: the first Pushgateway push failed (wrong URL?). Later
+                failures only count in testbed_pushgateway_failures_total and
+                ``last_push_error``.
         """
         cfg = self._cfg(split, profile)
         key = (cfg["split"], cfg["profile"])
@@ -453,8 +459,21 @@ class SweepMetrics:
         if eta_s is not None:
             m.eta.labels(**self._base).set(eta_s)
         if self.pushgateway:
-            push_summary(self.pushgateway, self.experiment, self.run, summary)
+            self._push(summary)
         return summary
+
+    def _push(self, summary: ConfigurationSummary) -> None:
+        # The first push must work (a wrong URL is a configuration error, said at
+        # once); a later failure is counted and remembered, not fatal: a gateway
+        # hiccup must not end a long sweep whose results are on disk anyway.
+        try:
+            push_summary(self.pushgateway, self.experiment, self.run, summary)
+            self._pushed = True
+        except TestbedError as e:
+            if not self._pushed:
+                raise
+            self.last_push_error = str(e)
+            self._m.push_failures.labels(**self._base).inc()
 
     def finished(self) -> None:
         """The sweep ended (normally or not): ETA 0, running 0.

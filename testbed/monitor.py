@@ -120,7 +120,7 @@ def prometheus_config(targets_dir: Path | str, *, scrape_interval_s: float = 1.0
             "job_name": JOB,
             # The orchestrator's series carry experiment/run and the agents' carry node
             # themselves; honor_labels keeps those instead of renaming them exported_*.
-            # Target labels (role, node, run, experiment) still fill in where a series
+            # Target labels (component, node, run, experiment) still fill in where a series
             # has none (process_* of an agent).
             "honor_labels": True,
             "file_sd_configs": [{"files": [str(Path(targets_dir) / "*.json")], "refresh_interval": "5s"}],

@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-from testbed.errors import Interrupted, TestbedError
+from testbed.errors import ConfigError, Interrupted, TestbedError
 from testbed.experiment import Experiment, load_experiment, parse_host_port, resolved_dict
 from testbed.results import ConfigurationResult, RunFolder
 
@@ -264,7 +264,7 @@ def _metrics(exp: Experiment, run_name: str, listen: str, console: Console) -> I
     server = serve(registry, host, port)
     console.print(f"metrics: {server.url}")
     try:
-        yield m
+        yield m, f"{server.host}:{server.port}"
     finally:
         with contextlib.suppress(Exception):
             m.finished()
@@ -435,6 +435,20 @@ def _open_run(p: Plan, options: SweepOptions) -> RunFolder:
     raise TestbedError(f"cannot create a run folder under {parent}")
 
 
+def _publish_targets(exp: Experiment, run_name: str, metrics_address: str, dep: Any) -> Any:
+    """Tell a ``testbed monitor`` Prometheus (if any) what to scrape; returns the undo."""
+    from testbed.monitor import publish_targets, remove_targets
+
+    agents = {n.name: f"{n.metrics_host}:{n.metrics_port}" for n in (dep.local, dep.remote)}
+    try:
+        host, _, port = metrics_address.rpartition(":")
+        local = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+        path = publish_targets(run_name, exp.name, f"{local}:{port}", agents)
+    except OSError:
+        return lambda: None  # no monitor folder to write to: nothing scrapes this run
+    return lambda: remove_targets(path)
+
+
 def _node_spec(cfg: Any) -> Any:
     from testbed.deploy import NodeSpec
 
@@ -452,6 +466,13 @@ def run_experiment(path: str | Path, options: SweepOptions = SweepOptions(),
     """
     console = console or Console(stderr=True)
     exp = load_experiment(path)
+    listen = options.metrics_listen or exp.metrics.listen
+    try:
+        parse_host_port(listen)
+    except ValueError as e:
+        raise ConfigError(str(e), field="--metrics-listen") from None
+    if options.backend is not None and options.backend not in ("auto", "docker", "netns"):
+        raise ConfigError(f"expected auto, docker or netns, got {options.backend!r}", field="--backend")
     p = plan(exp)
     run = _open_run(p, options)
     _split_parts(p, run)
@@ -470,16 +491,16 @@ def run_experiment(path: str | Path, options: SweepOptions = SweepOptions(),
     run_id = secrets.token_hex(3)
     token = secrets.token_urlsafe(24)
     backend = options.backend or exp.nodes.backend
-    listen = options.metrics_listen or exp.metrics.listen
     from testbed.deploy import deploy
 
     signals = _Signals(console)
     try:
         with signals, contextlib.ExitStack() as stack:
-            metrics = stack.enter_context(_metrics(exp, run.path.name, listen, console))
+            metrics, metrics_address = stack.enter_context(_metrics(exp, run.path.name, listen, console))
             dep = stack.enter_context(deploy(run_id, _node_spec(exp.nodes.local), _node_spec(exp.nodes.remote),
                                              backend=backend, token=token))
             console.print(f"backend: {dep.backend}  run id: {run_id}")
+            stack.callback(_publish_targets(exp, run.path.name, metrics_address, dep))
             link = _Link(dep)
             stack.callback(link.clear)
             link.check(p.profiles)
@@ -544,6 +565,9 @@ def _sweep(p: Plan, nodes: _Nodes, link: _Link, run: RunFolder, todo: list[tuple
             run.append_configuration(result)
             done += 1
             bar.update(task, completed=done)
-            metrics.configuration_done(k, prof.name, done=done, eta_s=bar.tasks[0].time_remaining)
+            try:
+                metrics.configuration_done(k, prof.name, done=done, eta_s=bar.tasks[0].time_remaining)
+            except TestbedError as e:  # a Pushgateway that is down must not stop a measurement
+                console.print(f"[yellow]warning:[/yellow] {e}")
         bar.update(task, description="done")
     console.print(f"done: {run.path}")

@@ -212,6 +212,9 @@ class Netlink:
         except (OSError, NetlinkError) as e:
             raise ShapingError(f"cannot enter the network namespace ({e})", interface=str(target),
                                errno=getattr(e, "errno", None)) from e
+        # pyroute2 0.9.7's synchronous nlm_request() reads status['nlm_generator'],
+        # which IPRoute never sets (KeyError); False = return a tuple.
+        self._ipr.asyncore.status.setdefault("nlm_generator", False)
         try:
             found = self._ipr.link_lookup(ifname=target.dev)
         except NetlinkError as e:

@@ -197,7 +197,12 @@ def test_network_anchor_with_image_encoding(agents, model, encoding):
 def test_derived_clock(agents, model):
     local, remote, _ = agents
     path, parts, manifest = model
-    load_split(local, remote, parts, manifest["splits"][2])
+    split = manifest["splits"][2]
+    remote.client.load_part("tail", (parts / split["tail"]).read_bytes(), split["tail_sha256"])
+    head = (parts / split["head"]).read_bytes()
+    timing = remote.client.deliver_part(local.client, head, split["head_sha256"], clock_shared=False)
+    assert timing["clock"] == "derived" and timing["bytes"] == len(head)
+    assert -0.005 < timing["delivery_s"] <= timing["request_to_loaded_s"] + 0.005
     rows = local.client.run(3, inputs={"image": image()}, clock_shared=False,
                             model_outputs=OUTPUT_NAMES)
     for r in rows:
@@ -337,3 +342,13 @@ def test_lost_data_link_is_reported_and_reconnect_recovers(agents, model, tmp_pa
         local.client.connect_peer(*remote.info["data"])
     load_split(local, remote, parts, manifest["splits"][2])
     assert local.client.run(1, inputs={"image": image()}, model_outputs=OUTPUT_NAMES)[0]["tail_s"] > 0
+
+
+def test_agent_refuses_to_start_without_token(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TESTBED_TOKEN"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "nodes.agent", "--name", "x", "--control-listen", "127.0.0.1:0",
+         "--data-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--workdir", str(tmp_path)],
+        env={**env, "PYTHONPATH": str(REPO)}, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "TESTBED_TOKEN" in proc.stderr
+    assert not (tmp_path / "agent.json").exists()

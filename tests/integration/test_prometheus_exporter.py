@@ -10,7 +10,6 @@ smoke run are in test_prometheus_run.py.
 
 from __future__ import annotations
 
-import json
 import shutil
 import socket
 import subprocess
@@ -32,6 +31,7 @@ PROFILES = {"ladder-10mbit": (10e6, 0.0), "lte-urban": (5e6, 0.02)}
 SPLITS = (0, 5, 31)
 SAMPLES = 6
 LAYERS = 31
+CONFIGURATION_S = 0.7
 
 
 def _free_port() -> int:
@@ -56,8 +56,9 @@ def _wait(what: str, check, timeout: float = 60.0):
     pytest.fail(f"timed out waiting for {what}: last {last!r}")
 
 
-@pytest.fixture
-def pushgateway(tmp_path):
+@pytest.fixture(scope="module")
+def pushgateway(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("pushgateway")
     binary = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
     assert binary, "prometheus-pushgateway missing: run bash scripts/setup.sh test"
     port = _free_port()
@@ -73,10 +74,10 @@ def pushgateway(tmp_path):
         proc.wait(timeout=10)
 
 
-@pytest.fixture
-def prometheus(tmp_path, pushgateway):
-    """Prometheus on loopback, 1 s scrapes, targets from tmp_path/monitor/targets/*.json."""
-    monitor_dir = tmp_path / "monitor"
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory, pushgateway):
+    """Prometheus on loopback, 1 s scrapes, targets from <tmp>/monitor/targets/*.json."""
+    monitor_dir = tmp_path_factory.mktemp("prometheus") / "monitor"
     config = write_config(monitor_dir, scrape_interval_s=1.0, pushgateway=pushgateway)
     process = start_prometheus(config, monitor_dir / "data", f"127.0.0.1:{_free_port()}",
                                log=monitor_dir / "prometheus.log")
@@ -135,9 +136,10 @@ def _play_sweep(m: SweepMetrics, agents: dict) -> None:
                     agents["remote"].sample_served("remote")
             done += 1
             m.configuration_done(k, profile, done=done, eta_s=(total - done) * 2.0)
+            time.sleep(CONFIGURATION_S)  # like a real sweep: data arrive across scrapes
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def live_run(prometheus, pushgateway):
     """Exporters up and published; the synthetic sweep already played."""
     from nodes.agent_metrics import AgentMetrics
@@ -157,10 +159,9 @@ def live_run(prometheus, pushgateway):
         addresses[node] = f"127.0.0.1:{httpd.server_port}"
     targets = publish_targets(run, "itest", f"127.0.0.1:{server.port}", addresses, monitor_dir=monitor_dir)
     try:
+        _wait("three targets up", lambda: dashboards.instant(url, 'count(up{job="testbed"} == 1) == 3'))
         _play_sweep(m, agents)
         total = len(PROFILES) * len(SPLITS)
-        # every target up and the final state scraped
-        _wait("three targets up", lambda: dashboards.instant(url, 'count(up{job="testbed"} == 1) == 3'))
         _wait("final progress scraped", lambda: dashboards.instant(
             url, f'testbed_sweep_configurations_completed{{run="{run}"}} == {total}'))
         _wait("pushed summaries scraped", lambda: len(dashboards.instant(

@@ -257,3 +257,37 @@ def test_sigint_mid_run_tears_down_and_exits_130(backend, tmp_path):
     _assert_nothing_left(run_id)
     env = json.loads((run_dir / "environment.json").read_text())
     assert env["run_id"] == run_id
+
+
+# ----------------------------------------------------------------- --resume
+
+def test_resume_measures_only_what_is_missing(smoke, tmp_path):
+    """Drop the last configuration's summary row (as if killed after its samples
+    were written): --resume measures exactly that configuration again."""
+    import shutil
+
+    from rich.console import Console
+
+    from testbed.results import RunFolder
+    from testbed.sweep import SweepOptions, run_experiment
+
+    backend, run, _ = smoke
+    if backend != "netns":
+        pytest.skip("resume is backend-independent; measured once, on netns")
+    copy = tmp_path / run.path.name
+    shutil.copytree(run.path, copy)
+    lines = (copy / "summary.csv").read_text().splitlines(keepends=True)
+    (copy / "summary.csv").write_text("".join(lines[:-1]))
+    dropped = run.summary()[-1]
+    before = [s for s in run.samples() if (s["profile"], s["split"]) != (dropped["profile"], dropped["split"])]
+    run_experiment(SMOKE, SweepOptions(resume=copy, backend=backend, metrics_listen="127.0.0.1:0", progress=False),
+                   console=Console(file=io.StringIO()))
+    again = RunFolder(copy)
+    assert again.finished() == run.finished()
+    samples = again.samples()
+    redone = [s for s in samples if (s["profile"], s["split"]) == (dropped["profile"], dropped["split"])]
+    assert len(redone) == again.summary()[-1]["count"]
+    assert samples[:len(before)] == before  # finished configurations untouched
+    assert len(again.layers()) == len(run.layers())  # layers profiled once per run
+    assert len(again.environment()["resumed"]) == 1
+    _assert_nothing_left(again.environment()["resumed"][0]["run_id"])

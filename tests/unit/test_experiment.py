@@ -126,3 +126,33 @@ def test_shipped_experiments_validate():
     for f in files:
         e = load_experiment(f)
         assert e.split_points(31)
+        assert [p.name for p in e.load_profiles()]  # every named link profile exists and validates
+    smoke = load_experiment(root / "smoke.yaml")
+    assert {0, 31} <= set(smoke.split_points(31)) and len(smoke.network) == 1
+    assert not any(p.needs_netem() for p in smoke.load_profiles())
+    assert not any(p.needs_netem() for p in load_experiment(root / "posenet_sweep.yaml").load_profiles())
+    assert load_experiment(root / "posenet_sweep.yaml").split_points(31) == list(range(32))
+
+
+def test_unknown_profile_is_reported_at_its_network_line(tmp_path):
+    e = load_experiment(_write(tmp_path, "name: t\nmodel: {builtin: posenet}\nnetwork:\n  - no-such-profile\n"))
+    with pytest.raises(ConfigError) as info:
+        e.load_profiles()
+    assert (info.value.line, info.value.field) == (4, "network.0") and "no such link profile" in str(info.value)
+
+
+def test_error_inside_a_profile_file_keeps_that_files_line(tmp_path):
+    (tmp_path / "p.yaml").write_text("name: p\nsource: test\nuplink:\n  rate: 10mbps\n")
+    e = load_experiment(_write(tmp_path, "name: t\nmodel: {builtin: posenet}\nnetwork: [p.yaml]\n"))
+    with pytest.raises(ConfigError) as info:
+        e.load_profiles()
+    assert info.value.file.endswith("p.yaml") and info.value.line == 4
+
+
+def test_two_profiles_with_one_name_are_refused(tmp_path):
+    for f in ("a.yaml", "b.yaml"):
+        (tmp_path / f).write_text("name: same\nsource: test\nuplink: {rate: 1mbit}\n")
+    e = load_experiment(_write(tmp_path, "name: t\nmodel: {builtin: posenet}\nnetwork: [a.yaml, b.yaml]\n"))
+    with pytest.raises(ConfigError, match="also the name") as info:
+        e.load_profiles()
+    assert info.value.field == "network.1"

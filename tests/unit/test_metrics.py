@@ -239,3 +239,26 @@ def test_exposition_passes_promtool_check_metrics(rec):
     done = subprocess.run(["promtool", "check", "metrics"], input=generate_latest(registry),
                           capture_output=True)
     assert done.returncode == 0, (done.stdout + done.stderr).decode()
+
+
+def test_pushgateway_first_failure_is_an_error_later_ones_are_counted(monkeypatch):
+    """The first push goes to a closed port (real failure); then push_to_gateway is
+    replaced to succeed and fail on demand. Real pushes: tests/integration."""
+    import testbed.metrics as metrics
+
+    registry = CollectorRegistry()
+    m = SweepMetrics(registry, "smoke", "r1", pushgateway="http://127.0.0.1:9")
+    port_closed = "http://127.0.0.1:9"  # discard port: nothing listens
+    m.observe_sample(1, "p", {"e2e_s": 0.1})
+    with pytest.raises(TestbedError, match=f"pushgateway {port_closed}: push failed"):
+        m.configuration_done(1, "p")
+    pushed = []
+    monkeypatch.setattr(metrics, "push_to_gateway", lambda gw, **kw: pushed.append((gw, kw)))
+    m.configuration_done(2, "p")
+    (gateway, kwargs), = pushed
+    assert kwargs["job"] == "testbed-summary"
+    assert kwargs["grouping_key"] == {"run": "r1", "split": "2", "profile": "p"}
+    assert kwargs["registry"] is not registry  # its own small registry
+    monkeypatch.setattr(metrics, "push_to_gateway", lambda gw, **kw: (_ for _ in ()).throw(OSError("refused")))
+    m.configuration_done(3, "p")  # no raise once pushing has worked
+    assert value(registry, "testbed_pushgateway_failures_total") == 1 and "refused" in m.last_push_error
