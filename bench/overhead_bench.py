@@ -73,7 +73,6 @@ def _ns_prefix(target) -> list[str]:
 def inference_ratio(backend: str, runs: int) -> None:
     model = resolve({"builtin": "posenet"})
     graph = ModelGraph.from_file(model)
-    direct = direct_invoke(model, runs, threads=1)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = split_model(model, SPLITS, tmp)
         token, run_id = secrets.token_hex(8), "tbb" + secrets.token_hex(3)
@@ -87,12 +86,16 @@ def inference_ratio(backend: str, runs: int) -> None:
                 tail = (Path(tmp) / s["tail"]).read_bytes()
                 local.load_part("head", head, s["head_sha256"], threads=1)
                 remote.load_part("tail", tail, s["tail_sha256"], threads=1)
+                # measured back to back with the baseline: the machine is shared, so the
+                # baseline is taken again for each split instead of once
+                direct = direct_invoke(model, runs, threads=1)
                 rows = local.run(samples=runs, warmup=5)
                 inode = statistics.median(r["head_s"] + r["tail_s"] for r in rows)
                 ratios.append(inode / direct)
                 print(f"  k={s['k']:2d}: head+tail {inode * 1e3:7.2f} ms  direct {direct * 1e3:7.2f} ms  "
                       f"ratio {inode / direct:.3f}")
-    print(f"1. inference overhead: mean ratio {statistics.mean(ratios):.3f} (goal <= 1.10)")
+    print(f"1. inference overhead: median ratio {statistics.median(ratios):.3f}, "
+          f"mean {statistics.mean(ratios):.3f} (goal <= 1.10)")
 
 
 def sweep_ratio(backend: str) -> None:

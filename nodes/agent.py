@@ -345,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     servers = [control, data]
     for s in servers:
-        threading.Thread(target=s.serve_forever, daemon=True).start()
+        # a short poll interval: shutdown() waits up to one interval per server
+        threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
     ready = {"name": args.name, "pid": os.getpid(),
              "control": [args.control_listen[0], control.server_address[1]],
              "data": [args.data_listen[0], data.server_address[1]],
@@ -358,13 +359,14 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop.set())
-    while not agent.stop.wait(0.5):
+    while not agent.stop.wait(0.1):
         pass
     time.sleep(0.05)  # let the shutdown reply leave
     for s in servers:
         s.shutdown()
         s.server_close()
-    metrics.shutdown()
+    # The metrics server's thread is a daemon polling every 0.5 s; the process is
+    # about to exit, so close its socket instead of waiting for shutdown().
     metrics.server_close()
     if agent.link is not None:
         agent.link.close()

@@ -24,8 +24,12 @@ APT_PACKAGES=(
   docker.io debootstrap
   prometheus prometheus-pushgateway
 )
+# tests/vm: qemu boots Debian's linux-image-cloud-amd64 (it has sch_netem); that
+# kernel is installed *inside* the guest's debootstrap root file system by
+# tests/vm/image.py (cached in ~/.cache/testbed/vm), not on this host, so the
+# host's /boot and bootloader are never touched. e2fsprogs: mkfs.ext4 -d, debugfs.
 APT_TEST_PACKAGES=(
-  qemu-system-x86 linux-image-cloud-amd64 chromium
+  qemu-system-x86 e2fsprogs chromium
 )
 
 install_apt() {
@@ -69,9 +73,18 @@ start_dockerd() {
   exit 1
 }
 
+# Node images: the base (python:3.11-slim when a registry answers, else Debian
+# bookworm made offline by docker/build-base-image.sh) and the node image, tagged
+# splitbed-node:<content hash> so this only builds when nodes/ or docker/ changed.
+build_node_image() {
+  log "node image (builds only when nodes/ or docker/ changed)"
+  .venv/bin/python -m testbed.deploy.image
+}
+
 install_apt
 install_python
 start_dockerd
+build_node_image
 
 export PATH="$here/.venv/bin:$PATH"
 if [ "$mode" = run ]; then

@@ -52,6 +52,9 @@ def _register() -> None:
     from testbed.commands import model_tools, models
 
     app.add_typer(models.app, name="models")
+    from testbed.commands import netem
+
+    app.add_typer(netem.app, name="netem")
     model_tools.register(app)
     from testbed.commands import run as run_commands
 

@@ -168,7 +168,7 @@ def _cut_from_manifest(manifest: dict[str, Any]) -> tuple[dict[int, int], int | 
 def model_from_files(layers_csv: str | Path, manifest_json: str | Path | None = None,
                      summary_rows: list[dict[str, Any]] | None = None,
                      parts_rows: list[dict[str, Any]] | None = None,
-                     stat: str = "mean_s", calibrate: bool = True) -> ModelProfile:
+                     stat: str = "mean_s", calibrate: bool = False) -> ModelProfile:
     """A :class:`ModelProfile` from ``layers.csv`` and the splitter's ``manifest.json``.
 
     Cut sizes come from the manifest (raw bytes); when a run's summary rows are
@@ -240,8 +240,12 @@ def _calibrated(model: ModelProfile, parts_rows: list[dict[str, Any]]) -> ModelP
                    source=f"{model.source}; calibrated to whole-model KPI ({note})", calibration=scale)
 
 
-def model_from_run(run_dir: str | Path, stat: str = "mean_s", calibrate: bool = True) -> ModelProfile:
-    """The planner's inputs from a run folder (layers.csv, manifest.json, summary and parts)."""
+def model_from_run(run_dir: str | Path, stat: str = "mean_s", calibrate: bool = False) -> ModelProfile:
+    """The planner's inputs from a run folder (layers.csv, manifest.json, summary and parts).
+
+    Calibration is off by default: on the PoseNet sweep the whole-model KPI is one
+    measurement in a fresh process and, on a busy host, moved the prediction
+    further from the measured e2e than the plain per-layer sums did."""
     folder = RunFolder(run_dir)
     if not (folder.path / LAYERS).is_file():
         raise TestbedError(f"{folder.path}: no {LAYERS}; was this run profiled per layer?")
@@ -356,5 +360,14 @@ def evaluate(run_dir: str | Path, model: ModelProfile | None = None) -> Evaluati
             row[f"chosen_e2e_{stat}_s"] = measured.get(chosen.split)
             row[f"ratio_{stat}"] = (measured[chosen.split] / measured[kbest]
                                     if chosen.split in measured and measured[kbest] > 0 else None)
+        # A harder test when the device anchor wins everywhere: the choice among the
+        # offloading points only (k < N), judged the same way.
+        off = [p for k, p in preds.items() if k < model.num_layers and rows[k].get("e2e_mean_s") is not None]
+        if off:
+            c_off = best(off)
+            m_off = {p.split: rows[p.split]["e2e_mean_s"] for p in off}
+            k_off = min(m_off, key=lambda k: (m_off[k], -k))
+            row.update(offload_chosen_split=c_off.split, offload_best_split=k_off,
+                       offload_ratio_mean=m_off[c_off.split] / m_off[k_off] if m_off[k_off] > 0 else None)
         choices.append(row)
     return Evaluation(model, configs, choices)

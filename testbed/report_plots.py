@@ -20,7 +20,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator  # noqa: E402
 
 from testbed.report_data import SA4, STACK, RunData  # noqa: E402
-from testbed.units import format_bytes  # noqa: E402
 
 DPI = 110
 LINESTYLES = ("-", "--", ":", "-.")
@@ -30,7 +29,6 @@ STACK_COLORS = {
     "tail": "#2ca02c", "remote_encode": "#98df8a", "downlink": "#d62728", "decode": "#ff9896",
 }
 _ms = FuncFormatter(lambda v, _: f"{v * 1e3:g}")
-_bytes = FuncFormatter(lambda v, _: format_bytes(v) if v > 0 else "0")
 
 
 def _si(v: float, _pos: Any = None) -> str:
@@ -42,7 +40,15 @@ def _si(v: float, _pos: Any = None) -> str:
 
 
 _si_bytes = FuncFormatter(_si)
+_bytes = FuncFormatter(lambda v, _: _si(v) if v > 0 else "0")
 _blank = FuncFormatter(lambda v, _: "")
+
+
+def _log_bytes(axis: Any) -> None:
+    """Log byte axis with 1-2-5 ticks in decimal units and no scientific minor labels."""
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(_si_bytes)
+    axis.set_minor_formatter(_blank)
 
 
 def _log_ms(ax: Any) -> None:
@@ -124,7 +130,7 @@ def stacked_time(runs: Sequence[RunData], path: Path) -> Path | None:
     profs = run.profiles
     cols = min(3, len(profs))
     rows_n = math.ceil(len(profs) / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 3.6 * rows_n), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 3.6 * rows_n), squeeze=False)
     for ax, prof in zip(axes.flat, profs):
         rows = run.config_rows(prof)
         ks = [r["split"] for r in rows]
@@ -172,9 +178,9 @@ def cut_bytes(runs: Sequence[RunData], path: Path) -> Path | None:
         ax.plot([k for k, _ in kw], [w for _, w in kw], "s--", ms=4, label=SA4["cut_bytes_wire"])
     inp = run.input_bytes
     if inp:
-        ax.axhline(inp, color="firebrick", linestyle=":", label=f"model input ({format_bytes(inp)})")
+        ax.axhline(inp, color="firebrick", linestyle=":", label=f"model input ({_si(inp)})")
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(_si_bytes)
+    _log_bytes(ax.yaxis)
     ax.set_ylabel("bytes per sample (log)")
     ax.set_title("Intermediate data per split point (k = N sends nothing)")
     _split_axis(ax, ks)
@@ -211,7 +217,7 @@ def per_layer(runs: Sequence[RunData], path: Path) -> Path | None:
     ax2.set_xticks([r["layer"] for r in rows])
     ax2.set_xticklabels([f"{r['layer']} {str(r.get('op') or '').lower()}" for r in rows], rotation=90, fontsize=7)
     ax2.set_yscale("log")
-    ax2.yaxis.set_major_formatter(_si_bytes)
+    _log_bytes(ax2.yaxis)
     ax2.set_ylabel("output bytes (log)")
     ax2.set_xlabel("layer (index, operator)")
     ax2.grid(True, axis="y", alpha=0.3)

@@ -23,6 +23,7 @@ import os
 import platform
 import secrets
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +37,15 @@ from testbed.errors import ConfigError, Interrupted, TestbedError
 from testbed.experiment import Experiment, load_experiment, parse_host_port, resolved_dict
 from testbed.results import ConfigurationResult, RunFolder
 
-# Samples are asked for in batches so max_seconds is honoured without a control
-# round trip per sample; a batch is sized from the time per sample seen so far
-# and never exceeds this, so Ctrl-C and progress stay responsive.
+# Extra samples taken to reach min_seconds are asked for in batches sized from
+# the time per sample so far, at most this many per control round trip.
 _MAX_BATCH = 50
 
 
 @dataclass(frozen=True)
 class SweepOptions:
+    """Command-line overrides of the experiment (None: the experiment's value)."""
+
     resume: Path | None = None
     metrics_listen: str | None = None
     backend: str | None = None
@@ -61,6 +63,7 @@ class Plan:
     graph: Any                           # testbed.model.graph.ModelGraph
     splits: list[int]
     manifest: dict[str, Any] = field(default_factory=dict)
+    parts_dir: Path | None = None        # where the manifest's part files are
     n_inputs: int = 1
 
     @property
@@ -78,8 +81,16 @@ class _Signals:
     def __init__(self, console: Console) -> None:
         self.console, self.stopping = console, False
         self._old: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def _handler(self, signum: int, _frame: Any) -> None:
+        if os.getpid() != self._pid:
+            # A forked helper (pyroute2 runs netlink in other namespaces from a
+            # forked child and ends it with SIGTERM) inherited this handler: die
+            # as the default would, instead of running the sweep's shutdown path.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self.stopping:
             self.console.print("[yellow]still tearing down; please wait[/yellow]")
             return
@@ -87,6 +98,8 @@ class _Signals:
         raise KeyboardInterrupt
 
     def __enter__(self) -> "_Signals":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may set handlers; Ctrl-C goes there anyway
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, self._handler)
         return self
@@ -121,7 +134,7 @@ def _split_parts(p: Plan, run: RunFolder) -> None:
             manifest = None
     if manifest is None:
         manifest = split_model(p.model_path, p.splits, parts_dir)
-    p.manifest = manifest
+    p.manifest, p.parts_dir = manifest, parts_dir
     run.write_manifest(manifest)
 
 
@@ -178,53 +191,81 @@ def _environment(p: Plan, run_id: str, dep: Any, caps: Any, options: SweepOption
 # --------------------------------------------------------------------------- link
 
 class _Link:
-    """Both directions' shapers; applies a profile, changing qdiscs in place."""
+    """Both directions' shapers: uplink at the local node's data egress, downlink
+    at the remote's. A new profile changes the qdiscs in place (the shaper keeps
+    its root); a time-varying profile (trace) is driven by a stepper thread."""
 
     def __init__(self, dep: Any) -> None:
         from testbed.link.shaper import Shaper
 
-        self.up, self.down = Shaper(dep.local.shaping), Shaper(dep.remote.shaping)
-        self._applied = {"uplink": False, "downlink": False}
+        self.shapers = {"uplink": Shaper(dep.local.shaping), "downlink": Shaper(dep.remote.shaping)}
         self.emulation = {"uplink": "none", "downlink": "none"}
+        self._steppers: list[Any] = []
 
     def capabilities(self) -> Any:
-        return self.up.capabilities()
+        return self.shapers["uplink"].capabilities()
 
     def check(self, profiles: list[Any]) -> None:
-        """Refuse, before anything runs, a profile this kernel cannot honour."""
-        from testbed.errors import ShapingError
-
-        caps = self.capabilities()
+        """Refuse, before anything is measured, a profile this kernel cannot
+        honour (e.g. delay or loss without sch_netem); the shaper's message
+        says what is missing and how to get it."""
         for prof in profiles:
-            for direction in ("uplink", "downlink"):
-                if prof.needs_netem(direction) and not caps.netem:
-                    raise ShapingError(
-                        f"profile {prof.name!r} {direction} needs sch_netem (delay, jitter or loss) and this "
-                        f"kernel has none; use a rate-only profile (e.g. experiments/posenet_sweep.yaml) or a "
-                        f"kernel with CONFIG_NET_SCH_NETEM (modprobe sch_netem)")
+            for direction, shaper in self.shapers.items():
+                for _, d in prof.schedule(direction):
+                    try:
+                        shaper.plan(d)
+                    except TestbedError as e:
+                        raise type(e)(f"profile {prof.name!r} {direction}: {e}") from None
+
+    def _stop_steppers(self) -> None:
+        for stepper in self._steppers:
+            stepper.stop()
+        self._steppers = []
 
     def apply(self, prof: Any) -> None:
-        for direction, shaper in (("uplink", self.up), ("downlink", self.down)):
-            d = getattr(prof, direction)
-            if d is None:
-                if self._applied[direction]:
-                    shaper.clear()
-                    self._applied[direction] = False
+        from testbed.link.stepper import Stepper
+
+        self._stop_steppers()
+        for direction, shaper in self.shapers.items():
+            schedule = prof.schedule(direction)
+            if not schedule:
+                shaper.clear()
                 self.emulation[direction] = "none"
-                continue
-            if self._applied[direction]:
-                shaper.change(d)
-                self.emulation[direction] = shaper.emulation
+            elif len(schedule) > 1:
+                self._steppers.append(Stepper.for_profile(shaper, prof, direction).start())
+                self.emulation[direction] = shaper.emulation or "none"
             else:
-                self.emulation[direction] = shaper.apply(d)
-                self._applied[direction] = True
+                self.emulation[direction] = shaper.apply(schedule[0][1], prof.name)
 
     def clear(self) -> None:
-        for direction, shaper in (("uplink", self.up), ("downlink", self.down)):
-            if self._applied[direction]:
-                with contextlib.suppress(Exception):
-                    shaper.clear()
-                self._applied[direction] = False
+        """Remove the shaping (teardown removes the interfaces anyway; this keeps
+        a host-side target clean too). Never raises: it runs during teardown."""
+        with contextlib.suppress(Exception):
+            self._stop_steppers()
+        for shaper in self.shapers.values():
+            with contextlib.suppress(Exception):
+                shaper.clear()
+            with contextlib.suppress(Exception):
+                shaper.close()
+
+
+def _check_kernel(profiles: list[Any]) -> None:
+    """Refuse profiles this kernel cannot shape before any folder or node exists.
+
+    Both backends share the host's kernel, so its qdiscs decide. A Shaper's
+    ``plan`` touches nothing; the interface named here is never used."""
+    from testbed.link.shaper import Shaper, detect_capabilities
+    from testbed.link.target import Target
+
+    probe = Shaper(Target("lo"), capabilities=detect_capabilities())
+    for prof in profiles:
+        for direction in ("uplink", "downlink"):
+            for _, d in prof.schedule(direction):
+                try:
+                    probe.plan(d)
+                except TestbedError as e:
+                    message = str(e).removeprefix("lo: ")
+                    raise type(e)(f"profile {prof.name!r} {direction}: {message}") from None
 
 
 def _loss_pct(d: Any) -> float | None:
@@ -320,13 +361,11 @@ def _run_configuration(p: Plan, nodes: _Nodes, link: _Link, prof: Any, k: int,
                        measured_kpis: dict[tuple[int, str], dict[str, Any]], metrics: Any) -> ConfigurationResult:
     exp = p.experiment
     entry = _split_entry(p, k)
-    parts_dir = Path(p.manifest.get("_dir", "")) if p.manifest.get("_dir") else None
     t_start = time.monotonic()
 
     def part_bytes(name: str | None) -> bytes | None:
-        if name is None:
-            return None
-        return (parts_dir / name).read_bytes()
+        assert p.parts_dir is not None
+        return None if name is None else (p.parts_dir / name).read_bytes()
 
     head, tail = part_bytes(entry["head"]), part_bytes(entry["tail"])
     # The tail lives in the network: the orchestrator hands it to the remote node
@@ -465,27 +504,41 @@ def run_experiment(path: str | Path, options: SweepOptions = SweepOptions(),
         Interrupted: Ctrl-C or SIGTERM (everything torn down, results kept; exit 130).
     """
     console = console or Console(stderr=True)
-    exp = load_experiment(path)
-    listen = options.metrics_listen or exp.metrics.listen
+    signals = _Signals(console)
+    run: RunFolder | None = None
     try:
-        parse_host_port(listen)
-    except ValueError as e:
-        raise ConfigError(str(e), field="--metrics-listen") from None
-    if options.backend is not None and options.backend not in ("auto", "docker", "netns"):
-        raise ConfigError(f"expected auto, docker or netns, got {options.backend!r}", field="--backend")
-    p = plan(exp)
-    run = _open_run(p, options)
+        with signals:
+            exp = load_experiment(path)
+            listen = options.metrics_listen or exp.metrics.listen
+            try:
+                parse_host_port(listen)
+            except ValueError as e:
+                raise ConfigError(str(e), field="--metrics-listen") from None
+            if options.backend is not None and options.backend not in ("auto", "docker", "netns"):
+                raise ConfigError(f"expected auto, docker or netns, got {options.backend!r}", field="--backend")
+            p = plan(exp)
+            _check_kernel(p.profiles)
+            run = _open_run(p, options)
+            _run(p, run, options, listen, console)
+    except KeyboardInterrupt:
+        where = f"; results so far in {run.path} (continue with: testbed run {path} --resume {run.path})" \
+            if run is not None else ""
+        raise Interrupted(f"interrupted; everything torn down{where}") from None
+    return run.path
+
+
+def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: Console) -> None:
+    """Split, deploy, sweep; everything deployed is torn down on the way out."""
+    exp = p.experiment
     _split_parts(p, run)
-    p.manifest["_dir"] = str(run.path / "parts")
     finished = run.finished()
     measured_kpis = _kpis_from(run)
-    run.write_config(resolved_dict(exp, p.splits, model={k: v for k, v in p.manifest["model"].items()},
-                                   profiles=p.profiles))
+    run.write_config(resolved_dict(exp, p.splits, model=dict(p.manifest["model"]), profiles=p.profiles))
     todo = pending(p.configurations, finished)
     total = len(p.configurations)
     console.print(f"run folder: {run.path}  ({total} configurations, {total - len(todo)} already done)")
     if not todo:
-        return run.path
+        return
     inputs = _inputs(p)
     p.n_inputs = len(inputs)
     run_id = secrets.token_hex(3)
@@ -493,33 +546,28 @@ def run_experiment(path: str | Path, options: SweepOptions = SweepOptions(),
     backend = options.backend or exp.nodes.backend
     from testbed.deploy import deploy
 
-    signals = _Signals(console)
-    try:
-        with signals, contextlib.ExitStack() as stack:
-            metrics, metrics_address = stack.enter_context(_metrics(exp, run.path.name, listen, console))
-            dep = stack.enter_context(deploy(run_id, _node_spec(exp.nodes.local), _node_spec(exp.nodes.remote),
-                                             backend=backend, token=token))
-            console.print(f"backend: {dep.backend}  run id: {run_id}")
-            stack.callback(_publish_targets(exp, run.path.name, metrics_address, dep))
-            link = _Link(dep)
-            stack.callback(link.clear)
-            link.check(p.profiles)
-            env = _environment(p, run_id, dep, link.capabilities(), options)
-            old_env = run.environment()
-            if old_env:
-                env = {**old_env, "resumed": [*old_env.get("resumed", []), env]}
-            run.write_environment(env)
-            nodes = _Nodes(dep, dep.local.client(token), dep.remote.client(token))
-            nodes.local.health()
-            nodes.remote.health()
-            nodes.local.set_inputs([{p.graph.inputs[0].name: a} for a in inputs])
-            nodes.local.connect_peer(dep.remote.data_host, dep.remote.data_port)
-            _profile_layers(p, nodes, run, metrics)
-            _sweep(p, nodes, link, run, todo, total, measured_kpis, metrics, console, options)
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; everything torn down, results so far in {run.path} "
-                          f"(continue with: testbed run {path} --resume {run.path})") from None
-    return run.path
+    with contextlib.ExitStack() as stack:
+        metrics, metrics_address = stack.enter_context(_metrics(exp, run.path.name, listen, console))
+        dep = stack.enter_context(deploy(run_id, _node_spec(exp.nodes.local), _node_spec(exp.nodes.remote),
+                                         backend=backend, token=token))
+        console.print(f"backend: {dep.backend}  run id: {run_id}")
+        stack.callback(_publish_targets(exp, run.path.name, metrics_address, dep))
+        link = _Link(dep)
+        stack.callback(link.clear)
+        link.check(p.profiles)
+        env = _environment(p, run_id, dep, link.capabilities(), options)
+        old_env = run.environment()
+        if old_env:
+            env = {**old_env, "resumed": [*old_env.get("resumed", []), env]}
+        run.write_environment(env)
+        nodes = _Nodes(dep, dep.local.client(token), dep.remote.client(token))
+        for client in (nodes.local, nodes.remote):
+            stack.callback(client.close)
+            client.health()
+        nodes.local.set_inputs([{p.graph.inputs[0].name: a} for a in inputs])
+        nodes.local.connect_peer(dep.remote.data_host, dep.remote.data_port)
+        _profile_layers(p, nodes, run, metrics)
+        _sweep(p, nodes, link, run, todo, total, measured_kpis, metrics, console, options)
 
 
 def pending(configurations: list[tuple[Any, int]], finished: set[tuple[str, int]]) -> list[tuple[Any, int]]:

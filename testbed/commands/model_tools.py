@@ -20,6 +20,17 @@ def _shape(shapes) -> str:
     return " ".join("x".join(str(d) for d in s) for s in shapes)
 
 
+def _console() -> Console:
+    # Piped or captured output has no width; rich would squeeze tables into 80
+    # columns and elide the numbers. A terminal keeps its own width.
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f}"
+
+
 def inspect(model: Path = typer.Argument(..., help="a TFLite model file"),
             as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables")) -> None:
     """Layers in execution order (op, output shapes/bytes, params, MACs) and the cut at every split point.
@@ -30,7 +41,7 @@ def inspect(model: Path = typer.Argument(..., help="a TFLite model file"),
     if as_json:
         typer.echo(json.dumps(graph.to_dict(), indent=2))
         return
-    console = Console()
+    console = _console()
     table = Table("#", Column("op", no_wrap=True), "output shape", "output bytes", "params", "param bytes", "MACs",
                   title=f"{model} — {graph.num_layers} layers, {format_bytes(graph.size)}")
     for la in graph.layers:
@@ -67,7 +78,7 @@ def split(model: Path = typer.Argument(..., help="a TFLite model file"),
     for s in manifest["splits"]:
         table.add_row(str(s["k"]), s["head"] or "-", s["tail"] or "-", str(s["head_bytes"]),
                       str(s["tail_bytes"]), str(sum(c["bytes"] for c in s["cut"])))
-    Console().print(table)
+    _console().print(table)
 
 
 def profile(model: Path = typer.Argument(..., help="a TFLite model file"),
@@ -83,7 +94,7 @@ def profile(model: Path = typer.Argument(..., help="a TFLite model file"),
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
-    console = Console()
+    console = _console()
     k = result["kpis"]
     kp = Table("KPI", "value", title=f"{model} (fresh process, {runs} runs, {warmup} warm-up)")
     for key in ("init_s", "first_s", "warmup_mean_s", "steady_mean_s", "steady_std_s", "steady_p50_s",
@@ -92,11 +103,12 @@ def profile(model: Path = typer.Argument(..., help="a TFLite model file"),
     for key in ("init_memory_bytes", "peak_memory_bytes"):
         kp.add_row(key, format_bytes(k[key]))
     console.print(kp)
-    lt = Table("#", Column("op", no_wrap=True), "output shape", "output bytes", "param bytes", "MACs", "mean", "p50", "p90", "std")
+    lt = Table("#", Column("op", no_wrap=True), "output shape", "output bytes", "param bytes", "MACs",
+               "mean ms", "p50 ms", "p90 ms", "std ms", title="per layer (one-layer models)")
     for r in result["layers"]:
         lt.add_row(str(r["index"]), r["op"], _shape(r["output_shapes"]), str(r["output_bytes"]),
-                   str(r["param_bytes"]), str(r["macs"]), format_duration(r["mean_s"]),
-                   format_duration(r["p50_s"]), format_duration(r["p90_s"]), format_duration(r["std_s"]))
+                   str(r["param_bytes"]), str(r["macs"]), _ms(r["mean_s"]), _ms(r["p50_s"]), _ms(r["p90_s"]),
+                   _ms(r["std_s"]))
     console.print(lt)
     ratio = result["sum_layers_over_whole"]
     console.print(f"Σ layers / whole model = {format_duration(result['sum_layers_mean_s'])} / "

@@ -14,7 +14,8 @@ from testbed.errors import ModelError
 from testbed.model import zoo
 from testbed.units import format_bytes
 
-app = typer.Typer(help="Build, fetch, register and list models.\n\nExample: testbed models build posenet --out posenet.tflite",
+app = typer.Typer(help="Build, fetch, register and list models.\n\n"
+                       "Example: testbed models build posenet --out posenet.tflite",
                   no_args_is_help=True)
 
 

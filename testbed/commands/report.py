@@ -45,8 +45,8 @@ def plan(
     uplink: Optional[str] = typer.Option(None, "--uplink", help="Ad-hoc uplink rate, e.g. 5mbit."),
     downlink: Optional[str] = typer.Option(None, "--downlink", help="Ad-hoc downlink rate, e.g. 20mbit."),
     delay: Optional[str] = typer.Option(None, "--delay", help="Ad-hoc one-way delay, both directions, e.g. 10ms."),
-    no_calibrate: bool = typer.Option(False, "--no-calibrate",
-                                      help="Use per-layer sums as measured, not scaled to whole-model KPIs."),
+    calibrate: bool = typer.Option(False, "--calibrate",
+                                   help="Scale each node's layer latencies to its whole-model KPI (parts.csv)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write plan.csv (every split, every link) and plan.png here."),
     all_splits: bool = typer.Option(False, "--all", help="Print every split point, not only the best."),
 ) -> None:
@@ -62,7 +62,7 @@ def plan(
     if (run is None) == (layers is None):
         raise ConfigError("give exactly one of --run RUN_DIR or --layers LAYERS_CSV", field="--run")
     if run is not None:
-        model = planner.model_from_run(run, calibrate=not no_calibrate)
+        model = planner.model_from_run(run, calibrate=calibrate)
     else:
         model = planner.model_from_files(layers, manifest, calibrate=False)
     links = [planner.link_from_profile(p) for p in profile]

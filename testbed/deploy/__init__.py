@@ -13,13 +13,15 @@ Signals: the sweep installs its own SIGINT/SIGTERM handlers. If nobody has
 previous handler afterwards — unless someone replaced it meanwhile.
 
 ``cleanup(run_id=None)`` removes what a killed run left (all runs when None).
-Backends: ``testbed.deploy.docker`` and ``testbed.deploy.netns``; the link
-shaper's state lives on the nodes' interfaces and goes with them.
+Backends: ``testbed.deploy.docker`` and ``testbed.deploy.netns``. The link
+shaper's qdiscs live on the nodes' interfaces and go with them; teardown drops
+the link layer's records of them (``testbed.link.state``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import secrets
@@ -88,11 +90,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     if previous in (signal.SIG_DFL, None):
         owner = os.getpid()
 
-        def mine(signum, frame):  # noqa: ANN001 - signal API
+        def interrupt(signum, frame):  # noqa: ANN001 - signal API
             if os.getpid() != owner:  # a forked child (pyroute2's): die as by default
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
             raise KeyboardInterrupt(f"signal {signum}")
+        mine = interrupt
         signal.signal(signal.SIGTERM, mine)
     try:
         yield
@@ -135,22 +138,48 @@ def _signals_deferred() -> Iterator[None]:
             raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _forget_shaping(run_id: str | None, pids: set[int]) -> list[str]:
+    """Drop the link layer's records of the run's shaped interfaces.
+
+    The qdiscs themselves lived on the run's interfaces (inside its namespaces
+    or containers) and went with them; only records remain. A record is dropped
+    when its namespace is gone and it was this run's (a ``testbed-<run>-*``
+    namespace or one of the run's container pids); live interfaces and other
+    runs' records are left alone.
+    """
+    try:
+        from testbed.link import state as link_state
+    except ImportError:
+        return []
+    folder = link_state.state_dir()
+    prefix = f"testbed-{run_id}-" if run_id else "testbed-"
+    dropped = []
+    for target, record in link_state.records(folder):
+        ours = (target.netns or "").startswith(prefix) or (target.pid is not None and target.pid in pids)
+        inode = target.namespace_inode()
+        gone = inode is None or (record.get("netns_inode") not in (None, inode))
+        if ours and gone:
+            link_state.remove(target, folder)
+            dropped.append(f"shaping record {target}")
+    return dropped
+
+
 def _teardown(run_id: str, backend: str) -> list[str]:
     if backend == "docker":
         from testbed.deploy import docker as dk
 
-        return dk.remove_run(run_id)
+        pids = dk.container_pids(run_id)
+        return dk.remove_run(run_id) + _forget_shaping(run_id, pids)
     from testbed.deploy import netns as ns
 
-    return ns.remove_run(run_id)
+    return ns.remove_run(run_id) + _forget_shaping(run_id, set())
 
 
 def _agent_client_available() -> bool:
     try:
-        import testbed.deploy.agent_client  # noqa: F401
+        return importlib.util.find_spec("testbed.deploy.agent_client") is not None
     except ImportError:
         return False
-    return True
 
 
 @contextlib.contextmanager
@@ -213,19 +242,30 @@ def deploy(run_id: str, local: NodeSpec, remote: NodeSpec, backend: str = "auto"
 
 def cleanup(run_id: str | None = None) -> list[str]:
     """Remove what a killed run left: containers and networks labelled
-    ``testbed.run=<run_id>``, its namespaces, veths, cgroups and agent processes.
-    ``run_id=None``: every run's. Returns what was removed, one line each."""
+    ``testbed.run=<run_id>``, its namespaces, veths, cgroups and agent processes,
+    and the link layer's records of its shaped interfaces.
+
+    ``run_id=None``: every run whose orchestrator process is gone (a live run of
+    another process is left alone; name it to remove it anyway). Returns what
+    was removed, one line each."""
     if run_id is not None:
         check_run_id(run_id)
     removed: list[str] = []
     from testbed.deploy import docker as dk
     from testbed.deploy import netns as ns
+    from testbed.deploy import owner
 
     ok, why = dk.daemon_available()
     if ok:
-        removed += dk.remove_run(run_id)
+        runs = [run_id] if run_id else sorted(
+            r for r, owners in dk.run_owners().items() if not any(owner.alive(o) for o in owners))
+        for rid in runs:
+            pids = dk.container_pids(rid)
+            removed += dk.remove_run(rid) + _forget_shaping(rid, pids)
     else:
         log.info("cleanup: skipping Docker (%s)", why)
-    for rid in ([run_id] if run_id else sorted(ns.run_ids())):
-        removed += ns.remove_run(rid)
+    runs = [run_id] if run_id else sorted(
+        r for r, o in ns.run_owners().items() if not owner.alive(o))
+    for rid in runs:
+        removed += ns.remove_run(rid) + _forget_shaping(rid, set())
     return removed

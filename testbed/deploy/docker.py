@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import docker
 from docker.errors import APIError, BuildError, DockerException, ImageNotFound, NotFound
 
-from testbed.deploy import kernel
+from testbed.deploy import kernel, owner
 from testbed.deploy.node import (CONTROL_PORT, DATA_PORT, METRICS_PORT, ROLES, Node,
                                  NodeSpec, make_target)
 from testbed.errors import NodeError
@@ -109,7 +109,7 @@ def build_image(client: docker.DockerClient, context_dir: str, tag: str, *,
 # --- one run's networks and containers ---------------------------------------
 
 def _labels(run_id: str, **extra: str) -> dict[str, str]:
-    return {LABEL_RUN: run_id, **extra}
+    return {LABEL_RUN: run_id, owner.LABEL: owner.tag(), **extra}
 
 
 def _create_network(client: docker.DockerClient, run_id: str, plane: str):
@@ -172,12 +172,17 @@ def _node_from(container, run_id: str, role: str, image: str, image_ref: str) ->
     ctl = nets[net_name(run_id, "ctl")]
     data = nets[net_name(run_id, "data")]
     pid = int(attrs["State"]["Pid"])
-    if not pid:
-        raise NodeError("container is not running", node=role,
-                        exit_status=attrs["State"].get("ExitCode"), stderr=logs(container))
     # The interface name inside depends on the order Docker attached the
     # networks; the MAC address it reports for the data network is certain.
-    dev = kernel.ifname_by_mac(f"/proc/{pid}/ns/net", data["MacAddress"])
+    try:
+        if not pid:
+            raise FileNotFoundError(pid)
+        dev = kernel.ifname_by_mac(f"/proc/{pid}/ns/net", data["MacAddress"])
+    except OSError as e:  # the agent exited at once and took its namespace along
+        _wait_exited(container)
+        state = container.attrs["State"]
+        raise NodeError("agent exited while starting", node=role,
+                        exit_status=state.get("ExitCode"), stderr=logs(container)) from e
     host_cfg = attrs["HostConfig"]
     nano = host_cfg.get("NanoCpus") or 0
     mem = host_cfg.get("Memory") or 0
@@ -191,6 +196,18 @@ def _node_from(container, run_id: str, role: str, image: str, image_ref: str) ->
         details={"container": container.name, "container_id": container.id, "pid": pid,
                  "image": image_ref, "image_id": image, "limits": "docker (cgroups)"},
     )
+
+
+def _wait_exited(container, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            container.reload()
+        except (APIError, DockerException):
+            return
+        if not container.attrs["State"].get("Running"):
+            return
+        time.sleep(0.1)
 
 
 def logs(container, lines: int = 30) -> str:
@@ -244,12 +261,27 @@ def _label_filter(run_id: str | None) -> dict:
     return {"label": f"{LABEL_RUN}={run_id}" if run_id else LABEL_RUN}
 
 
-def run_ids(client: docker.DockerClient | None = None) -> set[str]:
-    """Run ids that still own containers or networks."""
+def run_owners(client: docker.DockerClient | None = None) -> dict[str, set[str]]:
+    """{run id: owner tags} of every run that still has containers or networks."""
     client = client or connect()
-    ids = {c.labels.get(LABEL_RUN) for c in client.containers.list(all=True, filters=_label_filter(None))}
-    ids |= {n.attrs.get("Labels", {}).get(LABEL_RUN) for n in client.networks.list(filters=_label_filter(None))}
-    return {i for i in ids if i}
+    labels = [c.labels for c in client.containers.list(all=True, filters=_label_filter(None))]
+    labels += [n.attrs.get("Labels") or {} for n in client.networks.list(filters=_label_filter(None))]
+    out: dict[str, set[str]] = {}
+    for lab in labels:
+        if lab.get(LABEL_RUN):
+            out.setdefault(lab[LABEL_RUN], set()).add(lab.get(owner.LABEL, ""))
+    return out
+
+
+def container_pids(run_id: str | None, client: docker.DockerClient | None = None) -> set[int]:
+    """Init pids of the run's running containers (shaping targets use them)."""
+    client = client or connect()
+    pids = set()
+    for c in client.containers.list(filters=_label_filter(run_id)):
+        pid = c.attrs.get("State", {}).get("Pid")
+        if pid:
+            pids.add(int(pid))
+    return pids
 
 
 def remove_run(run_id: str | None, client: docker.DockerClient | None = None) -> list[str]:

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from testbed.deploy import cgroups, kernel
+from testbed.deploy import cgroups, kernel, owner
 from testbed.deploy.node import (CONTROL_PORT, DATA_PORT, METRICS_PORT, ROLES, Node,
                                  NodeSpec, make_target)
 from testbed.errors import NodeError
@@ -177,7 +177,7 @@ def start(run_id: str, specs: dict[str, NodeSpec], token: str, *,
     """
     x = _pick_subnet()
     addrs = _addresses(x)
-    state = {"run_id": run_id, "netns": [netns_name(run_id, r) for r in ROLES],
+    state = {"run_id": run_id, "owner": owner.tag(), "netns": [netns_name(run_id, r) for r in ROLES],
              "links": host_links(run_id), "cgroups": [], "pids": [], "workdirs": []}
     _save_state(run_id, state)
     _plumb(run_id, addrs)
@@ -299,11 +299,12 @@ def remove_run(run_id: str) -> list[str]:
     return removed
 
 
-def run_ids() -> set[str]:
-    """Runs with a state file or a namespace named like ours."""
+def run_owners() -> dict[str, str]:
+    """{run id: owner tag ("" when unknown)} of runs with a state file or a
+    namespace named like ours."""
     ids = {p.stem for p in STATE_DIR.glob("*.json")} if STATE_DIR.is_dir() else set()
     for ns in kernel.netns_list():
         for role in ROLES:
             if ns.startswith("testbed-") and ns.endswith(f"-{role}"):
                 ids.add(ns[len("testbed-"):-len(role) - 1])
-    return ids
+    return {i: _load_state(i).get("owner", "") for i in ids}

@@ -72,10 +72,8 @@ class NodeSpec:
 
 def make_target(dev: str, *, netns: str | None = None, pid: int | None = None) -> Any:
     """The link layer's ``Target`` for a node's data interface."""
-    try:
-        from testbed.link.target import Target
-    except ImportError:  # TEMPORARY until the link helper's module lands
-        from types import SimpleNamespace as Target
+    from testbed.link.target import Target
+
     return Target(dev=dev, netns=netns, pid=pid)
 
 

@@ -14,12 +14,19 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
+import numpy as np
 from ai_edge_litert import schema_py_generated as fb
 
 from testbed.model import tflite
 from testbed.model.graph import ModelGraph
 
 _KEEP_METADATA = {b"min_runtime_version", "min_runtime_version"}
+
+
+def _i32(values) -> np.ndarray:
+    # The generated Pack writes a list element by element in Python but a numpy
+    # array in one copy: index vectors and shapes of parts go out as int32 arrays.
+    return np.asarray(values, dtype=np.int32)
 
 
 def extract(graph: ModelGraph, layer_ids: Sequence[int], inputs: Sequence[int],
@@ -46,6 +53,7 @@ def extract(graph: ModelGraph, layer_ids: Sequence[int], inputs: Sequence[int],
             t.buffer = buffer_map[t.buffer]
         else:
             t.buffer = 0
+        t.shape = _i32(t.shape)
         tensors.append(t)
 
     code_map: dict[int, int] = {}
@@ -55,16 +63,16 @@ def extract(graph: ModelGraph, layer_ids: Sequence[int], inputs: Sequence[int],
         if o.opcodeIndex not in code_map:
             code_map[o.opcodeIndex] = len(code_map)
         o.opcodeIndex = code_map[o.opcodeIndex]
-        o.inputs = [tensor_map[t] if t >= 0 else -1 for t in op.inputs]
-        o.outputs = [tensor_map[t] for t in op.outputs]
+        o.inputs = _i32([tensor_map[t] if t >= 0 else -1 for t in op.inputs])
+        o.outputs = _i32([tensor_map[t] for t in op.outputs])
         if op.intermediates:
-            o.intermediates = [tensor_map[t] for t in op.intermediates]
+            o.intermediates = _i32([tensor_map[t] for t in op.intermediates])
         new_ops.append(o)
 
     new_sg = copy.copy(sg)
     new_sg.tensors, new_sg.operators = tensors, new_ops
-    new_sg.inputs = [tensor_map[t] for t in inputs]
-    new_sg.outputs = [tensor_map[t] for t in outputs]
+    new_sg.inputs = _i32([tensor_map[t] for t in inputs])
+    new_sg.outputs = _i32([tensor_map[t] for t in outputs])
 
     model = copy.copy(src)
     model.subgraphs = [new_sg]
@@ -86,3 +94,9 @@ def extract(graph: ModelGraph, layer_ids: Sequence[int], inputs: Sequence[int],
 def extract_bytes(graph: ModelGraph, layer_ids: Sequence[int], inputs: Sequence[int],
                   outputs: Sequence[int]) -> bytes:
     return tflite.serialize(extract(graph, layer_ids, inputs, outputs))
+
+
+def extract_view(graph: ModelGraph, layer_ids: Sequence[int], inputs: Sequence[int],
+                 outputs: Sequence[int], builder=None) -> memoryview:
+    """``extract_bytes`` without the final copy (see ``tflite.serialize_view``)."""
+    return tflite.serialize_view(extract(graph, layer_ids, inputs, outputs), builder)

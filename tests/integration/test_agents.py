@@ -352,3 +352,42 @@ def test_agent_refuses_to_start_without_token(tmp_path):
         env={**env, "PYTHONPATH": str(REPO)}, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "TESTBED_TOKEN" in proc.stderr
     assert not (tmp_path / "agent.json").exists()
+
+
+@pytest.fixture(scope="module")
+def dag(tmp_path_factory):
+    """The model layer's DAG test model: two inputs (one read only after layer 0),
+    residuals, a long skip, a concatenation and an early output that is read later."""
+    from testbed.model.graph import ModelGraph
+    from testbed.model.splitter import split_model
+    from tests.unit.model_samples import dag_model
+    d = tmp_path_factory.mktemp("dag")
+    path = d / "dag.tflite"
+    path.write_bytes(dag_model())
+    graph = ModelGraph.from_file(path)
+    ks = list(range(graph.num_layers + 1))
+    return path, d / "parts", split_model(path, ks, d / "parts"), [t.name for t in graph.outputs]
+
+
+def test_dag_every_split_bitwise_equal(agents, dag):
+    local, remote, _ = agents
+    path, parts, manifest, outputs = dag
+    rng = np.random.default_rng(11)
+    feed = {"x": rng.uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32),
+            "y": rng.uniform(-1, 1, (1, 16, 16, 8)).astype(np.float32)}
+    from ai_edge_litert.interpreter import Interpreter
+    it = Interpreter(model_path=str(path))
+    it.allocate_tensors()
+    for d in it.get_input_details():
+        it.set_tensor(d["index"], feed[d["name"]])
+    it.invoke()
+    ref = {d["name"]: it.get_tensor(d["index"]) for d in it.get_output_details()}
+    local.client.set_inputs(feed)
+    for split in manifest["splits"]:
+        load_split(local, remote, parts, split)
+        rows = local.client.run(1, model_outputs=outputs)
+        out = local.client.outputs()
+        assert sorted(out) == sorted(ref), split["k"]
+        for name in ref:
+            np.testing.assert_array_equal(out[name], ref[name], err_msg=f"k={split['k']} {name}")
+        assert rows[0]["cut_bytes_raw"] == sum(c["bytes"] for c in split["cut"]), split["k"]

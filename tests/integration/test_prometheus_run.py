@@ -1,7 +1,8 @@
 """The full proof: a real smoke run, scraped live by a real Prometheus, then queried.
 
 ``testbed run experiments/smoke.yaml --metrics-listen ...`` runs as its own
-process (netns backend: real namespaces, veths, qdiscs, agents, LiteRT) with
+process (netns and docker backends: real namespaces or containers, veths,
+qdiscs, agents, LiteRT) with
 ``TESTBED_MONITOR_DIR`` pointing at this test's monitor folder, so the targets
 file the sweep publishes is the one this Prometheus (1 s scrapes, loopback)
 discovers. While it runs, both kinds of endpoint are scraped once more by hand
@@ -34,6 +35,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "experiments" / "smoke.yaml"
 RUN_TIMEOUT_S = 900
+# Both backends: Prometheus on the host must reach agents in namespaces and in containers.
+BACKENDS = ["netns", "docker"]
 
 
 def _free_port() -> int:
@@ -49,12 +52,13 @@ def _promtool_check(endpoint: str) -> str | None:
     return None if done.returncode == 0 else (done.stdout + done.stderr).decode()
 
 
-@pytest.fixture(scope="module")
-def scraped_run(tmp_path_factory):
+@pytest.fixture(scope="module", params=BACKENDS)
+def scraped_run(request, tmp_path_factory):
     """Run the smoke experiment under a live Prometheus; returns what the test needs."""
     if os.geteuid() != 0:
-        pytest.fail("integration tests need root (namespaces, qdiscs)")
-    tmp = tmp_path_factory.mktemp("prometheus-run")
+        pytest.fail("integration tests need root (namespaces, qdiscs, docker)")
+    backend = request.param
+    tmp = tmp_path_factory.mktemp(f"prometheus-run-{backend}")
     monitor_dir = tmp / "monitor"
     config = write_config(monitor_dir, scrape_interval_s=1.0)
     prometheus = start_prometheus(config, monitor_dir / "data", f"127.0.0.1:{_free_port()}",
@@ -65,7 +69,7 @@ def scraped_run(tmp_path_factory):
     t_start = time.time()
     # Output to files, not pipes: an undrained pipe would block the run on its progress output.
     out, err = open(tmp / "stdout.txt", "w+"), open(tmp / "stderr.txt", "w+")
-    proc = subprocess.Popen([str(testbed), "run", str(SMOKE), "--backend", "netns",
+    proc = subprocess.Popen([str(testbed), "run", str(SMOKE), "--backend", backend,
                              "--metrics-listen", f"127.0.0.1:{metrics_port}", "--output", str(tmp / "runs")],
                             stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True, env=env, cwd=ROOT)
     promtool: dict[str, str | None] = {}

@@ -261,6 +261,7 @@ def test_sigint_mid_run_tears_down_and_exits_130(backend, tmp_path):
 
 # ----------------------------------------------------------------- --resume
 
+@pytest.mark.parametrize("smoke", ["netns"], indirect=True)  # backend-independent: once is enough
 def test_resume_measures_only_what_is_missing(smoke, tmp_path):
     """Drop the last configuration's summary row (as if killed after its samples
     were written): --resume measures exactly that configuration again."""
@@ -272,8 +273,6 @@ def test_resume_measures_only_what_is_missing(smoke, tmp_path):
     from testbed.sweep import SweepOptions, run_experiment
 
     backend, run, _ = smoke
-    if backend != "netns":
-        pytest.skip("resume is backend-independent; measured once, on netns")
     copy = tmp_path / run.path.name
     shutil.copytree(run.path, copy)
     lines = (copy / "summary.csv").read_text().splitlines(keepends=True)

@@ -262,3 +262,33 @@ def test_pushgateway_first_failure_is_an_error_later_ones_are_counted(monkeypatc
     monkeypatch.setattr(metrics, "push_to_gateway", lambda gw, **kw: (_ for _ in ()).throw(OSError("refused")))
     m.configuration_done(3, "p")  # no raise once pushing has worked
     assert value(registry, "testbed_pushgateway_failures_total") == 1 and "refused" in m.last_push_error
+
+
+def test_wait_for_scrape_returns_after_a_fresh_scrape(rec):
+    import threading
+    import time
+
+    registry, _ = rec
+    with serve(registry, "127.0.0.1", 0) as server:
+        t0 = time.monotonic()
+        assert server.wait_for_scrape() is False and time.monotonic() - t0 < 0.5  # nobody scrapes: no wait
+        stop = threading.Event()
+
+        def scraper():  # a scraper every 0.2 s, like Prometheus at a short interval
+            while not stop.is_set():
+                urllib.request.urlopen(server.url, timeout=5).read()
+                stop.wait(0.2)
+
+        thread = threading.Thread(target=scraper)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 5
+            while server.scrapes < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            before = server.scrapes
+            assert server.wait_for_scrape(timeout=5) is True
+            assert server.scrapes >= min(before + 1, 8)
+        finally:
+            stop.set()
+            thread.join()
+        assert server.wait_for_scrape(timeout=0.3) is False  # the scraper stopped: times out

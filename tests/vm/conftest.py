@@ -21,14 +21,8 @@ BOOT_DEADLINE_S = float(os.environ.get("TESTBED_VM_DEADLINE", "480"))
 
 
 @pytest.fixture(scope="session")
-def vm_run(tmp_path_factory) -> dict:
-    """Results of one boot: ``{"kernel", "checks": {name: {...}}, "timing": {...}}``.
-
-    ``TESTBED_VM_RESULTS=FILE`` judges a results.json kept from an earlier boot
-    instead of booting (for working on the assertions).
-    """
-    if os.environ.get("TESTBED_VM_RESULTS"):
-        return json.loads(Path(os.environ["TESTBED_VM_RESULTS"]).read_text())
+def vm_image() -> tuple[image.VmImage, float]:
+    """The cached guest image (built on first use) and how long getting it took."""
     missing = [t for t in ("qemu-system-x86_64", "debootstrap", "mkfs.ext4", "debugfs")
                if shutil.which(t) is None]
     if missing or os.geteuid() != 0:
@@ -36,7 +30,19 @@ def vm_run(tmp_path_factory) -> dict:
                     "run `bash scripts/setup.sh test`")
     t0 = time.monotonic()
     img = image.ensure_image()
-    t_image = time.monotonic() - t0
+    return img, time.monotonic() - t0
+
+
+@pytest.fixture(scope="session")
+def vm_run(request, tmp_path_factory) -> dict:
+    """Results of one boot: ``{"kernel", "checks": {name: {...}}, "timing": {...}}``.
+
+    ``TESTBED_VM_RESULTS=FILE`` judges a results.json kept from an earlier boot
+    instead of booting (for working on the assertions).
+    """
+    if os.environ.get("TESTBED_VM_RESULTS"):
+        return json.loads(Path(os.environ["TESTBED_VM_RESULTS"]).read_text())
+    img, t_image = request.getfixturevalue("vm_image")
     console = tmp_path_factory.mktemp("vm") / "console.log"
     run = qemu.boot(img, deadline_s=BOOT_DEADLINE_S, console_path=console)
     timing = {"image_s": round(t_image, 1), "image_built": img.build_seconds is not None,
@@ -44,8 +50,9 @@ def vm_run(tmp_path_factory) -> dict:
     print(f"\n[vm] image {img.key} ({'built' if img.build_seconds else 'cached'}, "
           f"{t_image:.0f} s), boot + checks {run.seconds:.0f} s, kernel {img.kernel_version}")
     if run.timed_out:
-        pytest.fail(f"guest hung: killed after {BOOT_DEADLINE_S:.0f} s; console tail:\n"
-                    f"{run.console[-4000:]}")
+        finished = sorted((run.results or {}).get("checks", {}))
+        pytest.fail(f"guest hung: killed after {BOOT_DEADLINE_S:.0f} s (checks finished: "
+                    f"{finished or 'none'}); console tail:\n{run.console[-4000:]}")
     if not run.results or not run.results.get("done"):
         pytest.fail(f"guest ended (qemu rc {run.returncode}) without finishing its checks; "
                     f"console tail:\n{run.console[-4000:]}")

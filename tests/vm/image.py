@@ -29,7 +29,6 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,8 +92,31 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "testbed" / "vm"
 
 
+def mirror_from_sources(texts: list[str], suite: str = SUITE) -> str | None:
+    """The first enabled Debian URI serving ``suite`` in apt source files' texts
+    (deb822 ``.sources`` stanzas or one-line ``deb URI suite ...``)."""
+    for text in texts:
+        for stanza in re.split(r"\n\s*\n", text):
+            if re.search(r"^Enabled:\s*no", stanza, re.M | re.I):
+                continue
+            uris = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
+            suites = re.search(r"^Suites:\s*(.*)$", stanza, re.M)
+            types = re.search(r"^Types:\s*(.*)$", stanza, re.M)
+            if uris and suites and suite in suites.group(1).split() and (
+                    types is None or "deb" in types.group(1).split()):
+                return uris.group(1)
+        for m in re.finditer(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+(\S+)", text, re.M):
+            if m.group(2) == suite:
+                return m.group(1)
+    return None
+
+
 def apt_mirror() -> str:
-    """The Debian mirror apt is configured with here (debootstrap must use the same)."""
+    """The Debian mirror apt is configured with here (debootstrap must use the same).
+
+    ``TESTBED_VM_MIRROR`` overrides; with no Debian source for the suite (e.g.
+    an Ubuntu host) it falls back to deb.debian.org.
+    """
     env = os.environ.get("TESTBED_VM_MIRROR")
     if env:
         return env
@@ -102,24 +124,17 @@ def apt_mirror() -> str:
     for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
         if path.is_file() and path.suffix in ("", ".list", ".sources"):
             texts.append(path.read_text(errors="replace"))
-    for text in texts:
-        # deb822 stanzas ("URIs: ...") and one-line ("deb URI suite ...") both.
-        for stanza in re.split(r"\n\s*\n", text):
-            if re.search(r"^Enabled:\s*no", stanza, re.M | re.I):
-                continue
-            uris = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
-            suites = re.search(r"^Suites:\s*(.*)$", stanza, re.M)
-            if uris and suites and SUITE in suites.group(1).split():
-                return uris.group(1)
-        for m in re.finditer(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+(\S+)", text, re.M):
-            if m.group(2) == SUITE:
-                return m.group(1)
-    return "http://deb.debian.org/debian"
+    return mirror_from_sources(texts) or "http://deb.debian.org/debian"
 
 
 def python_requirements() -> list[str]:
     """The link layer's dependencies with the version ranges pyproject.toml gives them."""
-    deps = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]["dependencies"]
+    text = (PROJECT / "pyproject.toml").read_text()
+    try:
+        import tomllib  # Python >= 3.11
+        deps = tomllib.loads(text)["project"]["dependencies"]
+    except ModuleNotFoundError:  # 3.10: the quoted requirement strings are enough
+        deps = re.findall(r'^\s*"([A-Za-z0-9_.-]+[^"]*)",?\s*$', text, re.M)
     wanted = []
     for name in PYTHON_DEPS:
         match = [d for d in deps if re.match(rf"{name}\b", d.strip(), re.I)]

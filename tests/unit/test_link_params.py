@@ -1,0 +1,135 @@
+"""The pure profile-direction → kernel-parameters function, and netem's encoding."""
+
+import struct
+
+import pytest
+
+from testbed.link import distributions
+from testbed.link.netlink import _NetemTcmsg, encode_netem, netem_attrs
+from testbed.link.params import (NETEM_DEFAULT_LIMIT, PASS_THROUGH_BPS, U32_MAX, check, kernel_params,
+                                 needs_netem, netem_limit, u32)
+from testbed.link.profile import Chance, Direction, FourState, GEModel, Loss, Reorder, Slot
+
+pytestmark = pytest.mark.unit
+
+
+def test_rate_only_uses_tbf_and_no_netem():
+    p = kernel_params(Direction(rate_bps=10_000_000))
+    assert (p.root, p.emulation, p.rate_Bps, p.netem) == ("tbf", "tbf", 1_250_000, None)
+    assert p.burst_bytes == 312 + 1500 and p.queue_packets == 1000
+    assert not needs_netem(Direction(rate_bps=1, limit_packets=5))
+
+
+def test_rate_and_delay_is_limiter_plus_netem_child():
+    p = kernel_params(Direction(rate_bps=25_000_000, delay_s=0.01, jitter_s=0.002, distribution="normal"))
+    assert (p.root, p.emulation) == ("tbf", "tbf+netem")
+    assert p.netem.latency_ns == 10_000_000 and p.netem.jitter_ns == 2_000_000
+    assert p.netem.rate_Bps is None and p.netem.distribution == "normal"
+
+
+def test_arrangement_override_and_overhead_picks_htb():
+    assert kernel_params(Direction(rate_bps=8_000_000, delay_s=0.01), "netem").emulation == "netem"
+    assert kernel_params(Direction(rate_bps=8_000_000, delay_s=0.01), "netem").netem.rate_Bps == 1_000_000
+    assert kernel_params(Direction(rate_bps=8_000_000), "htb").emulation == "htb"
+    p = kernel_params(Direction(rate_bps=8_000_000, overhead_bytes=24))
+    assert (p.root, p.overhead_bytes) == ("htb", 24)
+    with pytest.raises(ValueError, match="overhead"):
+        kernel_params(Direction(rate_bps=8_000_000, overhead_bytes=24), "tbf")
+    with pytest.raises(ValueError, match="arrangement must be one of"):
+        kernel_params(Direction(rate_bps=1), "cake")
+
+
+def test_delay_without_rate_is_reported_as_netem():
+    p = kernel_params(Direction(delay_s=0.02))
+    assert p.emulation == "netem" and p.rate_Bps == PASS_THROUGH_BPS // 8 < 2**32
+
+
+def test_nothing_to_shape_is_refused():
+    with pytest.raises(ValueError, match="nothing to shape"):
+        kernel_params(Direction())
+
+
+def test_netem_limit_is_sized_from_the_bdp():
+    # 1 Gbit/s x 100 ms = 8334 full-size packets in flight; netem's 1000 would tail-drop.
+    assert netem_limit(Direction(rate_bps=10**9, delay_s=0.1)) == 2 * 8334
+    assert netem_limit(Direction(rate_bps=10**6, delay_s=0.01)) == NETEM_DEFAULT_LIMIT
+    assert netem_limit(Direction(rate_bps=10**9, delay_s=0.1, limit_packets=50)) == 50
+
+
+def test_probabilities_scale_to_u32():
+    assert (u32(0), u32(100), u32(50)) == (0, U32_MAX, round(U32_MAX / 2))
+
+
+def test_gilbert_elliott_maps_to_kernel_fields():
+    d = Direction(delay_s=0.001, loss=Loss(gemodel=GEModel(p_pct=1, r_pct=30, one_minus_h_pct=100, one_minus_k_pct=0)))
+    p, r, h, k1 = kernel_params(d).netem.gemodel
+    # the kernel drops in the bad state when rnd > h: h = 1 - (1-h) = 0 means always
+    assert (p, r, h, k1) == (u32(1), u32(30), 0, 0)
+
+
+def test_four_state_defaults_follow_tc():
+    d = Direction(loss=Loss(state=FourState(p13_pct=2)))
+    assert kernel_params(d).netem.gimodel == (u32(2), u32(98), 0, 0, U32_MAX)
+
+
+def test_reorder_gap_defaults_to_one_and_slot_converts():
+    d = Direction(delay_s=0.01, reorder=Reorder(percent_pct=25, correlation_pct=50),
+                  slot=Slot(min_delay_s=0.001, packets=32), duplicate=Chance(percent_pct=1),
+                  corrupt=Chance(percent_pct=0.1))
+    n = kernel_params(d).netem
+    assert (n.gap, n.reorder_prob, n.reorder_corr) == (1, u32(25), u32(50))
+    assert n.slot == (1_000_000, 1_000_000, 32, 0)
+    assert n.duplicate == u32(1) and n.corrupt_prob == u32(0.1)
+
+
+@pytest.mark.parametrize("d,words", [
+    (Direction(jitter_s=0.001), "jitter needs delay"),
+    (Direction(delay_s=0.01, loss=Loss(random_pct=0, correlation_pct=20)), "non-zero random loss"),
+    (Direction(delay_s=0.01, loss=Loss(gemodel=GEModel(p_pct=1, r_pct=2), correlation_pct=5)), "random loss only"),
+    (Direction(delay_s=0.01, duplicate=Chance(percent_pct=0, correlation_pct=5)), "duplicate correlation"),
+    (Direction(rate_bps=1, reorder=Reorder(percent_pct=5)), "reordering needs delay"),
+    (Direction(delay_s=0.01, delay_correlation_pct=10), "delay correlation needs jitter"),
+])
+def test_rules_between_fields(d, words):
+    assert any(words in msg for _, msg in check(d))
+    with pytest.raises(ValueError, match=words):
+        kernel_params(d)
+
+
+def test_netem_message_round_trips_with_every_attribute():
+    d = Direction(rate_bps=8_000_000, delay_s=0.04, jitter_s=0.004, distribution="pareto", delay_correlation_pct=10,
+                  loss=Loss(gemodel=GEModel(p_pct=1, r_pct=30)), reorder=Reorder(percent_pct=5),
+                  slot=Slot(min_delay_s=0.001, max_delay_s=0.002, packets=8), corrupt=Chance(percent_pct=1))
+    opts = kernel_params(d, "netem").netem
+    msg = encode_netem(7, 0x74620000, 0xFFFFFFFF, opts)
+    msg.encode()
+    back = _NetemTcmsg(data=msg.data)
+    back.decode()
+    o = back.get_attr("TCA_OPTIONS")
+    assert back.get_attr("TCA_KIND") == "netem" and back["handle"] == 0x74620000
+    assert o["limit"] == opts.limit and o.get_attr("TCA_NETEM_LATENCY64") == 40_000_000
+    assert o.get_attr("TCA_NETEM_JITTER64") == 4_000_000
+    assert o.get_attr("TCA_NETEM_RATE")["rate"] == 1_000_000
+    ge = o.get_attr("TCA_NETEM_LOSS").get_attr("NETEM_LOSS_GE")
+    assert (ge["p"], ge["r"], ge["h"], ge["k1"]) == opts.gemodel
+    slot = o.get_attr("TCA_NETEM_SLOT")
+    assert (slot["min_delay"], slot["max_delay"], slot["max_packets"]) == (1_000_000, 2_000_000, 8)
+    assert o.get_attr("TCA_NETEM_REORDER")["probability"] == u32(5)
+    table = o.get_attr("TCA_NETEM_DELAY_DIST")
+    assert struct.unpack(f"={len(table) // 2}h", table) == distributions.table("pareto")
+
+
+def test_netem_attrs_without_options_send_only_the_delays():
+    names = [a[0] for a in netem_attrs(kernel_params(Direction(delay_s=0.01)).netem)["attrs"]]
+    assert names == ["TCA_NETEM_LATENCY64", "TCA_NETEM_JITTER64"]
+
+
+def test_distribution_tables_have_iproute2_shape():
+    normal = distributions.table("normal")
+    assert len(normal) == 4096 and abs(normal[2048]) < 10 and normal[0] < -20000 and normal[-1] > 20000
+    assert normal == tuple(sorted(normal))
+    pareto = distributions.table("pareto")
+    assert len(pareto) == 4096 and pareto[0] == 0 and max(pareto) == 32767
+    assert len(distributions.table("paretonormal")) == 4096
+    with pytest.raises(ValueError):
+        distributions.table("uniform")
