@@ -136,8 +136,9 @@ def goodput_ratio(backend: str, rate_bps: int, samples: int) -> None:
     token, run_id = secrets.token_hex(8), "tbb" + secrets.token_hex(3)
     with deploy(run_id, NodeSpec(), NodeSpec(), backend=backend, token=token) as dep:
         local, remote = dep.local.client(token), dep.remote.client(token)
-        for node in (dep.local, dep.remote):
-            Shaper(node.shaping).apply(Direction(rate_bps=rate_bps))
+        shapers = [Shaper(node.shaping) for node in (dep.local, dep.remote)]
+        for shaper in shapers:
+            shaper.apply(Direction(rate_bps=rate_bps))
         local.set_inputs(_inputs(graph))
         local.connect_peer(dep.remote.data_host, dep.remote.data_port)
         local.load_part("head", None)
@@ -155,6 +156,9 @@ def goodput_ratio(backend: str, rate_bps: int, samples: int) -> None:
         finally:
             server.kill()
             server.wait()
+            for shaper in shapers:
+                shaper.clear()
+                shaper.close()
     print(f"3. goodput at {rate_bps / 1e6:g} Mbit/s: data plane {ours / 1e6:.2f} Mbit/s, iperf3 "
           f"{ref / 1e6:.2f} Mbit/s, ratio {ours / ref:.3f} (goal >= 0.95)")
 

@@ -10,10 +10,11 @@ Typical use (what the sweep does per node)::
         emulation = s.apply(profile.uplink, profile.name)   # "tbf"
 """
 
+from testbed.link.link import Link
 from testbed.link.profile import Direction, LinkProfile, list_profiles, load_profile
 from testbed.link.shaper import Capabilities, Shaper, detect_capabilities
 from testbed.link.stepper import Stepper
 from testbed.link.target import Target
 
-__all__ = ["Capabilities", "Direction", "LinkProfile", "Shaper", "Stepper", "Target", "detect_capabilities",
+__all__ = ["Capabilities", "Direction", "Link", "LinkProfile", "Shaper", "Stepper", "Target", "detect_capabilities",
            "list_profiles", "load_profile"]

@@ -317,7 +317,10 @@ def _qdisc_dict(m: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": kind, "handle": m["handle"], "parent": m["parent"]}
     opts = m.get_attr("TCA_OPTIONS")
     if kind == "netem":
-        out["options"] = _decode_netem(m)
+        try:
+            out["options"] = _decode_netem(m)
+        except Exception as e:  # a dump we cannot read must not hide the rest of the interface
+            out["options"] = {"undecoded": repr(e)}
     elif kind == "tbf" and opts is not None:
         parms = opts.get_attr("TCA_TBF_PARMS")
         out["options"] = {"rate_Bps": parms["rate"], "limit_bytes": parms["limit"]} if parms else {}
@@ -379,7 +382,10 @@ def probe_kinds() -> dict[str, bool]:
                     found[kind] = True
                     nl.delete_root(handle(1))
                 except ShapingError as e:
-                    if e.errno not in (errno_mod.ENOENT, errno_mod.EINVAL, errno_mod.EOPNOTSUPP):
+                    # Only "unknown qdisc kind" (ENOENT) means missing; EINVAL
+                    # would be a bad encoding of ours and must surface, not
+                    # masquerade as a kernel without netem.
+                    if e.errno not in (errno_mod.ENOENT, errno_mod.EOPNOTSUPP):
                         raise
                     found[kind] = False
             return found

@@ -349,7 +349,7 @@ def describe(target: Target, qdiscs: list[dict], classes: list[dict], record: di
         out["emulation"] = root["kind"]
     if pass_through:
         out["rate_bps"] = None
-    if netem is not None:
+    if netem is not None and "undecoded" not in netem.get("options", {}):
         o = netem["options"]
         out["delay_s"] = o["latency_ns"] / 1e9
         out["jitter_s"] = o["jitter_ns"] / 1e9

@@ -206,3 +206,22 @@ def test_cli_apply_show_clear(pair, tmp_path, monkeypatch):
     out = run(app, ["netem", "apply", "ladder-5mbit", "--dev", "tbnosuchdev0", "--netns", pair.ns_a])
     assert out.exit_code == 1 and "no such interface" in out.output
     assert ROOT == 0x74620000
+
+
+def test_link_shapes_both_directions_and_refuses_as_a_whole(pair, caps, tmp_path):
+    from testbed.link.link import Link
+
+    local, remote = Target(pair.dev_a, netns=pair.ns_a), Target(pair.dev_b, netns=pair.ns_b)
+    with Link(local, remote, state_dir=tmp_path, capabilities=caps) as link:
+        assert link.apply(load_profile("ladder-2mbit")) == {"uplink": "tbf", "downlink": "tbf"}
+        assert link.shapers["downlink"].show()["rate_bps"] == 4_000_000
+        assert link.apply(load_profile("ladder-20mbit")) == {"uplink": "tbf", "downlink": "tbf"}
+        assert link.shapers["uplink"].show()["rate_bps"] == 20_000_000
+        if not caps.netem:
+            with pytest.raises(ShapingError, match="needs netem"):
+                link.apply(load_profile("lte"))
+            assert link.shapers["uplink"].show()["rate_bps"] == 20_000_000  # untouched
+        emulation = link.apply(load_profile("trace-steps-demo"))
+        assert emulation["uplink"] == "tbf" and link.shapers["uplink"].show()["rate_bps"] == 20_000_000
+    with Shaper(local, state_dir=tmp_path, capabilities=caps) as s:
+        assert not s.show()["ours"]

@@ -53,6 +53,9 @@ def _leftovers(run_id: str) -> list[str]:
     cg = Path("/sys/fs/cgroup")
     if cg.is_dir():
         found += [f"cgroup {p}" for p in cg.glob(f"**/*{run_id}*") if p.is_dir()]
+    state = Path(os.environ.get("TESTBED_STATE_DIR", "/run/testbed/link"))
+    if state.is_dir():  # the shaper's records of what it installed
+        found += [f"shaper record {p}" for p in state.glob("*.json") if run_id in p.read_text(errors="replace")]
     agents = subprocess.run(["pgrep", "-af", "nodes.agent"], capture_output=True, text=True).stdout
     found += [f"process {line}" for line in agents.splitlines() if run_id in line]
     return found
@@ -190,19 +193,25 @@ def test_control_traffic_is_not_shaped(backend, tmp_path):
     rate = 1_000_000
     with deploy(run_id, NodeSpec(cpus=1), NodeSpec(cpus=1), backend=backend, token=token) as dep:
         local, remote = dep.local.client(token), dep.remote.client(token)
-        for node in (dep.local, dep.remote):
-            Shaper(node.shaping).apply(Direction(rate_bps=rate))
-        local.connect_peer(dep.remote.data_host, dep.remote.data_port)
-        blob = secrets.token_bytes(1_000_000)
-        t0 = time.monotonic()
-        remote.stage_part(blob, hashlib.sha256(blob).hexdigest())
-        control_s = time.monotonic() - t0
-        rtts = []
-        for _ in range(5):
+        shapers = [Shaper(node.shaping) for node in (dep.local, dep.remote)]
+        try:
+            for shaper in shapers:
+                shaper.apply(Direction(rate_bps=rate))
+            local.connect_peer(dep.remote.data_host, dep.remote.data_port)
+            blob = secrets.token_bytes(1_000_000)
             t0 = time.monotonic()
-            local.health()
-            rtts.append(time.monotonic() - t0)
-        timing = remote.deliver_part(local, tail, hashlib.sha256(tail).hexdigest(), role="tail")
+            remote.stage_part(blob, hashlib.sha256(blob).hexdigest())
+            control_s = time.monotonic() - t0
+            rtts = []
+            for _ in range(5):
+                t0 = time.monotonic()
+                local.health()
+                rtts.append(time.monotonic() - t0)
+            timing = remote.deliver_part(local, tail, hashlib.sha256(tail).hexdigest(), role="tail")
+        finally:
+            for shaper in shapers:
+                shaper.clear()
+                shaper.close()
     on_data_link = len(tail) * 8 / rate
     assert timing["delivery_s"] >= 0.9 * on_data_link, timing  # the data link IS shaped
     assert control_s < 1_000_000 * 8 / rate / 8, control_s     # 1 MB at 1 Mbit/s would take 8 s

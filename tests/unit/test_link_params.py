@@ -133,3 +133,23 @@ def test_distribution_tables_have_iproute2_shape():
     assert len(distributions.table("paretonormal")) == 4096
     with pytest.raises(ValueError):
         distributions.table("uniform")
+
+
+def test_describe_reads_emulation_rate_and_delay_from_dumped_qdiscs():
+    from testbed.link.shaper import CLASS, NETEM_LEAF, ROOT, describe
+    from testbed.link.target import Target
+
+    root = 0xFFFFFFFF
+    qdiscs = [{"kind": "tbf", "handle": ROOT, "parent": root, "options": {"rate_Bps": 3_125_000}},
+              {"kind": "netem", "handle": NETEM_LEAF, "parent": CLASS,
+               "options": {"latency_ns": 10_000_000, "jitter_ns": 2_000_000, "loss": u32(1), "limit": 1000}}]
+    info = describe(Target("eth0"), qdiscs, [], None)
+    assert info["ours"] and info["emulation"] == "tbf+netem" and info["rate_bps"] == 25_000_000
+    assert info["delay_s"] == pytest.approx(0.01) and info["loss_pct"] == pytest.approx(1.0)
+    assert info["qdiscs"][1]["handle"] == "7464:0" and info["qdiscs"][0]["parent"] == "root"
+    # pass-through limiter (no rate in the profile): netem alone shapes
+    qdiscs[0]["options"]["rate_Bps"] = PASS_THROUGH_BPS // 8
+    info = describe(Target("eth0"), qdiscs, [], None)
+    assert info["emulation"] == "netem" and info["rate_bps"] is None
+    foreign = describe(Target("eth0"), [{"kind": "fq_codel", "handle": 0x10000, "parent": root}], [], None)
+    assert not foreign["ours"] and foreign["emulation"] is None

@@ -1,0 +1,104 @@
+"""Both directions of a link at once: what the sweep calls per configuration.
+
+Owns: mapping a profile onto two shapers — uplink at the egress of the local
+node's data interface, downlink at the remote node's — checking *both*
+directions against the kernel before touching either, changing in place from
+one profile to the next, starting/stopping steppers for time-varying
+profiles, and clearing both. A direction the profile leaves out is unshaped
+(cleared).
+
+Leaves to others: the qdiscs (``testbed.link.shaper``), the timing of steps
+(``testbed.link.stepper``), where the interfaces are (``testbed.deploy``).
+
+Example::
+
+    with Link(local_node.shaping, remote_node.shaping) as link:
+        for profile in profiles:
+            emulation = link.apply(profile)   # {"uplink": "tbf", "downlink": "tbf"}
+            ...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from testbed.link.profile import DIRECTIONS, LinkProfile
+from testbed.link.shaper import Capabilities, Shaper
+from testbed.link.stepper import Stepper
+from testbed.link.target import Target
+
+
+class Link:
+    """Shapes uplink on ``local`` and downlink on ``remote``.
+
+    Args:
+        local, remote: the data interfaces of the two nodes.
+        arrangement, state_dir, capabilities: passed to both Shapers.
+    """
+
+    def __init__(self, local: Target, remote: Target, *, arrangement: str = "auto",
+                 state_dir: str | Path | None = None, capabilities: Capabilities | None = None) -> None:
+        first = Shaper(local, arrangement=arrangement, state_dir=state_dir, capabilities=capabilities)
+        caps = capabilities or first.capabilities()
+        self.shapers = {"uplink": first,
+                        "downlink": Shaper(remote, arrangement=arrangement, state_dir=state_dir, capabilities=caps)}
+        self._steppers: dict[str, Stepper] = {}
+        self.profile: LinkProfile | None = None
+
+    def apply(self, profile: LinkProfile) -> dict[str, str | None]:
+        """Shape both directions as ``profile`` says (in place when already
+        shaped). Returns the emulation per direction (None = unshaped).
+
+        Raises:
+            ShapingError: before anything changed if either direction (any
+                step of a trace) is beyond this kernel.
+        """
+        schedules = {d: profile.schedule(d) for d in DIRECTIONS}
+        for which, schedule in schedules.items():
+            for _, direction in schedule:
+                self.shapers[which].plan(direction)   # refuses before any change
+        self._stop_steppers()
+        out: dict[str, str | None] = {}
+        for which, schedule in schedules.items():
+            shaper = self.shapers[which]
+            if not schedule:
+                shaper.clear()
+                out[which] = None
+            elif len(schedule) == 1:
+                out[which] = shaper.apply(schedule[0][1], profile.name)
+            else:
+                self._steppers[which] = Stepper(shaper, schedule, profile.period_s(), profile.name).start()
+                out[which] = shaper.emulation
+        self.profile = profile
+        return out
+
+    def step_report(self) -> dict[str, dict]:
+        """Timing of the running steppers (see ``Stepper.report``)."""
+        return {which: st.report() for which, st in self._steppers.items()}
+
+    def _stop_steppers(self) -> None:
+        for st in self._steppers.values():
+            st.stop()
+        self._steppers.clear()
+
+    def clear(self) -> None:
+        """Stop stepping and remove the shaping from both interfaces."""
+        self._stop_steppers()
+        for shaper in self.shapers.values():
+            shaper.clear()
+        self.profile = None
+
+    def close(self) -> None:
+        """Stop stepping and close sockets; shaping stays (call ``clear`` first)."""
+        self._stop_steppers()
+        for shaper in self.shapers.values():
+            shaper.close()
+
+    def __enter__(self) -> "Link":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.clear()
+        finally:
+            self.close()
