@@ -44,10 +44,15 @@ install_apt() {
     apt-get update -q
     # Installing a kernel image into a container/VM must not try to run bootloaders.
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # Debian's packages start their own service on install; the testbed starts
+    # its own Prometheus (testbed monitor up, the tests), so stop just those
+    # services, never a Prometheus the user started by hand.
+    for svc in prometheus prometheus-pushgateway; do
+      case " ${missing[*]} " in
+        *" $svc "*) service "$svc" stop >/dev/null 2>&1 || true ;;
+      esac
+    done
   fi
-  # Prometheus from Debian starts itself on some systems; the testbed runs its own.
-  pkill -x prometheus 2>/dev/null || true
-  pkill -x prometheus-pushgateway 2>/dev/null || true
 }
 
 install_python() {

@@ -49,22 +49,16 @@ def _root(ctx: typer.Context,
 
 
 def _register() -> None:
-    from testbed.commands import model_tools, models
+    # Imported here, after ``app`` exists, so the command modules stay free of
+    # import cycles with this one; heavy imports live inside the commands.
+    from testbed.commands import model_tools, models, monitor, netem, report, run
 
+    model_tools.register(app)    # inspect, split, profile
+    run.register(app)            # run, cleanup
+    report.register(app)         # report, plan
     app.add_typer(models.app, name="models")
-    from testbed.commands import netem
-
     app.add_typer(netem.app, name="netem")
-    model_tools.register(app)
-    from testbed.commands import run as run_commands
-
-    run_commands.register(app)
-    from testbed.commands import monitor
-
     app.add_typer(monitor.app, name="monitor")
-    from testbed.commands import report as report_commands
-
-    report_commands.register(app)
 
 
 _register()

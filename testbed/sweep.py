@@ -305,7 +305,7 @@ def _metrics(exp: Experiment, run_name: str, listen: str, console: Console) -> I
     server = serve(registry, host, port)
     console.print(f"metrics: {server.url}")
     try:
-        yield m, f"{server.host}:{server.port}"
+        yield m, server
     finally:
         with contextlib.suppress(Exception):
             m.finished()
@@ -474,18 +474,25 @@ def _open_run(p: Plan, options: SweepOptions) -> RunFolder:
     raise TestbedError(f"cannot create a run folder under {parent}")
 
 
-def _publish_targets(exp: Experiment, run_name: str, metrics_address: str, dep: Any) -> Any:
+def _publish_targets(exp: Experiment, run_name: str, metrics: Any, server: Any, dep: Any) -> Any:
     """Tell a ``testbed monitor`` Prometheus (if any) what to scrape; returns the undo."""
     from testbed.monitor import publish_targets, remove_targets
 
     agents = {n.name: f"{n.metrics_host}:{n.metrics_port}" for n in (dep.local, dep.remote)}
     try:
-        host, _, port = metrics_address.rpartition(":")
-        local = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-        path = publish_targets(run_name, exp.name, f"{local}:{port}", agents)
+        local = "127.0.0.1" if server.host in ("0.0.0.0", "", "::") else server.host
+        path = publish_targets(run_name, exp.name, f"{local}:{server.port}", agents)
     except OSError:
         return lambda: None  # no monitor folder to write to: nothing scrapes this run
-    return lambda: remove_targets(path)
+
+    def undo() -> None:
+        # A short run ends between two scrapes: record the end and let one more
+        # scrape happen, or the last configuration never reaches Prometheus.
+        metrics.finished()
+        server.wait_for_scrape()
+        remove_targets(path)
+
+    return undo
 
 
 def _node_spec(cfg: Any) -> Any:
@@ -547,11 +554,11 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
     from testbed.deploy import deploy
 
     with contextlib.ExitStack() as stack:
-        metrics, metrics_address = stack.enter_context(_metrics(exp, run.path.name, listen, console))
+        metrics, server = stack.enter_context(_metrics(exp, run.path.name, listen, console))
         dep = stack.enter_context(deploy(run_id, _node_spec(exp.nodes.local), _node_spec(exp.nodes.remote),
                                          backend=backend, token=token))
         console.print(f"backend: {dep.backend}  run id: {run_id}")
-        stack.callback(_publish_targets(exp, run.path.name, metrics_address, dep))
+        stack.callback(_publish_targets(exp, run.path.name, metrics, server, dep))
         link = _Link(dep)
         stack.callback(link.clear)
         link.check(p.profiles)

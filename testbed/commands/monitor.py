@@ -46,7 +46,10 @@ def up(
                                               help="Also scrape this Pushgateway (experiment metrics.pushgateway)."),
     grafana_port: int = typer.Option(3000, "--grafana-port", help="Grafana port (compose backend)."),
 ) -> None:
-    """Start Prometheus (scrape config generated; targets follow running sweeps) and print its URL."""
+    """Start Prometheus (scrape config generated; targets follow running sweeps) and print its URL.
+
+    Example: testbed monitor up
+    """
     from testbed.errors import ConfigError
     from testbed.metrics import parse_listen
     from testbed.monitor import Monitor
@@ -68,7 +71,10 @@ def up(
 
 @app.command("down")
 def down(monitor_dir: Optional[Path] = _DIR) -> None:
-    """Stop the monitoring stack (its data stays, so finished runs can still be compared)."""
+    """Stop the monitoring stack (its data stays, so finished runs can still be compared).
+
+    Example: testbed monitor down
+    """
     from testbed.monitor import Monitor
 
     stopped = Monitor(monitor_dir).down()
@@ -77,7 +83,10 @@ def down(monitor_dir: Optional[Path] = _DIR) -> None:
 
 @app.command("status")
 def status(monitor_dir: Optional[Path] = _DIR) -> None:
-    """Say whether the monitoring stack runs, where, and how many targets it scrapes."""
+    """Say whether the monitoring stack runs, where, and how many targets it scrapes.
+
+    Example: testbed monitor status
+    """
     from testbed.monitor import Monitor
 
     _print(Monitor(monitor_dir).status(), Console(highlight=False))

@@ -51,7 +51,10 @@ def _summary(d: Direction | None) -> str:
 
 @app.command("list")
 def list_cmd() -> None:
-    """Show the shipped profiles (netem_profiles/)."""
+    """Show the shipped profiles (netem_profiles/).
+
+    Example: testbed netem list
+    """
     table = Table("uplink", "downlink", "netem", "varies")
     table.add_column("name", no_wrap=True)
     table.columns.insert(0, table.columns.pop())
@@ -63,7 +66,10 @@ def list_cmd() -> None:
 
 @app.command()
 def validate(file: str = typer.Argument(..., help="A profile file (or a shipped profile's name).")) -> None:
-    """Check one profile file; errors name file, line and field."""
+    """Check one profile file; errors name file, line and field.
+
+    Example: testbed netem validate netem_profiles/lte.yaml
+    """
     p = load_profile(file)
     typer.echo(f"ok: {p.name} (needs netem: {'yes' if p.needs_netem() else 'no'})")
 
@@ -76,7 +82,10 @@ def apply(profile: str = typer.Argument(..., help="Profile name or file."),
           duration: Optional[float] = typer.Option(
               None, "--duration", help="Time-varying profiles: step for this many seconds (default: until Ctrl-C).")
           ) -> None:
-    """Apply one direction of PROFILE to the egress of DEV (in place if already shaped)."""
+    """Apply one direction of PROFILE to the egress of DEV (in place if already shaped).
+
+    Example: testbed netem apply ladder-10mbit --dev veth0 --netns ue --direction uplink
+    """
     from testbed.link.shaper import Shaper
     from testbed.link.stepper import Stepper
 
@@ -117,7 +126,10 @@ def show(dev: Optional[str] = typer.Option(None, "--dev", help="Interface (defau
                                                                  "recorded as shaped)."),
          netns: Optional[str] = _NETNS, pid: Optional[int] = _PID,
          as_json: bool = typer.Option(False, "--json", help="Everything read back, as JSON.")) -> None:
-    """Read the qdiscs on DEV back from the kernel."""
+    """Read the qdiscs on DEV back from the kernel.
+
+    Example: testbed netem show --dev veth0 --netns ue
+    """
     from testbed.link import state
     from testbed.link.shaper import Shaper
 
@@ -162,7 +174,10 @@ def clear(dev: Optional[str] = typer.Option(None, "--dev", help="Interface to cl
           netns: Optional[str] = _NETNS, pid: Optional[int] = _PID,
           all_: bool = typer.Option(False, "--all", help="Clear every interface the testbed recorded "
                                                           "(after a crashed run).")) -> None:
-    """Remove what the testbed added to DEV (or, with --all, everywhere it recorded)."""
+    """Remove what the testbed added to DEV (or, with --all, everywhere it recorded).
+
+    Example: testbed netem clear --dev veth0 --netns ue
+    """
     from testbed.link.shaper import Shaper
 
     if all_:
@@ -178,7 +193,10 @@ def clear(dev: Optional[str] = typer.Option(None, "--dev", help="Interface to cl
 
 @app.command()
 def check() -> None:
-    """What this kernel can do (netem, htb, tbf) and what that means for profiles."""
+    """What this kernel can do (netem, htb, tbf) and what that means for profiles.
+
+    Example: testbed netem check
+    """
     from testbed.link.shaper import detect_capabilities, how_to_get
 
     caps = detect_capabilities()

@@ -26,7 +26,10 @@ def run(
     output: Optional[Path] = typer.Option(None, "--output", metavar="DIR",
                                           help="Parent folder of the run folder (default: the experiment's output)."),
 ) -> None:
-    """Run an experiment: every split point at every link profile; results in a run folder."""
+    """Run an experiment: every split point at every link profile; results in a run folder.
+
+    Example: testbed run experiments/posenet_sweep.yaml --backend docker
+    """
     from testbed.sweep import SweepOptions, run_experiment
 
     console = Console(stderr=True)
@@ -40,7 +43,10 @@ def cleanup(
     run_id: Optional[str] = typer.Option(None, "--run", metavar="ID",
                                          help="Only what run ID left (the id is in environment.json)."),
 ) -> None:
-    """Remove containers, networks, namespaces, veths and qdiscs a killed run left behind."""
+    """Remove containers, networks, namespaces, veths and qdiscs a killed run left behind.
+
+    Example: testbed cleanup --run 3f9a2c
+    """
     from testbed.deploy import cleanup as deploy_cleanup
 
     removed = deploy_cleanup(run_id)

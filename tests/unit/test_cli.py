@@ -1,0 +1,57 @@
+"""The CLI shell: command groups listed, help with examples, errors as one line."""
+
+import pytest
+from typer.testing import CliRunner
+
+from testbed.cli import app
+
+pytestmark = pytest.mark.unit
+
+
+def _commands(group=app):
+    import typer.main
+
+    cmd = typer.main.get_command(group)
+    out = []
+
+    def walk(c, path):
+        subs = getattr(c, "commands", None)
+        if subs:
+            for name, sub in subs.items():
+                walk(sub, [*path, name])
+        else:
+            out.append(path)
+
+    walk(cmd, [])
+    return out
+
+
+def test_help_lists_every_command_group():
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for group in ("models", "netem", "monitor", "inspect", "split", "profile", "run", "cleanup", "report", "plan"):
+        assert group in result.output
+
+
+@pytest.mark.parametrize("path", _commands(), ids=lambda p: " ".join(p))
+def test_every_command_has_help_with_an_example(path):
+    result = CliRunner().invoke(app, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "example" in result.output.lower(), f"testbed {' '.join(path)} --help has no example"
+
+
+def test_testbed_error_is_one_line_and_exit_1(tmp_path):
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"not a model at all")
+    result = CliRunner().invoke(app, ["inspect", str(bad)])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(bad) in lines[0] and "Traceback" not in result.output
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"not a model at all")
+    result = CliRunner().invoke(app, ["--debug", "inspect", str(bad)])
+    assert result.exit_code == 1
+    assert "Traceback" in result.output
