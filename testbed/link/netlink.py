@@ -23,6 +23,7 @@ import struct
 import subprocess
 from typing import Any
 
+import pyroute2.config
 from pyroute2 import IPRoute, netns as pr_netns
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, nla
 from pyroute2.netlink.exceptions import NetlinkError
@@ -36,6 +37,13 @@ from testbed.link.params import NetemOptions
 from testbed.link.target import Target
 
 TC_H_UNSPEC = 0
+
+# Trap (as in testbed.deploy.kernel): pyroute2 reaches another namespace
+# (Target netns= / pid=) through a forked child that it stops with SIGTERM; the
+# child inherits the parent's Python signal handlers (the sweep's), and would run
+# them and carry on executing the parent's code. This makes the child reset
+# SIGINT/SIGTERM to their defaults first. Process-wide, on purpose.
+pyroute2.config.disable_mp_signal = True
 
 
 def handle(major: int, minor: int = 0) -> int:
@@ -52,6 +60,27 @@ def handle_str(value: int) -> str:
 
 # --- netem encoding -----------------------------------------------------------
 
+def _own_nla_table(cls: type) -> type:
+    """Give a pyroute2 message class its own compiled-attribute cache.
+
+    Trap: pyroute2 caches the compiled ``nla_map`` in *class* attributes
+    (``nlmsg_base.__compiled_nla`` / ``__t_nla_map`` / ``__r_nla_map``), and
+    a subclass inherits them. Once IPRoute has compiled ``tcmsg`` (any qdisc
+    dump does), a subclass of it skips compiling its own map and silently
+    encodes with tcmsg's: our netem TCA_OPTIONS then went out through
+    pyroute2's netem plugin, which sent the delay table under a wrong
+    attribute (kernel: EINVAL) and dropped TCA_NETEM_LOSS (Gilbert-Elliott
+    "applied" with no loss). Seen only on a netem kernel, only after a dump.
+    Applied to every class here, nested ones included."""
+    for attr in ("compiled_nla", "t_nla_map", "r_nla_map", "compiled_ft"):
+        setattr(cls, f"_nlmsg_base__{attr}", False if attr.startswith("compiled") else None)
+    for inner in vars(cls).values():
+        if isinstance(inner, type) and issubclass(inner, nla) and inner is not cls:
+            _own_nla_table(inner)
+    return cls
+
+
+@_own_nla_table
 class _NetemOptions(nla):
     """``struct tc_netem_qopt`` followed by netem's attributes (linux/pkt_sched.h)."""
 
@@ -97,6 +126,7 @@ class _NetemOptions(nla):
             fields = (("p", "I"), ("r", "I"), ("h", "I"), ("k1", "I"))
 
 
+@_own_nla_table
 class _NetemTcmsg(tcmsg):
     """A tcmsg whose TCA_OPTIONS is always our netem encoding."""
 
@@ -323,7 +353,9 @@ def _qdisc_dict(m: Any) -> dict[str, Any]:
             out["options"] = {"undecoded": repr(e)}
     elif kind == "tbf" and opts is not None:
         parms = opts.get_attr("TCA_TBF_PARMS")
-        out["options"] = {"rate_Bps": parms["rate"], "limit_bytes": parms["limit"]} if parms else {}
+        # buffer is the bucket in psched ticks at the rate: back to bytes for show().
+        out["options"] = {"rate_Bps": parms["rate"], "limit_bytes": parms["limit"],
+                          "burst_bytes": int(parms["buffer"] / tick_in_usec * parms["rate"] / 1e6)} if parms else {}
     elif kind == "pfifo" and opts is not None:
         out["options"] = {"limit": opts["limit"]}
     elif kind == "htb" and opts is not None:

@@ -14,9 +14,11 @@ Arrangements (``arrangement=``):
   ``overhead`` (pyroute2's tbf cannot carry one).
 * ``tbf``: root tbf holds the rate; its one child is a pfifo (rate only) or a
   netem (anything else: delay, loss, ...). Measured here (bench/link_bench.py):
-  TCP transfer time ÷ ideal stays within 0.985-1.065 from 100 kB to 4 MB at 1-100
-  Mbit/s, while htb lets the first ~25 kB of a transfer through above the
-  rate (100 kB at 1-5 Mbit/s: 0.74 x ideal).
+  TCP transfer time ÷ ideal stays within 0.999-1.047 from 100 kB to 4 MB at 1-100
+  Mbit/s. tbf splits a GSO super-packet (up to 64 kB, what TCP hands the
+  qdisc on a warm connection) into MTU frames before charging its bucket;
+  htb and netem's rate charge it whole, so with htb a part under ~57 kB sent
+  on the agents' long-lived connection arrived in ~0.1 ms at any rate.
 * ``htb``: root htb with one class (rate = ceil), same leaves.
 * ``netem``: one root netem doing delay, loss *and* rate (netem's own ``rate``).
 
@@ -146,13 +148,25 @@ def netem_limit(d: Direction) -> int:
     return max(NETEM_DEFAULT_LIMIT, 2 * bdp_packets(d.rate_bps or ASSUMED_LINE_RATE_BPS, hold))
 
 
-def burst_bytes(rate_Bps: int) -> int:
-    """Token bucket depth: 0.25 ms at the rate plus one MTU. A deeper bucket
-    lets the start of every transfer through above the rate: with tc's usual
-    1 ms a 100 kB transfer at 100 Mbit/s took 0.89 x its ideal time, with
-    0.25 ms 0.985 x (bench/link_bench.py); tbf's hrtimer keeps up with the
-    shallower bucket."""
-    return int(rate_Bps / 4000) + MTU_BYTES
+TIMER_SLACK_S = 0.00025   # default token-bucket slack: what tbf's hrtimer needs on a bare-metal-like kernel
+MAX_TIMER_SLACK_S = 0.004  # 1/HZ at HZ=250: tc-tbf(8)'s "burst >= rate/HZ" on the coarsest common kernel
+
+
+def burst_bytes(rate_Bps: int, timer_slack_s: float = TIMER_SLACK_S) -> int:
+    """Token bucket depth: one MTU plus ``timer_slack_s`` worth of the rate.
+
+    The bucket must hold a full packet *plus* the tokens that accrue while the
+    qdisc's watchdog timer fires late: tokens beyond the bucket are lost, so a
+    bucket of one MTU under-delivers whenever the timer is late by more than
+    (burst - MTU) / rate. Measured: with one MTU at 5 Mbit/s a TCG VM (HZ=250)
+    delivered 0.78-0.90 of the rate with zero drops. A deeper bucket lets the
+    start of every transfer through above the rate (with tc's usual 1 ms, a
+    100 kB transfer at 100 Mbit/s took 0.89 x its ideal time here; with 0.25
+    ms 0.985 x), so the slack is the smallest the kernel's timers need:
+    ``testbed.link.shaper.timer_slack()`` measures it (0.25 ms floor, 4 ms cap).
+    """
+    slack = min(max(timer_slack_s, 0.0), MAX_TIMER_SLACK_S)
+    return int(rate_Bps * slack) + MTU_BYTES
 
 
 def _netem_options(d: Direction, with_rate: bool) -> NetemOptions:
@@ -161,7 +175,9 @@ def _netem_options(d: Direction, with_rate: bool) -> NetemOptions:
     if loss is not None and loss.gemodel is not None:
         g = loss.gemodel
         # kernel (sch_netem.c loss_gilb_ell): good→bad if rnd < p; bad→good if rnd < r;
-        # lost in bad if rnd > h; lost in good if rnd < k1. So h = 1 - (1-h), k1 = 1-k.
+        # lost in bad if rnd > h; lost in good if rnd < k1. So h = 1 - (1-h), k1 = 1-k,
+        # which is exactly what iproute2 6.1 sends for `loss gemodel p r 1-h 1-k`
+        # (captured: 5% 30% 100% 0% -> h = 0, k1 = 0; unit-tested byte for byte).
         gemodel = (u32(g.p_pct), u32(g.r_pct), u32(100.0 - g.one_minus_h_pct), u32(g.one_minus_k_pct))
     if loss is not None and loss.state is not None:
         s = loss.state
@@ -196,8 +212,10 @@ def _netem_options(d: Direction, with_rate: bool) -> NetemOptions:
     )
 
 
-def kernel_params(d: Direction, arrangement: str = "auto") -> KernelParams:
+def kernel_params(d: Direction, arrangement: str = "auto", timer_slack_s: float = TIMER_SLACK_S) -> KernelParams:
     """Turn one direction into what the shaper installs.
+
+    ``timer_slack_s`` sizes the rate limiter's bucket (``burst_bytes``).
 
     Raises:
         ValueError: a rule between fields is broken (message names the field),
@@ -230,5 +248,5 @@ def kernel_params(d: Direction, arrangement: str = "auto") -> KernelParams:
         limiter_Bps, emulation = rate_Bps, root + ("+netem" if netem_needed else "")
     return KernelParams(
         root=root, emulation=emulation, rate_Bps=limiter_Bps, overhead_bytes=d.overhead_bytes,
-        burst_bytes=burst_bytes(limiter_Bps), queue_packets=queue,
+        burst_bytes=burst_bytes(limiter_Bps, timer_slack_s), queue_packets=queue,
         netem=_netem_options(d, with_rate=False) if netem_needed else None)

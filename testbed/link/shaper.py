@@ -28,8 +28,10 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ from typing import Any
 from testbed.errors import ShapingError
 from testbed.link import netlink, state
 from testbed.link.netlink import TC_H_ROOT, handle, handle_str
-from testbed.link.params import KernelParams, kernel_params
+from testbed.link.params import MAX_TIMER_SLACK_S, TIMER_SLACK_S, KernelParams, kernel_params
 from testbed.link.profile import Direction
 from testbed.link.target import Target
 
@@ -59,6 +61,7 @@ class Capabilities:
     htb: bool
     tbf: bool
     kernel: str = ""
+    timer_slack_s: float = TIMER_SLACK_S   # sizes rate-limiter buckets (params.burst_bytes)
 
     def missing(self, params: KernelParams) -> list[str]:
         need = [params.root] if params.root != "netem" else []
@@ -111,6 +114,14 @@ class Shaper:
         self._lock = threading.RLock()
         self.emulation: str | None = None
         self.profile_name: str | None = None
+        # What this Shaper last installed: (root kind, leaf handle, root_before).
+        # Lets change() skip dumping the interface (the stepper's steps: two
+        # dumps were half of a change's time); stale -> one retry with a dump.
+        self._layout: tuple[str, int | None, str | None] | None = None
+        # The params and record last installed/written: a change re-sends only
+        # what differs (a delay-only trace step is one netlink request).
+        self._last: KernelParams | None = None
+        self._last_record: tuple | None = None
 
     # --- plumbing -------------------------------------------------------------
     def _link(self) -> netlink.Netlink:
@@ -146,7 +157,7 @@ class Shaper:
         """Kernel parameters for ``direction``, or ShapingError naming what is
         missing and how to get it. Touches nothing."""
         try:
-            params = kernel_params(direction, self.arrangement)
+            params = kernel_params(direction, self.arrangement, self.capabilities().timer_slack_s)
         except ValueError as e:
             raise ShapingError(str(e), interface=str(self.target)) from None
         missing = self.capabilities().missing(params)
@@ -173,9 +184,10 @@ class Shaper:
         with self._lock:
             params = self.plan(direction)
             nl = self._link()
-            root = nl.root()
+            qdiscs = nl.qdiscs()
+            root = _root_of(qdiscs)
             if root is not None and root["handle"] == ROOT:
-                return self._change(params, profile, root)
+                return self._change(params, profile, _layout_of(qdiscs, self._state_root_before()))
             if root is not None and root["handle"] != 0:
                 raise ShapingError(f"the interface already has a root qdisc {root['kind']} "
                                    f"{handle_str(root['handle'])} that the testbed did not add; refusing to "
@@ -190,10 +202,16 @@ class Shaper:
                 raise
             state.write(self.target, self.state_dir, self._record(params, profile, before, "applied"))
             self.emulation, self.profile_name = params.emulation, profile
+            self._layout = (params.root, _leaf_handle(params), before)
+            self._last, self._last_record = params, (params.root, params.emulation, profile, before)
             return params.emulation
 
-    def change(self, direction: Direction, profile: str | None = None) -> str:
+    def change(self, direction: Direction, profile: str | None = None, *, resend: tuple[str, ...] = ()) -> str:
         """Change the installed shaping in place (the root qdisc stays).
+
+        Only what differs from this Shaper's last install is sent; ``resend``
+        (``"limiter"``, ``"leaf"``) sends those parts even when unchanged (the
+        stepper's rehearsal of a step's cost).
 
         Raises:
             ShapingError: nothing of ours is installed, or the new direction
@@ -201,16 +219,23 @@ class Shaper:
         """
         with self._lock:
             params = self.plan(direction)
-            root = self._link().root()
+            if self._layout is not None:
+                try:
+                    return self._change(params, profile, self._layout, resend)
+                except ShapingError:
+                    self._layout = self._last = None   # changed behind our back: look, then try once more
+            qdiscs = self._link().qdiscs()
+            root = _root_of(qdiscs)
             if root is None or root["handle"] != ROOT:
                 raise ShapingError("nothing to change: the testbed's qdisc is not installed (apply first)",
                                    interface=str(self.target))
-            return self._change(params, profile, root)
+            return self._change(params, profile, _layout_of(qdiscs, self._state_root_before()))
 
     def clear(self) -> bool:
         """Remove what the shaper added (our root and its children) and the
         record. Returns True when a qdisc was removed. Leaves other roots alone."""
         with self._lock:
+            self._layout = self._last = self._last_record = None
             removed = self._remove_ours(self._link())
             state.remove(self.target, self.state_dir)
             self.emulation = self.profile_name = None
@@ -241,37 +266,60 @@ class Shaper:
             nl.tbf(ROOT, TC_H_ROOT, p.rate_Bps, p.burst_bytes, p.queue_packets * MTU_BYTES)
         self._set_leaf(nl, p, current=None)
 
-    def _set_leaf(self, nl: netlink.Netlink, p: KernelParams, current: dict | None) -> None:
+    def _set_leaf(self, nl: netlink.Netlink, p: KernelParams, current: int | None) -> None:
         """Put the right leaf under 7462:1: change it when it is the right kind,
         graft a new one otherwise (the old leaf goes in the same operation)."""
         if p.netem is not None:
-            if current is not None and current["handle"] == NETEM_LEAF:
+            if current == NETEM_LEAF:
                 nl.netem(NETEM_LEAF, CLASS, p.netem, command="change")
             else:
                 nl.netem(NETEM_LEAF, CLASS, p.netem, command="replace")
-        elif current is not None and current["handle"] == PFIFO_LEAF:
+        elif current == PFIFO_LEAF:
             nl.pfifo(PFIFO_LEAF, CLASS, p.queue_packets, command="change")
         else:
             nl.pfifo(PFIFO_LEAF, CLASS, p.queue_packets, command="replace")
 
-    def _change(self, p: KernelParams, profile: str | None, root: dict) -> str:
+    def _state_root_before(self) -> str | None:
+        return (state.read(self.target, self.state_dir) or {}).get("root_before")
+
+    def parts_differing(self, a: Direction, b: Direction) -> tuple[str, ...]:
+        """Which parts (``"limiter"``, ``"leaf"``) a change from ``a`` to ``b`` sends."""
+        pa, pb = self.plan(a), self.plan(b)
+        out = []
+        if _limiter(pa) != _limiter(pb):
+            out.append("limiter")
+        if pa.netem != pb.netem or _limiter(pa) != _limiter(pb) or _leaf_handle(pa) != _leaf_handle(pb):
+            out.append("leaf")
+        return tuple(out)
+
+    def _change(self, p: KernelParams, profile: str | None, layout: tuple[str, int | None, str | None],
+                resend: tuple[str, ...] = ()) -> str:
         nl = self._link()
-        if root["kind"] != p.root:
-            raise ShapingError(f"cannot change in place: installed root is {root['kind']}, this direction "
+        root_kind, leaf, before = layout
+        if root_kind != p.root:
+            raise ShapingError(f"cannot change in place: installed root is {root_kind}, this direction "
                                f"needs {p.root} (arrangement {self.arrangement}); clear and apply instead",
                                interface=str(self.target))
+        last = self._last if self._layout is layout else None   # trust it only with our own layout
         if p.root == "netem":
-            nl.netem(ROOT, TC_H_ROOT, p.netem, command="change")
+            if last is None or last.netem != p.netem or "leaf" in resend:
+                nl.netem(ROOT, TC_H_ROOT, p.netem, command="change")
         else:
-            leaf = next((q for q in nl.qdiscs() if q["parent"] == CLASS), None)
-            if p.root == "htb":
-                nl.htb_class(CLASS, ROOT, p.rate_Bps, p.burst_bytes, p.overhead_bytes, command="change-class")
-            else:
-                nl.tbf(ROOT, TC_H_ROOT, p.rate_Bps, p.burst_bytes, p.queue_packets * MTU_BYTES, command="change")
-            self._set_leaf(nl, p, current=leaf)
-        record = state.read(self.target, self.state_dir) or {}
-        state.write(self.target, self.state_dir,
-                    self._record(p, profile, record.get("root_before"), "applied"))
+            same_limiter = last is not None and _limiter(last) == _limiter(p) and "limiter" not in resend
+            if not same_limiter:
+                if p.root == "htb":
+                    nl.htb_class(CLASS, ROOT, p.rate_Bps, p.burst_bytes, p.overhead_bytes, command="change-class")
+                else:
+                    nl.tbf(ROOT, TC_H_ROOT, p.rate_Bps, p.burst_bytes, p.queue_packets * MTU_BYTES,
+                           command="change")
+            if (last is None or last.netem != p.netem or not same_limiter or leaf != _leaf_handle(p)
+                    or "leaf" in resend):
+                self._set_leaf(nl, p, current=leaf)
+        self._layout, self._last = (p.root, _leaf_handle(p), before), p
+        record = (p.root, p.emulation, profile, before)
+        if record != self._last_record:   # the record says what is installed; a trace step rarely changes it
+            state.write(self.target, self.state_dir, self._record(p, profile, before, "applied"))
+            self._last_record = record
         self.emulation, self.profile_name = p.emulation, profile
         return p.emulation
 
@@ -308,12 +356,66 @@ class Shaper:
         return removed
 
 
+def _root_of(qdiscs: list[dict]) -> dict | None:
+    return next((q for q in qdiscs if q["parent"] == TC_H_ROOT), None)
+
+
+def _layout_of(qdiscs: list[dict], root_before: str | None) -> tuple[str, int | None, str | None]:
+    """(root kind, handle of the leaf under 7462:1, root_before) from a dump."""
+    root = _root_of(qdiscs)
+    leaf = next((q["handle"] for q in qdiscs if q["parent"] == CLASS), None)
+    return (root["kind"] if root else "", leaf, root_before)
+
+
+def _limiter(p: KernelParams) -> tuple:
+    return (p.rate_Bps, p.burst_bytes, p.overhead_bytes, p.queue_packets)
+
+
+def _leaf_handle(p: KernelParams) -> int | None:
+    if p.root == "netem":
+        return None
+    return NETEM_LEAF if p.netem is not None else PFIFO_LEAF
+
+
 def detect_capabilities() -> Capabilities:
-    """Load the modules if possible, then probe which qdiscs the kernel takes."""
+    """Load the modules if possible, then probe which qdiscs the kernel takes
+    and how late its timers fire (``timer_slack``)."""
     for module in ("sch_netem", "sch_htb", "sch_tbf"):
         netlink.modprobe(module)
     kinds = netlink.probe_kinds()
-    return Capabilities(netem=kinds["netem"], htb=kinds["htb"], tbf=kinds["tbf"], kernel=platform.release())
+    return Capabilities(netem=kinds["netem"], htb=kinds["htb"], tbf=kinds["tbf"], kernel=platform.release(),
+                        timer_slack_s=timer_slack())
+
+
+_PR_SET_TIMERSLACK, _PR_GET_TIMERSLACK = 29, 30
+
+
+def timer_slack(samples: int = 150, nap_s: float = 0.0005) -> float:
+    """How much token-bucket slack (seconds) this kernel's timers need:
+    3 x the median lateness of short sleeps, within [0.25 ms, 4 ms].
+
+    A rate limiter's bucket loses the tokens that accrue while its watchdog
+    timer fires late (``params.burst_bytes``). Bare metal / a VM with KVM
+    wakes within ~25 us (-> the 0.25 ms floor); QEMU TCG wakes a
+    millisecond or more late, and there a one-MTU bucket delivered only
+    0.78-0.90 of the rate. The median (not a tail) keeps a busy host's
+    scheduling spikes out; the user-space timer slack (50 us by default) is
+    set to 1 ns while measuring because the kernel's qdisc timers have none.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    old = libc.prctl(_PR_GET_TIMERSLACK, 0, 0, 0, 0)
+    if old > 0:
+        libc.prctl(_PR_SET_TIMERSLACK, 1, 0, 0, 0)
+    try:
+        late = []
+        for _ in range(samples):
+            t = time.perf_counter()
+            time.sleep(nap_s)
+            late.append(time.perf_counter() - t - nap_s)
+    finally:
+        if old > 0:
+            libc.prctl(_PR_SET_TIMERSLACK, old, 0, 0, 0)
+    return min(MAX_TIMER_SLACK_S, max(TIMER_SLACK_S, 3 * statistics.median(late)))
 
 
 def describe(target: Target, qdiscs: list[dict], classes: list[dict], record: dict | None) -> dict[str, Any]:

@@ -9,7 +9,9 @@ netem kernel the refusal test checks the profile applies instead.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -19,7 +21,7 @@ from testbed.link.profile import Direction, load_profile
 from testbed.link.shaper import ROOT, Shaper, detect_capabilities
 from testbed.link.stepper import Stepper
 from testbed.link.target import Target
-from tests.integration.linknet import tcp_transfer, veth_pair
+from tests.integration.linknet import ns_socket, tcp_transfer, veth_pair
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and qdiscs")]
@@ -77,6 +79,50 @@ def test_ladder_transfer_times_match_the_rate(pair, shaper):
         results[rung] = _within(pair, d.rate_bps)
     bad = {r: v for r, v in results.items() if abs(v[-1] - 1) > 0.10}
     assert not bad, f"measured/ideal outside 1±0.10: {bad} (all: {results})"
+
+
+def _warm_connection_times(pair, sizes: list[int]) -> dict[int, float]:
+    """Seconds from ``sendall`` to the last byte received, per size, on ONE
+    long-lived connection after an idle pause: how the nodes send model parts
+    and cut tensors (a warm connection's congestion window is wide open and
+    TCP hands the qdisc 64 kB GSO super-packets)."""
+    server = ns_socket(pair.ns_b)
+    server.bind((pair.addr_b, 0))
+    server.listen(1)
+    client = ns_socket(pair.ns_a)
+    client.connect((pair.addr_b, server.getsockname()[1]))
+    conn, _ = server.accept()
+    out = {}
+    try:
+        for size in [200_000, *sizes]:            # the first transfer warms the connection
+            time.sleep(0.3)                        # idle: the bucket refills
+            got = 0
+
+            def receive() -> None:
+                nonlocal got
+                while got < size:
+                    got += len(conn.recv(1 << 20))
+            th = threading.Thread(target=receive)
+            th.start()
+            t0 = time.monotonic()
+            client.sendall(b"\x5a" * size)
+            th.join(10)
+            out[size] = time.monotonic() - t0
+    finally:
+        for s in (client, conn, server):
+            s.close()
+    return out
+
+
+def test_small_transfers_on_a_warm_connection_pay_the_rate(pair, shaper):
+    """Regression: with htb as the limiter, a warm connection's 64 kB GSO
+    super-packets passed whole, so sweep heads under ~57 kB were "delivered"
+    in ~0.1 ms at any rate. The default limiter (tbf) segments them."""
+    rate = 5_000_000
+    assert shaper.apply(Direction(rate_bps=rate)) == "tbf"
+    times = _warm_connection_times(pair, [20_000, 57_000])
+    ratios = {n: t / (n * 8 / rate) for n, t in times.items()}
+    assert all(r >= 0.85 for r in ratios.values()), f"faster than the rate: {ratios}"
 
 
 def test_netem_profile_refused_untouched_or_applied(pair, shaper, caps):

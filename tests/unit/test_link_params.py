@@ -153,3 +153,43 @@ def test_describe_reads_emulation_rate_and_delay_from_dumped_qdiscs():
     assert info["emulation"] == "netem" and info["rate_bps"] is None
     foreign = describe(Target("eth0"), [{"kind": "fq_codel", "handle": 0x10000, "parent": root}], [], None)
     assert not foreign["ours"] and foreign["emulation"] is None
+
+
+def test_gemodel_bytes_match_what_tc_sends():
+    # iproute2 6.1 `tc qdisc add ... netem loss gemodel 5% 30% 100% 0%`, captured
+    # with strace: TCA_NETEM_LOSS { NETEM_LOSS_GE {p, r, h, k1} } with h = 1 - (1-h).
+    tc_ge = bytes.fromhex("14000200" "cdcccc0c" "cccccc4c" "00000000" "00000000")
+    d = Direction(loss=Loss(gemodel=GEModel(p_pct=5, r_pct=30, one_minus_h_pct=100, one_minus_k_pct=0)))
+    msg = encode_netem(1, 0x74620000, 0xFFFFFFFF, kernel_params(d, "netem").netem)
+    msg.encode()
+    assert tc_ge in bytes(msg.data)
+
+
+def test_burst_grows_with_the_kernels_timer_slack():
+    from testbed.link.params import MAX_TIMER_SLACK_S, MTU_BYTES, burst_bytes
+
+    assert burst_bytes(625_000) == 156 + MTU_BYTES                    # 5 Mbit/s, 0.25 ms default
+    assert burst_bytes(625_000, 0.004) == 2_500 + MTU_BYTES           # rate/HZ at HZ=250
+    assert burst_bytes(625_000, 1.0) == int(625_000 * MAX_TIMER_SLACK_S) + MTU_BYTES   # capped
+    assert kernel_params(Direction(rate_bps=5_000_000), timer_slack_s=0.002).burst_bytes == 1_250 + MTU_BYTES
+
+
+def test_netem_encoding_survives_pyroute2_compiling_tcmsg_first():
+    # Regression: pyroute2 caches compiled attribute maps in inherited class
+    # attributes; after any qdisc dump compiled tcmsg, our tcmsg subclass
+    # encoded with tcmsg's map (no delay table, no loss model). Needs a fresh
+    # interpreter so tcmsg really is compiled before our class.
+    import subprocess
+    import sys
+
+    code = (
+        "from pyroute2.netlink.rtnl.tcmsg import tcmsg\n"
+        "tcmsg()\n"  # what IPRoute does on its first qdisc dump
+        "from testbed.link.netlink import encode_netem\n"
+        "from testbed.link.params import NetemOptions\n"
+        "m = encode_netem(1, 0x74620000, 0xFFFFFFFF, NetemOptions(latency_ns=40_000_000, jitter_ns=8_000_000,"
+        " distribution='normal', gemodel=(5, 6, 0, 0)))\n"
+        "m.encode()\n"
+        "print(len(m.data))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(out) > 8192 + 20   # the 4096-entry table and the GE model are in the message
