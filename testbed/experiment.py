@@ -247,8 +247,9 @@ class Experiment(Frozen):
         return self._base
 
     def resolve_path(self, text: str) -> Path:
+        """A path from the file, relative to the experiment file's folder, made absolute."""
         p = Path(text).expanduser()
-        return p if p.is_absolute() else (self._base / p)
+        return (p if p.is_absolute() else self._base / p).resolve()
 
     def split_points(self, num_layers: int) -> list[int]:
         """The requested split points for a model with ``num_layers`` layers,
