@@ -338,8 +338,7 @@ def _one_sample(link: LocalLink | None, head: Part | None, feed: Mapping[str, np
     tensors = [(n, head_out[n] if n in head_out else feed[n]) for n in plan.cut]
     descs, bufs, raw = P.encode_tensors(tensors, CODECS, plan.choose)
     wire = sum(d["nbytes"] for d in descs)
-    t2 = now()
-    t_send = now()
+    t2 = now()  # encoding done = first byte about to go out
     up = P.send_frame(link.sock, {"kind": "tensors", "seq": seq, "tensors": descs}, bufs)
     frame = link.expect("result")
     final = P.decode_tensors(frame.header.get("tensors"), frame.payload, CODECS)
@@ -352,7 +351,7 @@ def _one_sample(link: LocalLink | None, head: Part | None, feed: Mapping[str, np
                                        "encoded", "tx"))
     except (KeyError, TypeError, ValueError) as e:
         raise P.FrameError(f"result frame lacks timestamps: {e}") from e
-    row = _row(head_s=t1 - t0 if head is not None else 0, encode_s=t2 - t1, uplink_s=(rx - off) - t_send,
+    row = _row(head_s=t1 - t0 if head is not None else 0, encode_s=t2 - t1, uplink_s=(rx - off) - t2,
                remote_decode_s=dec - rx, tail_s=t_b - t_a, remote_encode_s=enc - t_b,
                downlink_s=frame.t_last_ns - (tx - off), decode_s=t_dec - frame.t_last_ns,
                e2e_s=t_dec - t0, clock=plan.clock)
