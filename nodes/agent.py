@@ -44,6 +44,7 @@ from prometheus_client import CollectorRegistry
 from nodes import protocol as P
 from nodes import pipeline
 from nodes.agent_metrics import AgentMetrics, serve as serve_metrics
+from nodes.cpu_account import CpuAccount
 from nodes.part import Part, sha256_of
 from nodes.pipeline import RunSpec, StepError
 
@@ -105,6 +106,8 @@ class Agent:
         self.last_outputs: dict[str, np.ndarray] = {}
         self.started = time.monotonic()
         self.stop = threading.Event()
+        # This node's cgroup CPU counters, reported per sample (throttling, CPU time).
+        self.cpu = CpuAccount.find()
 
     # RemoteState for pipeline.serve_data_connection
     def tail(self) -> Part | None:
@@ -164,7 +167,8 @@ class Agent:
                 "uptime_s": time.monotonic() - self.started,
                 "parts": {r: p.describe() for r, p in self.parts.items()},
                 "staged": sorted(self._staged), "peer": self.link is not None,
-                "inputs": len(self.inputs), **pipeline.clock_identity()}, []
+                "inputs": len(self.inputs), "cpu_account": self.cpu.describe(),
+                **pipeline.clock_identity()}, []
 
     def op_load_part(self, payload: bytearray, role: str, sha256: str | None = None,
                      threads: int | None = None, present: bool = True) -> tuple[Any, list[Any]]:
@@ -277,7 +281,7 @@ class Agent:
         with self._run_lock, self._link_guard():
             rows, final = pipeline.run_samples(
                 self.link, self.parts.get("head"), self.inputs, spec,
-                observe=lambda part, s: self.metrics.inference(part, s))
+                observe=lambda part, s: self.metrics.inference(part, s), cpu=self.cpu)
         for _ in range(len(rows) + spec.warmup):
             self.metrics.sample_served("local")
         self.last_outputs = {n: np.array(a) for n, a in final.items()}

@@ -10,14 +10,29 @@ header so the local side computes every timing of the measurement contract:
 =================  =================================================================
 ``head_s``         set inputs + invoke + read outputs of the head part (0 at k = 0)
 ``encode_s``       encoding the cut tensors (raw: a memoryview; PNG/JPEG: real work)
-``uplink_s``       first byte out at local -> last byte in at remote
+``uplink_s``       first byte out at local -> last byte received by the remote's kernel
+``remote_rx_lag_s``  remote: kernel received the last byte -> the agent had read it
 ``remote_decode_s``  remote: decoding the cut tensors
 ``tail_s``         remote: invoke of the tail part
 ``remote_encode_s``  remote: encoding the result
-``downlink_s``     first byte out at remote -> last byte in at local
+``downlink_s``     first byte out at remote -> last byte received by the local kernel
+``local_rx_lag_s``   local: kernel received the last byte -> the agent had read it
 ``decode_s``       local: decoding the result
 ``e2e_s``          start of head -> final output decoded locally
 =================  =================================================================
+
+"Last byte in" is the kernel's receive timestamp of the last segment
+(SO_TIMESTAMPNS), so the link times hold no scheduling delay of the receiving
+process; that delay (a throttled or busy node reading late) is reported on its
+own as ``*_rx_lag_s``. Without kernel stamps the lag is 0 and the link time
+ends when the process read the byte, as before.
+
+Per sample each side also reports its cgroup's CPU counters over the sample
+(``nodes.cpu_account``): ``local_cpu_s``, ``local_throttled_periods``,
+``local_throttled_s`` and the same for ``remote_`` (the remote's window runs from
+its previous result to this one). With them, the maximum segment size and MTU of
+each direction's socket (``uplink_mss`` ...), from which the orchestrator
+computes the framing-aware ideal transfer time.
 
 Clocks: two nodes on one host (containers, namespaces) share CLOCK_MONOTONIC, so the
 one-way times are exact differences (``clock: shared``). That is detected at hello
@@ -51,6 +66,7 @@ import numpy as np
 
 from nodes import protocol as P
 from nodes.codecs import IMAGE_CODECS
+from nodes.cpu_account import NO_SNAPSHOT, CpuAccount, CpuSnapshot
 from nodes.part import Part, sha256_of
 
 CODECS = P.codec_registry(IMAGE_CODECS)
@@ -86,11 +102,35 @@ def same_clock(a: Mapping[str, str], b: Mapping[str, str]) -> bool:
         and a.get("timens") == b.get("timens")
 
 
+# Linux socket options for the path MTU of a connected socket.
+_IP_MTU = getattr(socket, "IP_MTU", 14)
+
+
+def link_facts(sock: socket.socket) -> dict[str, int | None]:
+    """Maximum segment size and path MTU of a connected TCP socket (None: unknown).
+
+    Together they give the bytes each full segment occupies on the wire, which
+    the framing-aware ideal transfer time needs (1448 + 52 + 14 on Ethernet with
+    TCP timestamps)."""
+    out: dict[str, int | None] = {"mss": None, "mtu": None}
+    try:
+        out["mss"] = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+    except OSError:
+        pass
+    if sock.family == socket.AF_INET:
+        try:
+            out["mtu"] = sock.getsockopt(socket.IPPROTO_IP, _IP_MTU)
+        except OSError:
+            pass
+    return out
+
+
 class RemoteState(Protocol):
     """What the remote side of a data connection needs from its agent."""
 
     token: str
     name: str
+    cpu: CpuAccount
 
     def tail(self) -> Part | None: ...
     def staged(self, sha256: str) -> bytes | None: ...
@@ -107,11 +147,13 @@ def serve_data_connection(conn: socket.socket, state: RemoteState) -> None:
     gets an ``error`` frame back and the connection is closed; the agent keeps serving.
     """
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    stamped = P.enable_kernel_stamps(conn)
     greeted = False
     model_outputs: set[str] = set()
+    cpu_mark = state.cpu.snapshot()  # the window of the next sample starts here
     try:
         while True:
-            frame = P.recv_frame(conn)
+            frame = P.recv_frame(conn, kernel_stamps=stamped)
             h = frame.header
             kind = h.get("kind")
             if not greeted:
@@ -130,9 +172,11 @@ def serve_data_connection(conn: socket.socket, state: RemoteState) -> None:
                 tail = state.tail()
                 P.send_frame(conn, {"kind": "ready",
                                     "tail_inputs": tail.input_names if tail else None,
-                                    "tail_outputs": tail.output_names if tail else None})
+                                    "tail_outputs": tail.output_names if tail else None,
+                                    "link": link_facts(conn)})
+                cpu_mark = state.cpu.snapshot()
             elif kind == "tensors":
-                _answer_sample(conn, frame, state, model_outputs)
+                cpu_mark = _answer_sample(conn, frame, state, model_outputs, cpu_mark)
             elif kind == "fetch":
                 _answer_fetch(conn, h, state)
             else:
@@ -156,14 +200,16 @@ def _try_send(conn: socket.socket, header: dict[str, Any]) -> None:
 
 
 def _answer_sample(conn: socket.socket, frame: P.Frame, state: RemoteState,
-                   model_outputs: set[str]) -> None:
+                   model_outputs: set[str], cpu_mark: CpuSnapshot) -> CpuSnapshot:
+    """Run the tail on one sample and send the result; returns the CPU counters
+    read just before sending, where the next sample's window starts."""
     t_rx = frame.t_last_ns
     cut = P.decode_tensors(frame.header.get("tensors"), frame.payload, CODECS)
     t_dec = now()
     tail = state.tail()
     if tail is None:
         _try_send(conn, {"kind": "error", "error": "no tail part loaded on the remote"})
-        return
+        return cpu_mark
     try:
         with state.tail_lock():
             t_tail0 = now()
@@ -171,7 +217,7 @@ def _answer_sample(conn: socket.socket, frame: P.Frame, state: RemoteState,
             t_tail = now()
     except (KeyError, ValueError) as e:
         _try_send(conn, {"kind": "error", "error": f"tail: {e}"})
-        return
+        return cpu_mark
     state.observe("tail", (t_tail - t_tail0) / 1e9, role="remote")
     back = dict(out)
     for name, arr in cut.items():
@@ -179,11 +225,13 @@ def _answer_sample(conn: socket.socket, frame: P.Frame, state: RemoteState,
             back[name] = arr  # a view into this frame's payload, alive until sent
     descs, bufs, _ = P.encode_tensors(back, CODECS)
     t_enc = now()
-    stamps = {"rx_first": frame.t_first_ns, "rx_last": t_rx, "decoded": t_dec,
-              "tail_start": t_tail0, "tail_done": t_tail, "encoded": t_enc}
+    cpu_now = state.cpu.snapshot()
+    stamps = {"rx_first": frame.t_first_ns, "rx_arrived": frame.t_arrived_ns, "rx_last": t_rx,
+              "decoded": t_dec, "tail_start": t_tail0, "tail_done": t_tail, "encoded": t_enc}
     stamps["tx"] = now()
     P.send_frame(conn, {"kind": "result", "seq": frame.header.get("seq"), "tensors": descs,
-                        "t": stamps}, bufs)
+                        "t": stamps, "cpu": cpu_now.since(cpu_mark)}, bufs)
+    return cpu_now
 
 
 def _answer_fetch(conn: socket.socket, h: Mapping[str, Any], state: RemoteState) -> None:
@@ -206,6 +254,7 @@ class Plan:
     offset_ns: int = 0  # remote clock - local clock
     clock: str = "shared"
     choose: Callable[[str], str] = field(default=lambda name: "raw")
+    link: dict[str, int | None] = field(default_factory=dict)  # mss/mtu per direction
 
 
 class LocalLink:
@@ -220,6 +269,7 @@ class LocalLink:
         except OSError as e:
             raise StepError(f"cannot connect to peer data port {host}:{port}: {e}") from e
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.stamped = P.enable_kernel_stamps(self.sock)
         P.send_frame(self.sock, {"kind": "hello", "token": token, **clock_identity()})
         reply = self.expect("hello")
         self.peer_name = reply.header.get("node")
@@ -227,7 +277,7 @@ class LocalLink:
         self.sock.settimeout(io_timeout)
 
     def expect(self, kind: str) -> P.Frame:
-        frame = P.recv_frame(self.sock, clock=now)
+        frame = P.recv_frame(self.sock, clock=now, kernel_stamps=self.stamped)
         got = frame.header.get("kind")
         if got == "error":
             raise StepError(f"peer: {frame.header.get('error')}")
@@ -293,17 +343,27 @@ def plan_run(link: LocalLink | None, head: Part | None, input_names: Sequence[st
     offset = 0 if shared else link.estimate_offset()
     inputs = set(input_names)
     choose = (lambda n: spec.input_encoding if n in inputs else spec.codec)
+    up, down = link_facts(link.sock), ready.get("link") or {}
+    facts = {"uplink_mss": up["mss"], "uplink_mtu": up["mtu"],
+             "downlink_mss": _int_or_none(down.get("mss")), "downlink_mtu": _int_or_none(down.get("mtu"))}
     return Plan(cut=cut, remote=True, offset_ns=offset,
-                clock="shared" if shared else "derived", choose=choose)
+                clock="shared" if shared else "derived", choose=choose, link=facts)
+
+
+def _int_or_none(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
 
 def run_samples(link: LocalLink | None, head: Part | None,
                 inputs: Sequence[Mapping[str, np.ndarray]], spec: RunSpec,
                 observe: Callable[[str, float], None] = lambda part, s: None,
+                cpu: CpuAccount | None = None,
                 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """Run warm-up + samples; returns (per-sample timing dicts, last final outputs).
 
     Stops early (after at least one sample) once ``max_seconds`` have passed.
+    ``cpu`` (this node's cgroup counters) adds ``local_cpu_s`` and the throttling
+    columns to every row.
     """
     if not inputs:
         raise StepError("no input set: call set_inputs first")
@@ -312,7 +372,7 @@ def run_samples(link: LocalLink | None, head: Part | None,
     final: dict[str, np.ndarray] = {}
     start = time.monotonic()
     for i in range(spec.warmup + spec.samples):
-        row, final = _one_sample(link, head, inputs[i % len(inputs)], plan, i, observe)
+        row, final = _one_sample(link, head, inputs[i % len(inputs)], plan, i, observe, cpu)
         if i >= spec.warmup:
             row["sample"] = i - spec.warmup
             rows.append(row)
@@ -323,7 +383,9 @@ def run_samples(link: LocalLink | None, head: Part | None,
 
 def _one_sample(link: LocalLink | None, head: Part | None, feed: Mapping[str, np.ndarray],
                 plan: Plan, seq: int, observe: Callable[[str, float], None],
+                cpu: CpuAccount | None = None,
                 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    cpu_before = cpu.snapshot() if cpu is not None else NO_SNAPSHOT
     t0 = now()
     head_out = head.run(feed) if head is not None else {}
     t1 = now()
@@ -333,6 +395,7 @@ def _one_sample(link: LocalLink | None, head: Part | None, feed: Mapping[str, np
         raw = sum(a.nbytes for a in head_out.values())
         row = _row(head_s=t1 - t0, e2e_s=t1 - t0, clock="shared")
         row.update(cut_bytes_raw=raw, cut_bytes_wire=0, uplink_bytes=0, downlink_bytes=0)
+        row.update(_cpu_columns("local", cpu, cpu_before))
         return row, head_out
     assert link is not None
     tensors = [(n, head_out[n] if n in head_out else feed[n]) for n in plan.cut]
@@ -349,20 +412,43 @@ def _one_sample(link: LocalLink | None, head: Part | None, feed: Mapping[str, np
         rx, dec, t_a, t_b, enc, tx = (int(st[k]) for k in
                                       ("rx_last", "decoded", "tail_start", "tail_done",
                                        "encoded", "tx"))
+        arrived = int(st.get("rx_arrived", rx))
     except (KeyError, TypeError, ValueError) as e:
         raise P.FrameError(f"result frame lacks timestamps: {e}") from e
-    row = _row(head_s=t1 - t0 if head is not None else 0, encode_s=t2 - t1, uplink_s=(rx - off) - t2,
+    arrived = min(arrived, rx)
+    row = _row(head_s=t1 - t0 if head is not None else 0, encode_s=t2 - t1,
+               uplink_s=(arrived - off) - t2, remote_rx_lag_s=rx - arrived,
                remote_decode_s=dec - rx, tail_s=t_b - t_a, remote_encode_s=enc - t_b,
-               downlink_s=frame.t_last_ns - (tx - off), decode_s=t_dec - frame.t_last_ns,
-               e2e_s=t_dec - t0, clock=plan.clock)
+               downlink_s=frame.t_arrived_ns - (tx - off),
+               local_rx_lag_s=frame.t_last_ns - frame.t_arrived_ns,
+               decode_s=t_dec - frame.t_last_ns, e2e_s=t_dec - t0, clock=plan.clock)
     row.update(cut_bytes_raw=raw, cut_bytes_wire=wire, uplink_bytes=up,
                downlink_bytes=frame.wire_bytes,
                codec=",".join(sorted({d["codec"] for d in descs})) or "raw")
+    row.update(_cpu_columns("local", cpu, cpu_before))
+    row.update(_remote_cpu(frame.header.get("cpu")))
+    row.update(plan.link)
     return row, final
 
 
-TIMING_KEYS = ("head_s", "encode_s", "uplink_s", "remote_decode_s", "tail_s",
-               "remote_encode_s", "downlink_s", "decode_s", "e2e_s")
+def _cpu_columns(prefix: str, cpu: CpuAccount | None, before: CpuSnapshot) -> dict[str, Any]:
+    deltas = cpu.snapshot().since(before) if cpu is not None else NO_SNAPSHOT.since(NO_SNAPSHOT)
+    return {f"{prefix}_{k}": v for k, v in deltas.items()}
+
+
+def _remote_cpu(reported: Any) -> dict[str, Any]:
+    """The remote's CPU deltas from the result header, each checked (None when absent)."""
+    got = reported if isinstance(reported, dict) else {}
+    out: dict[str, Any] = {}
+    for key in ("cpu_s", "throttled_periods", "throttled_s"):
+        v = got.get(key)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+        out[f"remote_{key}"] = v if ok else None
+    return out
+
+
+TIMING_KEYS = ("head_s", "encode_s", "uplink_s", "remote_rx_lag_s", "remote_decode_s", "tail_s",
+               "remote_encode_s", "downlink_s", "local_rx_lag_s", "decode_s", "e2e_s")
 
 
 def _row(clock: str, **ns: int) -> dict[str, Any]:
@@ -388,7 +474,10 @@ def fetch_part(link: LocalLink, sha256: str, clock_shared: bool | None = None,
     if got != sha256:
         raise StepError(f"delivered part has sha256 {got}, expected {sha256}")
     t_tx = int(frame.header.get("t_tx", 0))
-    return data, {"delivery_s": (frame.t_last_ns - (t_tx - offset)) / 1e9,
+    facts = link_facts(link.sock)  # one veth: the same MSS and MTU both ways
+    return data, {"delivery_s": (frame.t_arrived_ns - (t_tx - offset)) / 1e9,
+                  "delivery_rx_lag_s": (frame.t_last_ns - frame.t_arrived_ns) / 1e9,
+                  "mss": facts["mss"], "mtu": facts["mtu"],
                   "request_to_loaded_s": (now() - t_req) / 1e9,
                   "bytes": len(data), "wire_bytes": frame.wire_bytes,
                   "clock": "shared" if shared else "derived"}

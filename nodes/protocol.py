@@ -303,45 +303,111 @@ def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
         got += r
 
 
+# Linux: SO_TIMESTAMPNS makes recvmsg return, as ancillary data, the time the
+# kernel received the last segment read (a struct timespec, CLOCK_REALTIME).
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_TIMESPEC = struct.Struct("qq")
+
+
+def enable_kernel_stamps(sock: socket.socket) -> bool:
+    """Ask the kernel to timestamp what this socket receives; False where it cannot."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        return True
+    except OSError:
+        return False
+
+
+def recv_exact_stamped(sock: socket.socket, view: memoryview) -> int | None:
+    """Like ``recv_exact_into``, also returning the kernel's receive time of the last
+    segment read (CLOCK_REALTIME ns), or None when the kernel gave none."""
+    got, stamp = 0, None
+    n = view.nbytes
+    while got < n:
+        r, anc, _, _ = sock.recvmsg_into([view[got:]], 64)
+        if r == 0:
+            raise PeerClosed("peer closed the connection mid-frame" if got or n else "peer closed")
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+                sec, nsec = _TIMESPEC.unpack_from(data)
+                stamp = sec * 1_000_000_000 + nsec
+        got += r
+    return stamp
+
+
+def realtime_to_monotonic(stamp_ns: int | None) -> int | None:
+    """A CLOCK_REALTIME stamp on CLOCK_MONOTONIC (the clock of every timing here).
+
+    The offset between the two clocks is read now; they only drift apart by NTP
+    slewing, which is negligible over the milliseconds since the stamp."""
+    import time
+    if stamp_ns is None:
+        return None
+    return stamp_ns - (time.time_ns() - time.monotonic_ns())
+
+
 @dataclass
 class Frame:
-    """A received frame: the parsed header, the payload, and when its last byte arrived."""
+    """A received frame: the parsed header, the payload, and when its last byte arrived.
+
+    ``t_last_ns`` is when this process had the last byte in hand; with kernel
+    stamps, ``t_kernel_ns`` is when the kernel received it (both CLOCK_MONOTONIC).
+    The difference is how long the receiving process took to get to the data:
+    scheduling and CPU-quota throttling of the receiving node, not the link.
+    """
 
     header: dict[str, Any]
     payload: bytearray
     t_first_ns: int  # monotonic time the first prefix bytes were in hand
     t_last_ns: int  # monotonic time the last payload byte was in hand
     wire_bytes: int
+    t_kernel_ns: int | None = None  # kernel receive time of the last segment (monotonic)
+
+    @property
+    def t_arrived_ns(self) -> int:
+        """When the last byte arrived: the kernel's stamp when there is one."""
+        return self.t_kernel_ns if self.t_kernel_ns is not None else self.t_last_ns
 
 
 def recv_frame(sock: socket.socket, max_payload: int = MAX_PAYLOAD_BYTES,
                clock: Callable[[], int] | None = None,
-               before_payload: Callable[[dict[str, Any]], None] | None = None) -> Frame:
+               before_payload: Callable[[dict[str, Any]], None] | None = None,
+               kernel_stamps: bool = False) -> Frame:
     """Read one frame. Raises PeerClosed on EOF before a frame, FrameError on garbage.
 
     ``clock`` (default ``time.monotonic_ns``) stamps the moment the last byte was
     received — the uplink/downlink end point of the measurement contract.
     ``before_payload(header)`` runs before the payload is allocated and read, so a
     control server refuses a request without the token without buffering its payload.
+    ``kernel_stamps`` (socket prepared with ``enable_kernel_stamps``) also records
+    the kernel's receive time of the last segment (``Frame.t_kernel_ns``).
     """
     import time
     clock = clock or time.monotonic_ns
+    recv = recv_exact_stamped if kernel_stamps else recv_exact_into
     prefix = bytearray(PREFIX.size)
     pv = memoryview(prefix)
     first = sock.recv_into(pv, PREFIX.size)
     if first == 0:
         raise PeerClosed("peer closed")
     t_first = clock()
-    recv_exact_into(sock, pv[first:])
+    stamp = recv(sock, pv[first:])
     hlen, plen = unpack_prefix(prefix, max_payload)
     hbytes = bytearray(hlen)
-    recv_exact_into(sock, memoryview(hbytes))
+    stamp = recv(sock, memoryview(hbytes)) or stamp
     header = parse_header(hbytes)
     if before_payload is not None:
         before_payload(header)
     payload = bytearray(plen)
-    recv_exact_into(sock, memoryview(payload))
-    return Frame(header, payload, t_first, clock(), PREFIX.size + hlen + plen)
+    stamp = recv(sock, memoryview(payload)) or stamp
+    t_last = clock()
+    t_kernel = realtime_to_monotonic(stamp) if kernel_stamps else None
+    # The last segment may have waited in the socket long before this process
+    # read it (that wait is what the stamp exposes), but never arrived after
+    # the read: a stamp outside that window is from a stepped clock; drop it.
+    if t_kernel is not None and not t_last - 600_000_000_000 <= t_kernel <= t_last + 1_000_000:
+        t_kernel = None
+    return Frame(header, payload, t_first, t_last, PREFIX.size + hlen + plen, t_kernel)
 
 
 # --------------------------------------------------------------------------- control plane

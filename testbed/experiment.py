@@ -70,12 +70,29 @@ class ModelSpec(Frozen):
 
 
 class NodeConfig(Frozen):
-    """Limits of one node. ``None`` means unlimited / the runtime's default."""
+    """Limits of one node. ``None`` means unlimited / the runtime's default.
+
+    ``cpuset`` pins the node to host CPUs (``"2-3"``); by default the sweep
+    decides (``nodes.pinning``, see ``testbed.deploy.cpus``)."""
 
     backend: Literal["auto", "docker", "netns"] = "auto"
     cpus: float | None = Field(default=None, gt=0)
     memory: Bytes | None = None
     threads: int | None = Field(default=None, ge=1, le=64)
+    cpuset: str | None = None
+
+    @field_validator("cpuset")
+    @classmethod
+    def _cpu_list(cls, v: str | None) -> str | None:
+        if v is not None:
+            from testbed.deploy.cpus import parse_cpuset
+            parse_cpuset(v)
+        return v
+
+    @property
+    def cpu_list(self) -> tuple[int, ...] | None:
+        from testbed.deploy.cpus import parse_cpuset
+        return parse_cpuset(self.cpuset) if self.cpuset is not None else None
 
     @field_validator("memory")
     @classmethod
@@ -87,8 +104,13 @@ class NodeConfig(Frozen):
 
 
 class Nodes(Frozen):
+    """The two nodes, and whether the sweep pins them to CPUs of their own
+    (``pinning: auto``, the default: the UE gets cores nobody else uses whenever
+    the host has them; ``off``: the kernel places every thread)."""
+
     local: NodeConfig = NodeConfig()
     remote: NodeConfig = NodeConfig()
+    pinning: Literal["auto", "off"] = "auto"
 
     @model_validator(mode="after")
     def _same_backend(self) -> "Nodes":
@@ -107,8 +129,17 @@ class Runs(Frozen):
     """Per configuration: ``warmup`` untimed inferences, then ``samples`` timed
     ones — continued past ``samples`` until ``min_seconds`` have passed, and
     stopped early (after at least one sample) once ``max_seconds`` have passed,
-    so slow low-bandwidth points stay bounded."""
+    so slow low-bandwidth points stay bounded.
 
+    ``repeat`` runs the whole sweep that many times into one run folder. With
+    more than one repeat, each repeat walks the profiles, and the split points
+    within each profile, in an order shuffled with ``seed`` + repeat, so a slow
+    drift of the host is not confounded with the split point; with one repeat
+    the order is the file's (profiles as listed, split points ascending).
+    ``seed`` (random when not given) is recorded in config.yaml."""
+
+    repeat: int = Field(default=1, ge=1, le=100)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     warmup: int = Field(default=2, ge=0, le=10_000)
     samples: int = Field(default=20, ge=1, le=1_000_000)
     min_seconds: Seconds = 0.0

@@ -76,6 +76,8 @@ def display(value: Any, kind: str) -> str:
         return f"{value:+.1f} %"
     if kind == "int":
         return f"{int(value)}"
+    if kind == "float":
+        return f"{value:.3f}"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
@@ -136,17 +138,21 @@ def configurations_table(runs: Sequence[RunData]) -> Table:
             wire = r.get("cut_bytes_wire")
             rows.append({
                 "run": run.label, "profile": r["profile"], "split": r["split"], "count": r.get("count"),
-                **{c: r.get(c) for c in ("e2e_p50_s", "e2e_p90_s", "e2e_mean_s", "head_mean_s", "encode_mean_s",
+                **{c: r.get(c) for c in ("e2e_p50_s", "e2e_p50_ci_low_s", "e2e_p50_ci_high_s", "e2e_p50_ci_level",
+                                         "e2e_p90_s", "e2e_mean_s", "head_mean_s", "encode_mean_s",
                                          "uplink_mean_s", "tail_mean_s", "downlink_mean_s", "decode_mean_s",
                                          "cut_bytes_raw", "cut_bytes_wire", "delivery_s",
-                                         "head_file_bytes", "tail_file_bytes")},
+                                         "head_file_bytes", "tail_file_bytes", "repeats",
+                                         "e2e_p50_repeat_spread")},
                 # Achieved bitrate of the intermediate data over the uplink (SA4 "intermediate data bitrate").
                 "bitrate_bps": (wire * 8 / up) if wire and up else None,
                 "emulation": f"{r.get('emulation_uplink') or '-'}/{r.get('emulation_downlink') or '-'}",
             })
     cols = [Column("run", "run"), Column("profile", "profile"), Column("split", "k", "int"),
             Column("count", "samples", "int"),
-            Column("e2e_p50_s", "e2e p50", "ms"), Column("e2e_p90_s", "e2e p90", "ms"),
+            Column("e2e_p50_s", "e2e p50", "ms"), Column("e2e_p50_ci_low_s", "p50 CI low", "ms"),
+            Column("e2e_p50_ci_high_s", "p50 CI high", "ms"), Column("e2e_p50_ci_level", "CI level", "float"),
+            Column("e2e_p90_s", "e2e p90", "ms"),
             Column("e2e_mean_s", "e2e mean", "ms"), Column("head_mean_s", "local inference", "ms"),
             Column("encode_mean_s", "encode", "ms"), Column("uplink_mean_s", "uplink delivery", "ms"),
             Column("tail_mean_s", "remote inference", "ms"), Column("downlink_mean_s", "downlink", "ms"),
@@ -154,11 +160,74 @@ def configurations_table(runs: Sequence[RunData]) -> Table:
             Column("cut_bytes_wire", "intermediate wire", "bytes"),
             Column("bitrate_bps", "intermediate bitrate", "rate"), Column("delivery_s", "model delivery", "ms"),
             Column("head_file_bytes", "head file", "bytes"), Column("tail_file_bytes", "tail file", "bytes"),
+            Column("repeats", "repeats", "int"), Column("e2e_p50_repeat_spread", "repeat spread", "ratio"),
             Column("emulation", "emulation up/down")]
     if len(runs) == 1:
         cols = cols[1:]
     return Table("configurations", "Every configuration (means unless stated)", cols, rows, collapsed=True,
-                 note="Intermediate bitrate = wire bytes × 8 ÷ mean uplink delivery time.")
+                 note="Intermediate bitrate = wire bytes × 8 ÷ mean uplink delivery time. p50 CI: "
+                      "distribution-free confidence interval of the median from order statistics, at the level "
+                      "shown (below 95 % only when there are too few samples to reach it). Repeat spread: "
+                      "largest ÷ smallest median e2e among the sweep's repeats.")
+
+
+def fidelity_table(runs: Sequence[RunData]) -> Table:
+    """Per configuration: how close the emulated link came to its ideal, and what the
+    nodes' scheduling added (receive lag, CPU throttling) — so a reader sees the
+    emulation's error and its explanation beside every measurement."""
+    rows = []
+    for run in runs:
+        for r in run.summary:
+            rows.append({"run": run.label, "profile": r["profile"], "split": r["split"],
+                         **{c: r.get(c) for c in (
+                             "uplink_ideal_s", "uplink_p50_s", "uplink_over_ideal_p50", "downlink_ideal_s",
+                             "downlink_p50_s", "downlink_over_ideal_p50", "delivery_ideal_s", "delivery_s",
+                             "remote_rx_lag_p90_s", "local_rx_lag_p90_s", "local_throttled_samples",
+                             "remote_throttled_samples", "local_cpu_mean_s", "remote_cpu_mean_s", "count")},
+                         "delivery_over_ideal": (r["delivery_s"] / r["delivery_ideal_s"]
+                                                 if r.get("delivery_s") and r.get("delivery_ideal_s") else None)})
+    cols = [Column("run", "run"), Column("profile", "profile"), Column("split", "k", "int"),
+            Column("uplink_ideal_s", "uplink ideal", "ms"), Column("uplink_p50_s", "uplink p50", "ms"),
+            Column("uplink_over_ideal_p50", "uplink ÷ ideal", "float"),
+            Column("downlink_ideal_s", "downlink ideal", "ms"), Column("downlink_p50_s", "downlink p50", "ms"),
+            Column("downlink_over_ideal_p50", "downlink ÷ ideal", "float"),
+            Column("delivery_ideal_s", "delivery ideal", "ms"), Column("delivery_s", "delivery", "ms"),
+            Column("delivery_over_ideal", "delivery ÷ ideal", "float"),
+            Column("remote_rx_lag_p90_s", "remote rx lag p90", "ms"),
+            Column("local_rx_lag_p90_s", "local rx lag p90", "ms"),
+            Column("local_throttled_samples", "local throttled samples", "int"),
+            Column("remote_throttled_samples", "remote throttled samples", "int"),
+            Column("local_cpu_mean_s", "local CPU/sample", "ms"), Column("remote_cpu_mean_s", "remote CPU/sample", "ms"),
+            Column("count", "samples", "int")]
+    if len(runs) == 1:
+        cols = cols[1:]
+    return Table("fidelity", "Emulation fidelity and what the nodes added", cols, rows, collapsed=True,
+                 note="Ideal = one-way delay + wire bytes (payload + per-segment TCP/IP/Ethernet headers at the "
+                      "measured MSS and MTU) × 8 ÷ configured rate; empty for unshaped or time-varying "
+                      "directions. A transfer after an idle period starts with a full token bucket, so small "
+                      "transfers can come in slightly under 1. Receive lag = time between the kernel receiving "
+                      "the last byte and the node's process reading it (scheduling, CPU quota). Throttled samples "
+                      "= samples during which the node's cgroup was CFS-throttled.")
+
+
+def repeat_table(runs: Sequence[RunData]) -> Table:
+    """Per configuration and repeat: the median e2e, so the spread between repeats is visible."""
+    rows = []
+    for run in runs:
+        for r in run.repeat_rows:
+            rows.append({"run": run.label, "repeat": r.get("repeat"), "profile": r["profile"], "split": r["split"],
+                         "count": r.get("count"), "e2e_p50_s": r.get("e2e_p50_s"),
+                         "e2e_p50_ci_low_s": r.get("e2e_p50_ci_low_s"), "e2e_p50_ci_high_s": r.get("e2e_p50_ci_high_s"),
+                         "wall_s": r.get("wall_s")})
+    cols = [Column("run", "run"), Column("repeat", "repeat", "int"), Column("profile", "profile"),
+            Column("split", "k", "int"), Column("count", "samples", "int"), Column("e2e_p50_s", "e2e p50", "ms"),
+            Column("e2e_p50_ci_low_s", "p50 CI low", "ms"), Column("e2e_p50_ci_high_s", "p50 CI high", "ms"),
+            Column("wall_s", "wall", "ms")]
+    if len(runs) == 1:
+        cols = cols[1:]
+    return Table("repeats", "Every repeat of every configuration", cols, rows, collapsed=True,
+                 note="Configurations were walked in a shuffled order per repeat (seed in config.yaml: "
+                      "order_seed), so drift of the host is not confounded with the split point.")
 
 
 def kpi_table(runs: Sequence[RunData]) -> Table:
@@ -224,7 +293,10 @@ def environment_table(runs: Sequence[RunData]) -> Table:
         rows += [{"run": run.label, "key": k, "value": v} for k, v in _flatten(run.environment)]
         nodes = (run.config or {}).get("nodes") or {}
         for name, spec in nodes.items():
-            for k, v in (spec or {}).items():
+            if not isinstance(spec, dict):  # e.g. pinning: auto
+                rows.append({"run": run.label, "key": f"config.nodes.{name}", "value": str(spec)})
+                continue
+            for k, v in spec.items():
                 rows.append({"run": run.label, "key": f"config.nodes.{name}.{k}", "value": "" if v is None else str(v)})
     cols = [Column("run", "run"), Column("key", "what"), Column("value", "value")]
     if len(runs) == 1:
@@ -262,7 +334,8 @@ GLOSSARY = [
     ("local inference time", "head_s (head part on the local node)"),
     ("remote inference time", "tail_s (tail part on the remote node)"),
     ("encode / decode time", "encode_s, remote_decode_s, remote_encode_s, decode_s"),
-    ("intermediate data delivery time", "uplink_s (first byte out → last byte in at remote); downlink_s for results"),
+    ("intermediate data delivery time", "uplink_s (first byte out → last byte received by the remote's kernel); "
+                                        "downlink_s for results; uplink_ideal_s / downlink_ideal_s beside them"),
     ("end-to-end latency", "e2e_s (start of head → final output available locally)"),
     ("split model delivery time", "delivery_s (head part, remote → local over the shaped downlink)"),
     ("memory", "init_memory_bytes, peak_memory_bytes (per part, fresh process)"),
@@ -335,6 +408,11 @@ FIGURES: list[tuple[str, str, Callable[..., Path | None], str]] = [
     ("kpis", "Benchmark KPIs per part", plots.part_kpis,
      "benchmark_model KPIs of each part on its node, each in a fresh process: init, first inference, warm-up "
      "mean, steady-state mean; init and peak memory."),
+    ("fidelity", "Emulation fidelity", plots.fidelity,
+     "Measured transfer time ÷ its framing-aware ideal (delay + wire bytes at the configured rate), per split "
+     "point and direction, and for the head delivery: the emulation's own error."),
+    ("repeatability", "Repeatability", plots.repeatability,
+     "Each repeat's median e2e ÷ the median over all repeats, per configuration (only for runs.repeat > 1)."),
 ]
 
 
@@ -356,10 +434,16 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None,
 
     figures: dict[str, Path] = {}
     sections: list[str] = []
-    tables = [best_split_table(runs), configurations_table(runs), layer_table(runs), kpi_table(runs)]
+    tables = [best_split_table(runs), configurations_table(runs), layer_table(runs), kpi_table(runs),
+              fidelity_table(runs)]
+    if runs[0].repeats > 1:
+        tables.append(repeat_table(runs))
     # Which tables follow which figure (every table is shown, drawn or not).
-    after = {"e2e": tables[:2], "layers": tables[2:3], "kpis": tables[3:4]}
+    after = {"e2e": tables[:2], "layers": tables[2:3], "kpis": tables[3:4], "fidelity": tables[4:5],
+             "repeatability": tables[5:6]}
     for stem, title, fn, caption in FIGURES:
+        if stem == "repeatability" and runs[0].repeats < 2:
+            continue  # a single sweep has no repeats to compare
         path = fn(runs, out / f"{stem}.png")
         sections.append(f"<h2>{html.escape(title)}</h2>")
         if path is None:
@@ -426,7 +510,8 @@ def _page(runs: Sequence[RunData], sections: list[str], evaluation: Any, warning
         ("run folder", str(run.path)),
         ("model", f"{Path(str(model.get('path', '') or '')).name or '–'} ({model.get('layers', '?')} layers, "
                   f"{format_bytes(model['bytes']) if model.get('bytes') else '?'})"),
-        ("configurations", f"{n_cfg} ({len(run.profiles)} profiles × {len(run.splits)} split points)"),
+        ("configurations", f"{len(run.repeat_rows) or n_cfg} ({len(run.profiles)} profiles × {len(run.splits)} "
+                           f"split points" + (f" × {run.repeats} repeats)" if run.repeats > 1 else ")")),
         ("samples", str(sum(r.get("count") or 0 for r in run.summary))),
         ("emulation", run.emulation()),
     ]

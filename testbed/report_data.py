@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import TestbedError
-from testbed.results import SUMMARY, TIMINGS, RunFolder
+from testbed.results import E2E_PARTS, SUMMARY, TIMINGS, RunFolder
 
 # Names of the SA4 evaluation framework's metrics (TR 26.927 split-inference KPIs),
 # used as labels so the report reads in the framework's words.
@@ -34,7 +34,7 @@ SA4 = {
 }
 
 # The stacked-time order: everything that adds up to e2e, in the order it happens.
-STACK = ("head", "encode", "uplink", "remote_decode", "tail", "remote_encode", "downlink", "decode")
+STACK = E2E_PARTS
 
 
 @dataclass
@@ -43,7 +43,7 @@ class RunData:
 
     path: Path
     label: str
-    summary: list[dict[str, Any]]
+    summary: list[dict[str, Any]]         # one row per (profile, split), repeats pooled
     samples: list[dict[str, Any]]
     parts: list[dict[str, Any]]
     layers: list[dict[str, Any]]
@@ -51,6 +51,7 @@ class RunData:
     config: dict[str, Any]
     manifest: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    repeat_rows: list[dict[str, Any]] = field(default_factory=list)  # summary.csv as written
 
     @classmethod
     def load(cls, path: str | Path, label: str | None = None) -> "RunData":
@@ -64,16 +65,24 @@ class RunData:
             raise TestbedError(f"{folder.path}: no such run folder")
         if not (folder.path / SUMMARY).is_file():
             raise TestbedError(f"{folder.path}: no {SUMMARY}; not a run folder or no configuration finished")
-        summary = folder.summary()
-        if not summary:
+        repeat_rows = folder.summary()
+        if not repeat_rows:
             raise TestbedError(f"{folder.path / SUMMARY}: no finished configuration")
+        samples = folder.samples()
+        from testbed.results import pool_repeats
+        summary = pool_repeats(repeat_rows, samples)
         config = {}
         try:
             config = folder.config() or {}
         except (OSError, ValueError):
             pass
-        return cls(folder.path, label or folder.path.name, summary, folder.samples(), folder.parts(),
-                   folder.layers(), folder.environment(), config, folder.manifest())
+        return cls(folder.path, label or folder.path.name, summary, samples, folder.parts(),
+                   folder.layers(), folder.environment(), config, folder.manifest(), repeat_rows=repeat_rows)
+
+    @property
+    def repeats(self) -> int:
+        """How many times the sweep was repeated in this folder."""
+        return len({r.get("repeat") or 0 for r in self.repeat_rows}) or 1
 
     # --- derived ------------------------------------------------------------
 

@@ -25,8 +25,9 @@ DPI = 110
 LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D")
 STACK_COLORS = {
-    "head": "#1f77b4", "encode": "#aec7e8", "uplink": "#ff7f0e", "remote_decode": "#ffbb78",
-    "tail": "#2ca02c", "remote_encode": "#98df8a", "downlink": "#d62728", "decode": "#ff9896",
+    "head": "#1f77b4", "encode": "#aec7e8", "uplink": "#ff7f0e", "remote_rx_lag": "#8c564b",
+    "remote_decode": "#ffbb78", "tail": "#2ca02c", "remote_encode": "#98df8a", "downlink": "#d62728",
+    "local_rx_lag": "#c49c94", "decode": "#ff9896",
 }
 _ms = FuncFormatter(lambda v, _: f"{v * 1e3:g}")
 
@@ -102,6 +103,12 @@ def e2e_vs_split(runs: Sequence[RunData], path: Path) -> Path | None:
             ax.plot(ks, p50, LINESTYLES[ri % 4], marker=MARKERS[ri % 4], ms=3.5, color=c,
                     label=_label(run, runs, prof))
             ax.fill_between(ks, lo, hi, color=c, alpha=0.15 if ri == 0 else 0.08, linewidth=0)
+            ci = [(r.get("e2e_p50_ci_low_s"), r.get("e2e_p50_ci_high_s")) for r in rows]
+            if ri == 0 and all(a is not None and b is not None for a, b in ci):
+                # whiskers: the distribution-free confidence interval of each median
+                ax.errorbar(ks, p50, yerr=[[max(0.0, v - a) for v, (a, _) in zip(p50, ci)],
+                                           [max(0.0, b - v) for v, (_, b) in zip(p50, ci)]],
+                            fmt="none", ecolor=c, elinewidth=0.8, capsize=2)
             drawn = True
             for name, k in run.anchors.items():
                 if k in ks:
@@ -117,7 +124,7 @@ def e2e_vs_split(runs: Sequence[RunData], path: Path) -> Path | None:
                     xytext=(3 if k == 0 else -3, -12), textcoords="offset points",
                     ha="left" if k == 0 else "right", fontsize=8, color="dimgrey")
     _log_ms(ax)
-    ax.set_ylabel(f"{SA4['e2e_s']} p50 (ms, log); band p10–p90")
+    ax.set_ylabel(f"{SA4['e2e_s']} p50 (ms, log); band p10–p90, whiskers 95 % CI of p50")
     ax.set_title("End-to-end latency per split point (★ = anchors)")
     _split_axis(ax, run.splits)
     ax.legend(fontsize=8, ncol=2 if len(colors) > 6 else 1, loc="best")
@@ -373,4 +380,61 @@ def plan_curves(predictions: dict[str, list[Any]], path: Path) -> Path | None:
     ax.set_title("Planner: predicted end-to-end latency per split point (★ = chosen)")
     _split_axis(ax, [])
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def fidelity(runs: Sequence[RunData], path: Path) -> Path | None:
+    """Measured ÷ framing-aware ideal transfer time per split point: the emulation's
+    own error, per direction (and the head delivery), one line per profile."""
+    run = runs[0]
+    series = (("uplink", "uplink_over_ideal_p50"), ("downlink", "downlink_over_ideal_p50"),
+              ("head delivery", None))
+    colors = _colors(run.profiles)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    drawn = False
+    for ax, (title, col) in zip(axes, series):
+        for prof in run.profiles:
+            rows = run.config_rows(prof)
+            if col is None:
+                pts = [(r["split"], r["delivery_s"] / r["delivery_ideal_s"]) for r in rows
+                       if r.get("delivery_s") and r.get("delivery_ideal_s")]
+            else:
+                pts = [(r["split"], r[col]) for r in rows if r.get(col)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, color=colors[prof], label=prof)
+                drawn = True
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_title(title, fontsize=10)
+        _split_axis(ax, run.splits)
+    if not drawn:
+        plt.close(fig)
+        return None
+    axes[0].set_ylabel("measured ÷ ideal (p50)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Emulation fidelity: transfer time ÷ framing-aware ideal (1.0 = exact)", y=1.02)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def repeatability(runs: Sequence[RunData], path: Path) -> Path | None:
+    """Each repeat's median e2e ÷ the pooled median, per split point and profile:
+    how far whole repeats of the sweep disagree (None with one repeat)."""
+    run = runs[0]
+    if run.repeats < 2:
+        return None
+    colors = _colors(run.profiles)
+    pooled = {(r["profile"], r["split"]): r.get("e2e_p50_s") for r in run.summary}
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for r in run.repeat_rows:
+        base = pooled.get((r["profile"], r["split"]))
+        if base and r.get("e2e_p50_s"):
+            ax.plot(r["split"], r["e2e_p50_s"] / base, marker=MARKERS[(r.get("repeat") or 0) % 4], ms=4,
+                    linestyle="none", color=colors[r["profile"]])
+    for prof in run.profiles:
+        ax.plot([], [], marker="o", linestyle="none", color=colors[prof], label=prof)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_ylabel("repeat's p50 ÷ pooled p50")
+    _split_axis(ax, run.splits)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Repeatability: {run.repeats} repeats of the sweep (marker = repeat)", fontsize=10)
     return _save(fig, path)

@@ -12,7 +12,7 @@ Layout of ``RUN_DIR``::
     environment.json   versions, kernel, CPU, netem capability, backend, image ids
     manifest.json      the splitter's manifest (parts/ holds the part files)
     samples.csv        one row per sample
-    summary.csv        one row per configuration (profile x split), written last:
+    summary.csv        one row per configuration (repeat x profile x split), written last:
                        a configuration is finished when its summary row exists
     parts.csv          per configuration, per part, per node: file bytes, delivery, KPIs
     layers.csv         per node, per layer: latency stats, output bytes, params, MACs
@@ -37,27 +37,39 @@ SAMPLES, SUMMARY, PARTS, LAYERS = "samples.csv", "summary.csv", "parts.csv", "la
 ENVIRONMENT, CONFIG, MANIFEST = "environment.json", "config.yaml", "manifest.json"
 
 # Per-sample timings in the order the measurement contract lists them.
-TIMINGS = ("head", "encode", "uplink", "remote_decode", "tail", "remote_encode", "downlink", "decode", "e2e")
-# The parts of e2e that do not overlap: their sum can never exceed e2e.
-E2E_PARTS = ("head", "encode", "uplink", "remote_decode", "tail", "remote_encode", "downlink", "decode")
+TIMINGS = ("head", "encode", "uplink", "remote_rx_lag", "remote_decode", "tail", "remote_encode", "downlink",
+           "local_rx_lag", "decode", "e2e")
+# The parts of e2e that do not overlap, in the order they happen: their sum can never exceed e2e.
+E2E_PARTS = TIMINGS[:-1]
 STATS = ("mean", "std", "p10", "p50", "p90", "p99")
 
-CONFIG_KEY = ("profile", "split")
+# A configuration is one (repeat, profile, split); repeat is 0 unless runs.repeat > 1.
+CONFIG_KEY = ("repeat", "profile", "split")
+
+# Per node, over the sample: CPU time of the node's cgroup, CFS periods in which it
+# was throttled, time spent throttled (None: the counters were not readable).
+CPU_COLUMNS = tuple(f"{node}_{c}" for node in ("local", "remote")
+                    for c in ("cpu_s", "throttled_periods", "throttled_s"))
 
 SAMPLE_COLUMNS = (
-    "profile", "split", "sample", "input_index", "codec", "input_encoding",
+    "repeat", "profile", "split", "sample", "input_index", "codec", "input_encoding",
     "emulation_uplink", "emulation_downlink", "clock",
     *(f"{t}_s" for t in TIMINGS),
     "cut_bytes_raw", "cut_bytes_wire", "result_bytes_wire",
+    "uplink_ideal_s", "downlink_ideal_s", "uplink_over_ideal", "downlink_over_ideal",
+    *CPU_COLUMNS,
 )
 
 SUMMARY_COLUMNS = (
-    "profile", "split", "codec", "input_encoding", "emulation_uplink", "emulation_downlink", "clock",
+    "repeat", "profile", "split", "codec", "input_encoding", "emulation_uplink", "emulation_downlink", "clock",
     "uplink_rate_bps", "uplink_delay_s", "uplink_loss_pct",
     "downlink_rate_bps", "downlink_delay_s", "downlink_loss_pct",
     "count", "warmup", "cut_bytes_raw", "cut_bytes_wire", "result_bytes_wire",
-    "head_file_bytes", "tail_file_bytes", "delivery_s", "sampling_s", "wall_s",
+    "head_file_bytes", "tail_file_bytes", "delivery_s", "delivery_ideal_s", "sampling_s", "wall_s",
     *(f"{t}_{s}_s" for t in TIMINGS for s in STATS),
+    "e2e_p50_ci_low_s", "e2e_p50_ci_high_s", "e2e_p50_ci_level",
+    "uplink_ideal_s", "downlink_ideal_s", "uplink_over_ideal_p50", "downlink_over_ideal_p50",
+    "local_throttled_samples", "remote_throttled_samples", "local_cpu_mean_s", "remote_cpu_mean_s",
 )
 
 KPI_COLUMNS = (
@@ -65,7 +77,7 @@ KPI_COLUMNS = (
     "init_memory_bytes", "peak_memory_bytes",
 )
 PART_COLUMNS = (
-    "profile", "split", "part", "node", "file_bytes", "sha256", "delivery_s", "kpi_profile", *KPI_COLUMNS,
+    "repeat", "profile", "split", "part", "node", "file_bytes", "sha256", "delivery_s", "kpi_profile", *KPI_COLUMNS,
 )
 
 LAYER_COLUMNS = (
@@ -76,8 +88,9 @@ LAYER_COLUMNS = (
 _TEXT = {"profile", "codec", "input_encoding", "emulation_uplink", "emulation_downlink", "clock",
          "part", "node", "sha256", "kpi_profile", "op"}
 _INT_SUFFIX = ("_bytes", "_bytes_raw", "_bytes_wire")
-_INTS = {"split", "sample", "input_index", "count", "warmup", "layer", "params", "macs", "runs", "threads",
-         "uplink_rate_bps", "downlink_rate_bps"}
+_INTS = {"repeat", "split", "sample", "input_index", "count", "warmup", "layer", "params", "macs", "runs",
+         "threads", "uplink_rate_bps", "downlink_rate_bps", "local_throttled_periods", "remote_throttled_periods",
+         "local_throttled_samples", "remote_throttled_samples"}
 
 
 def summarize(values: Sequence[float]) -> dict[str, float | None]:
@@ -94,28 +107,100 @@ def summarize(values: Sequence[float]) -> dict[str, float | None]:
     }
 
 
+def median_ci(values: Sequence[float], level: float = 0.95) -> tuple[float | None, float | None, float | None]:
+    """Distribution-free confidence interval of the median: (low, high, confidence).
+
+    Order statistics: for n sorted values, [x(j), x(n+1-j)] holds the median with
+    probability 1 - 2 P(B <= j-1), B ~ Binomial(n, 1/2), whatever the distribution.
+    Returns the narrowest such interval with confidence >= ``level``; with too few
+    values for that (n <= 5 at 95 %) it returns [min, max] and the confidence it
+    really has (n = 3: 0.75), so a reader never sees a level that was not reached.
+    """
+    arr = sorted(v for v in values if v is not None and not math.isnan(v))
+    n = len(arr)
+    if n == 0:
+        return None, None, None
+
+    def confidence(j: int) -> float:  # of [x(j), x(n+1-j)] (1-based): 1 - 2 P(B <= j-1)
+        return 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2 ** n
+
+    best_j = 1
+    for j in range(2, (n + 1) // 2 + 1):
+        if confidence(j) < level:
+            break
+        best_j = j
+    confidence_reached = confidence(best_j)
+    return arr[best_j - 1], arr[n - best_j], confidence_reached
+
+
+def wire_bytes(payload_bytes: int, mss: int | None, mtu: int | None, l2_header: int = 14) -> int:
+    """Bytes a TCP payload occupies on an Ethernet link: each segment of at most
+    ``mss`` payload bytes carries the IP and TCP headers (``mtu - mss``: 52 with
+    timestamps at MTU 1500) and the L2 header the qdisc counts (14)."""
+    if payload_bytes <= 0:
+        return 0
+    mss = mss or 1448
+    per_segment = (mtu - mss if mtu and mtu > mss else 52) + l2_header
+    return payload_bytes + math.ceil(payload_bytes / mss) * per_segment
+
+
+def ideal_transfer_s(payload_bytes: int | None, rate_bps: float | None, delay_s: float | None,
+                     mss: int | None, mtu: int | None) -> float | None:
+    """Framing-aware ideal time of one transfer: one-way delay + wire bytes at the rate.
+
+    None when the direction has no rate (nothing to compare with) or nothing crossed."""
+    if not payload_bytes or not rate_bps:
+        return None
+    return (delay_s or 0.0) + wire_bytes(int(payload_bytes), mss, mtu) * 8 / rate_bps
+
+
 @dataclass
 class ConfigurationResult:
-    """Everything one configuration (profile x split) produced."""
+    """Everything one configuration (repeat x profile x split) produced."""
 
     profile: str
     split: int
     samples: list[dict[str, Any]]
     summary: dict[str, Any] = field(default_factory=dict)  # the non-timing summary columns
     parts: list[dict[str, Any]] = field(default_factory=list)
+    repeat: int = 0
 
     def summary_row(self) -> dict[str, Any]:
-        row: dict[str, Any] = {"profile": self.profile, "split": self.split, "count": len(self.samples)}
+        row: dict[str, Any] = {"repeat": self.repeat, "profile": self.profile, "split": self.split,
+                               "count": len(self.samples)}
         row.update(self.summary)
-        for t in TIMINGS:
-            stats = summarize([s.get(f"{t}_s") for s in self.samples if s.get(f"{t}_s") is not None])
-            for s, v in stats.items():
-                row[f"{t}_{s}_s"] = v
+        row.update(sample_statistics(self.samples))
         for col in ("cut_bytes_raw", "cut_bytes_wire", "result_bytes_wire", "clock"):
             if col not in row:
                 vals = [s.get(col) for s in self.samples if s.get(col) is not None]
                 row[col] = vals[0] if vals else None
         return row
+
+
+def _median(values: Iterable[Any]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return float(np.median(vals)) if vals else None
+
+
+def sample_statistics(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The summary columns computed from samples: timing statistics, the median e2e's
+    confidence interval, ideal-vs-measured transfer ratios and CPU throttling."""
+    row: dict[str, Any] = {}
+    for t in TIMINGS:
+        for s, v in summarize([x.get(f"{t}_s") for x in samples]).items():
+            row[f"{t}_{s}_s"] = v
+    low, high, level = median_ci([x.get("e2e_s") for x in samples])
+    row.update(e2e_p50_ci_low_s=low, e2e_p50_ci_high_s=high, e2e_p50_ci_level=level)
+    for d in ("uplink", "downlink"):
+        row[f"{d}_ideal_s"] = _median(x.get(f"{d}_ideal_s") for x in samples)
+        row[f"{d}_over_ideal_p50"] = _median(x.get(f"{d}_over_ideal") for x in samples)
+    for node in ("local", "remote"):
+        periods = [x.get(f"{node}_throttled_periods") for x in samples]
+        row[f"{node}_throttled_samples"] = (sum(1 for p in periods if p) if any(p is not None for p in periods)
+                                            else None)
+        cpu = [x[f"{node}_cpu_s"] for x in samples if x.get(f"{node}_cpu_s") is not None]
+        row[f"{node}_cpu_mean_s"] = float(np.mean(cpu)) if cpu else None
+    return row
 
 
 def _cell(value: Any) -> str:
@@ -211,7 +296,7 @@ class RunFolder:
                 continue
             with path.open(newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))
-            keep = [r for r in rows if (r["profile"], int(r["split"])) in done]
+            keep = [r for r in rows if (int(r.get("repeat") or 0), r["profile"], int(r["split"])) in done]
             if len(keep) != len(rows):
                 with path.with_name(name + ".tmp").open("w", newline="", encoding="utf-8") as f:
                     w = csv.DictWriter(f, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
@@ -232,7 +317,7 @@ class RunFolder:
 
     def append_configuration(self, result: ConfigurationResult) -> dict[str, Any]:
         """Append one finished configuration; returns its summary row."""
-        key = {"profile": result.profile, "split": result.split}
+        key = {"repeat": result.repeat, "profile": result.profile, "split": result.split}
         _append(self.path / PARTS, PART_COLUMNS, ({**p, **key} for p in result.parts))
         _append(self.path / SAMPLES, SAMPLE_COLUMNS,
                 ({**s, **key, "sample": s.get("sample", i)} for i, s in enumerate(result.samples)))
@@ -245,22 +330,28 @@ class RunFolder:
 
     # --- reading ----------------------------------------------------------
 
-    def finished(self) -> set[tuple[str, int]]:
-        """(profile, split) of every configuration with a summary row."""
-        return {(r["profile"], r["split"]) for r in read_csv(self.path / SUMMARY)}
+    def finished(self) -> set[tuple[int, str, int]]:
+        """(repeat, profile, split) of every configuration with a summary row."""
+        return {config_key(r) for r in read_csv(self.path / SUMMARY)}
 
     def layer_nodes(self) -> set[str]:
         """Nodes whose per-layer profile is already recorded."""
         return {r["node"] for r in read_csv(self.path / LAYERS)}
 
     def samples(self) -> list[dict[str, Any]]:
-        return read_csv(self.path / SAMPLES)
+        return _with_repeat(read_csv(self.path / SAMPLES))
 
     def summary(self) -> list[dict[str, Any]]:
-        return read_csv(self.path / SUMMARY)
+        """One row per finished configuration, repeats apart."""
+        return _with_repeat(read_csv(self.path / SUMMARY))
+
+    def configurations(self) -> list[dict[str, Any]]:
+        """One row per (profile, split), repeats pooled (``pool_repeats``): what the
+        report and the planner compare."""
+        return pool_repeats(self.summary(), self.samples())
 
     def parts(self) -> list[dict[str, Any]]:
-        return read_csv(self.path / PARTS)
+        return _with_repeat(read_csv(self.path / PARTS))
 
     def layers(self) -> list[dict[str, Any]]:
         return read_csv(self.path / LAYERS)
@@ -275,3 +366,52 @@ class RunFolder:
     def manifest(self) -> dict[str, Any]:
         path = self.path / MANIFEST
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def config_key(row: dict[str, Any]) -> tuple[int, str, int]:
+    """(repeat, profile, split) of a result row (repeat 0 for folders written before repeats)."""
+    return int(row.get("repeat") or 0), row["profile"], int(row["split"])
+
+
+def _with_repeat(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for r in rows:
+        if r.get("repeat") is None:
+            r["repeat"] = 0
+    return rows
+
+
+# Summary columns that add up over repeats; the rest are the same in every repeat
+# (link, sizes, codec) or are recomputed from the pooled samples.
+_ADDITIVE = ("count", "sampling_s", "wall_s")
+
+
+def pool_repeats(summary: list[dict[str, Any]], samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge the repeats of each (profile, split) into one row, in first-seen order.
+
+    Timing statistics, the median's confidence interval and the ratios are
+    recomputed from all repeats' samples; counts and wall times add up;
+    ``repeats`` says how many were pooled and ``e2e_p50_repeat_spread`` is the
+    largest ÷ smallest per-repeat median e2e (1.0 = the repeats agree exactly).
+    A run with one repeat comes back row for row, with ``repeats`` = 1."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in summary:
+        groups.setdefault((r["profile"], r["split"]), []).append(r)
+    by_config: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for x in samples:
+        by_config.setdefault((x["profile"], x["split"]), []).append(x)
+    out = []
+    for key, rows in groups.items():
+        row = dict(rows[0])
+        row.pop("repeat", None)
+        row["repeats"] = len(rows)
+        p50s = [r["e2e_p50_s"] for r in rows if r.get("e2e_p50_s")]
+        row["e2e_p50_repeat_spread"] = max(p50s) / min(p50s) if len(p50s) > 1 else None
+        if len(rows) > 1:
+            for col in _ADDITIVE:
+                vals = [r.get(col) for r in rows if r.get(col) is not None]
+                row[col] = sum(vals) if vals else None
+            delivery = [r["delivery_s"] for r in rows if r.get("delivery_s") is not None]
+            row["delivery_s"] = float(np.median(delivery)) if delivery else None
+            row.update(sample_statistics(by_config.get(key, [])))
+        out.append(row)
+    return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import random
 import secrets
 import signal
 import threading
@@ -35,7 +36,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 from testbed.errors import ConfigError, Interrupted, TestbedError
 from testbed.experiment import Experiment, load_experiment, parse_host_port, resolved_dict
-from testbed.results import ConfigurationResult, RunFolder
+from testbed.results import ConfigurationResult, RunFolder, ideal_transfer_s
 
 # Extra samples taken to reach min_seconds are asked for in batches sized from
 # the time per sample so far, at most this many per control round trip.
@@ -53,6 +54,19 @@ class SweepOptions:
     progress: bool = True
 
 
+@dataclass(frozen=True)
+class Configuration:
+    """One point of the sweep: a repeat of one split point at one link profile."""
+
+    repeat: int
+    profile: Any                         # testbed.link.profile.LinkProfile
+    split: int
+
+    @property
+    def key(self) -> tuple[int, str, int]:
+        return self.repeat, self.profile.name, self.split
+
+
 @dataclass
 class Plan:
     """What the sweep will do, resolved before anything is deployed."""
@@ -65,11 +79,26 @@ class Plan:
     manifest: dict[str, Any] = field(default_factory=dict)
     parts_dir: Path | None = None        # where the manifest's part files are
     n_inputs: int = 1
+    seed: int = 0                        # of the shuffled order when runs.repeat > 1
 
     @property
-    def configurations(self) -> list[tuple[Any, int]]:
-        """Profile outer, split inner: the link changes in place len(profiles) times."""
-        return [(p, k) for p in self.profiles for k in self.splits]
+    def configurations(self) -> list[Configuration]:
+        """Profile outer, split inner, so the link changes in place once per profile
+        and repeat. With several repeats each one walks profiles and split points
+        in its own shuffled order (``seed`` + repeat), recorded in config.yaml."""
+        repeats = self.experiment.runs.repeat
+        out = []
+        for r in range(repeats):
+            profiles, splits = list(self.profiles), list(self.splits)
+            if repeats > 1:
+                rng = random.Random(self.seed + r)
+                rng.shuffle(profiles)
+            for prof in profiles:
+                order = list(splits)
+                if repeats > 1:
+                    rng.shuffle(order)
+                out += [Configuration(r, prof, k) for k in order]
+        return out
 
 
 # --------------------------------------------------------------------------- signals
@@ -119,7 +148,8 @@ def plan(experiment: Experiment) -> Plan:
     profiles = experiment.load_profiles()
     model_path = Path(resolve(experiment.model.as_spec()))
     graph = ModelGraph.from_file(model_path)
-    return Plan(experiment, profiles, model_path, graph, experiment.split_points(graph.num_layers))
+    seed = experiment.runs.seed if experiment.runs.seed is not None else secrets.randbelow(2**31)
+    return Plan(experiment, profiles, model_path, graph, experiment.split_points(graph.num_layers), seed=seed)
 
 
 def _split_parts(p: Plan, run: RunFolder) -> None:
@@ -157,7 +187,8 @@ def _inputs(p: Plan) -> list[Any]:
 
 # --------------------------------------------------------------------------- environment
 
-def _environment(p: Plan, run_id: str, dep: Any, caps: Any, options: SweepOptions) -> dict[str, Any]:
+def _environment(p: Plan, run_id: str, dep: Any, caps: Any, options: SweepOptions,
+                 cpu_plan: Any) -> dict[str, Any]:
     import importlib.metadata as md
 
     def version(dist: str) -> str | None:
@@ -185,6 +216,8 @@ def _environment(p: Plan, run_id: str, dep: Any, caps: Any, options: SweepOption
         "link_capabilities": {k: getattr(caps, k) for k in ("netem", "htb", "tbf") if hasattr(caps, k)},
         "model": {"path": str(p.model_path), **{k: p.manifest["model"].get(k) for k in ("sha256", "layers", "bytes")}},
         "threads": {"local": p.experiment.nodes.local.threads, "remote": p.experiment.nodes.remote.threads},
+        "cpu_assignment": cpu_plan.as_dict(),
+        "order_seed": p.seed if p.experiment.runs.repeat > 1 else None,
     }
 
 
@@ -274,6 +307,30 @@ def _loss_pct(d: Any) -> float | None:
     return getattr(loss, "random_pct", None) if loss is not None else None
 
 
+def _constant(prof: Any, direction: str) -> Any:
+    """The direction's parameters when they hold for the whole configuration
+    (None for an unshaped direction or a time-varying trace)."""
+    schedule = prof.schedule(direction)
+    return schedule[0][1] if len(schedule) == 1 else None
+
+
+def _ideal(prof: Any, direction: str, payload: Any, mss: Any, mtu: Any) -> float | None:
+    d = _constant(prof, direction)
+    if d is None or not payload:
+        return None
+    return ideal_transfer_s(int(payload), getattr(d, "rate_bps", None), getattr(d, "delay_s", None), mss, mtu)
+
+
+def _add_ideals(prof: Any, sample: dict[str, Any]) -> None:
+    """Framing-aware ideal of each direction's transfer, and measured ÷ ideal."""
+    for direction, sent in (("uplink", "uplink_bytes"), ("downlink", "downlink_bytes")):
+        ideal = _ideal(prof, direction, sample.get(sent), sample.get(f"{direction}_mss"),
+                       sample.get(f"{direction}_mtu"))
+        measured = sample.get(f"{direction}_s")
+        sample[f"{direction}_ideal_s"] = ideal
+        sample[f"{direction}_over_ideal"] = measured / ideal if ideal and measured else None
+
+
 def _link_columns(prof: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for direction in ("uplink", "downlink"):
@@ -357,9 +414,10 @@ def _kpis(client: Any, role: str, runs: Any, threads: int | None) -> dict[str, A
     return client.kpis(role=role, runs=runs.kpi_runs, warmup=max(1, runs.warmup), threads=threads)
 
 
-def _run_configuration(p: Plan, nodes: _Nodes, link: _Link, prof: Any, k: int,
+def _run_configuration(p: Plan, nodes: _Nodes, link: _Link, c: Configuration,
                        measured_kpis: dict[tuple[int, str], dict[str, Any]], metrics: Any) -> ConfigurationResult:
     exp = p.experiment
+    prof, k = c.profile, c.split
     entry = _split_entry(p, k)
     t_start = time.monotonic()
 
@@ -373,11 +431,12 @@ def _run_configuration(p: Plan, nodes: _Nodes, link: _Link, prof: Any, k: int,
     # the local node over the shaped downlink, as the scenario delivers the split
     # model from the network to the device; that delivery is timed by the agents.
     nodes.remote.load_part("tail", tail, entry["tail_sha256"], threads=exp.nodes.remote.threads)
-    delivery_s = None
+    delivery_s = delivery_ideal_s = None
     if head is not None:
         timing = nodes.remote.deliver_part(nodes.local, head, entry["head_sha256"], role="head",
                                            threads=exp.nodes.local.threads)
         delivery_s = float(timing["delivery_s"])
+        delivery_ideal_s = _ideal(prof, "downlink", timing.get("wire_bytes"), timing.get("mss"), timing.get("mtu"))
         metrics.observe_delivery(k, prof.name, delivery_s, size_bytes=len(head))
     else:
         nodes.local.load_part("head", None)
@@ -405,6 +464,7 @@ def _run_configuration(p: Plan, nodes: _Nodes, link: _Link, prof: Any, k: int,
         s.setdefault("input_encoding", exp.input_encoding)
         s["emulation_uplink"] = link.emulation["uplink"]
         s["emulation_downlink"] = link.emulation["downlink"]
+        _add_ideals(prof, s)
         metrics.observe_sample(k, prof.name, s)
 
     summary = {
@@ -412,9 +472,11 @@ def _run_configuration(p: Plan, nodes: _Nodes, link: _Link, prof: Any, k: int,
         "emulation_uplink": link.emulation["uplink"], "emulation_downlink": link.emulation["downlink"],
         **_link_columns(prof), "warmup": exp.runs.warmup,
         "head_file_bytes": entry.get("head_bytes"), "tail_file_bytes": entry.get("tail_bytes"),
-        "delivery_s": delivery_s, "sampling_s": sampling_s, "wall_s": time.monotonic() - t_start,
+        "delivery_s": delivery_s, "delivery_ideal_s": delivery_ideal_s,
+        "sampling_s": sampling_s, "wall_s": time.monotonic() - t_start,
     }
-    return ConfigurationResult(profile=prof.name, split=k, samples=samples, summary=summary, parts=parts_rows)
+    return ConfigurationResult(profile=prof.name, split=k, samples=samples, summary=summary, parts=parts_rows,
+                               repeat=c.repeat)
 
 
 # --------------------------------------------------------------------------- layers
@@ -495,10 +557,33 @@ def _publish_targets(exp: Experiment, run_name: str, metrics: Any, server: Any, 
     return undo
 
 
-def _node_spec(cfg: Any) -> Any:
+def _node_spec(cfg: Any, cpuset: tuple[int, ...] | None) -> Any:
     from testbed.deploy import NodeSpec
 
-    return NodeSpec(cpus=cfg.cpus, memory_bytes=cfg.memory, threads=cfg.threads)
+    return NodeSpec(cpus=cfg.cpus, memory_bytes=cfg.memory, threads=cfg.threads, cpuset=cpuset)
+
+
+def _cpu_plan(exp: Experiment) -> Any:
+    from testbed.deploy.cpus import plan_cpus
+
+    n = exp.nodes
+    return plan_cpus(n.local.cpus, n.remote.cpus, mode=n.pinning, local_set=n.local.cpu_list,
+                     remote_set=n.remote.cpu_list)
+
+
+@contextlib.contextmanager
+def _pinned(cpus: tuple[int, ...] | None) -> Iterator[None]:
+    """Run this thread (and the threads it starts: metrics server, progress,
+    steppers) on ``cpus``, off the local node's cores; restore afterwards."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def run_experiment(path: str | Path, options: SweepOptions = SweepOptions(),
@@ -540,7 +625,12 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
     _split_parts(p, run)
     finished = run.finished()
     measured_kpis = _kpis_from(run)
-    run.write_config(resolved_dict(exp, p.splits, model=dict(p.manifest["model"]), profiles=p.profiles))
+    old_seed = (run.config() or {}).get("order_seed") if options.resume is not None else None
+    if old_seed is not None:
+        p.seed = int(old_seed)  # a resumed run keeps its recorded order
+    config = resolved_dict(exp, p.splits, model=dict(p.manifest["model"]), profiles=p.profiles)
+    config["order_seed"] = p.seed if exp.runs.repeat > 1 else None
+    run.write_config(config)
     todo = pending(p.configurations, finished)
     total = len(p.configurations)
     console.print(f"run folder: {run.path}  ({total} configurations, {total - len(todo)} already done)")
@@ -553,16 +643,21 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
     backend = options.backend or exp.nodes.backend
     from testbed.deploy import deploy
 
+    cpu_plan = _cpu_plan(exp)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_pinned(cpu_plan.orchestrator))
         metrics, server = stack.enter_context(_metrics(exp, run.path.name, listen, console))
-        dep = stack.enter_context(deploy(run_id, _node_spec(exp.nodes.local), _node_spec(exp.nodes.remote),
+        dep = stack.enter_context(deploy(run_id, _node_spec(exp.nodes.local, cpu_plan.local),
+                                         _node_spec(exp.nodes.remote, cpu_plan.remote),
                                          backend=backend, token=token))
         console.print(f"backend: {dep.backend}  run id: {run_id}")
+        for note in cpu_plan.notes:
+            console.print(f"cpus: {note}")
         stack.callback(_publish_targets(exp, run.path.name, metrics, server, dep))
         link = _Link(dep)
         stack.callback(link.clear)
         link.check(p.profiles)
-        env = _environment(p, run_id, dep, link.capabilities(), options)
+        env = _environment(p, run_id, dep, link.capabilities(), options, cpu_plan)
         old_env = run.environment()
         if old_env:
             env = {**old_env, "resumed": [*old_env.get("resumed", []), env]}
@@ -577,9 +672,9 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
         _sweep(p, nodes, link, run, todo, total, measured_kpis, metrics, console, options)
 
 
-def pending(configurations: list[tuple[Any, int]], finished: set[tuple[str, int]]) -> list[tuple[Any, int]]:
+def pending(configurations: list[Configuration], finished: set[tuple[int, str, int]]) -> list[Configuration]:
     """The configurations still to measure, in sweep order (``--resume`` skips the rest)."""
-    return [(prof, k) for prof, k in configurations if (prof.name, k) not in finished]
+    return [c for c in configurations if c.key not in finished]
 
 
 def _kpis_from(run: RunFolder) -> dict[tuple[int, str], dict[str, Any]]:
@@ -594,7 +689,7 @@ def _kpis_from(run: RunFolder) -> dict[tuple[int, str], dict[str, Any]]:
     return out
 
 
-def _sweep(p: Plan, nodes: _Nodes, link: _Link, run: RunFolder, todo: list[tuple[Any, int]], total: int,
+def _sweep(p: Plan, nodes: _Nodes, link: _Link, run: RunFolder, todo: list[Configuration], total: int,
            measured_kpis: dict[tuple[int, str], dict[str, Any]], metrics: Any, console: Console,
            options: SweepOptions) -> None:
     done = total - len(todo)
@@ -602,7 +697,8 @@ def _sweep(p: Plan, nodes: _Nodes, link: _Link, run: RunFolder, todo: list[tuple
     with _progress(console, options.progress) as bar:
         task = bar.add_task("starting", total=total, completed=done)
         metrics.set_progress(done, total)
-        for prof, k in todo:
+        for c in todo:
+            prof, k = c.profile, c.split
             if prof is not current_profile:
                 link.apply(prof)
                 current_profile = prof
@@ -613,10 +709,11 @@ def _sweep(p: Plan, nodes: _Nodes, link: _Link, run: RunFolder, todo: list[tuple
                                      _loss_pct(d),
                                      jitter_s=getattr(d, "jitter_s", None) if d else None,
                                      emulation=link.emulation[direction])
-            bar.update(task, description=f"{prof.name}  k={k}")
+            where = f"repeat {c.repeat + 1}/{p.experiment.runs.repeat}  " if p.experiment.runs.repeat > 1 else ""
+            bar.update(task, description=f"{where}{prof.name}  k={k}")
             eta = bar.tasks[0].time_remaining
             metrics.configuration_started(k, prof.name, total=total, done=done, eta_s=eta)
-            result = _run_configuration(p, nodes, link, prof, k, measured_kpis, metrics)
+            result = _run_configuration(p, nodes, link, c, measured_kpis, metrics)
             run.append_configuration(result)
             done += 1
             bar.update(task, completed=done)

@@ -62,11 +62,12 @@ def _write(path: Path, value: str) -> None:
 
 def create(name: str, cpus: float | None, memory_bytes: int | None) -> Group:
     """Make the group(s) and write the limits. Never raises for "host does not
-    allow": returns a Group with ``how`` explaining and limits left None."""
+    allow": returns a Group with ``how`` explaining and limits left None.
+
+    A CPU group is made even without a CPU limit: the agent reads its own
+    group's CPU time and throttling per sample (``nodes.cpu_account``), which
+    must be the node's alone, not the orchestrator's group it would inherit."""
     g = Group(name=name)
-    if cpus is None and memory_bytes is None:
-        g.how = "no limits asked"
-        return g
     try:
         if _is_v2():
             _create_v2(g, cpus, memory_bytes)
@@ -78,40 +79,48 @@ def create(name: str, cpus: float | None, memory_bytes: int | None) -> Group:
     return g
 
 
-def _create_v1(g: Group, cpus: float | None, memory_bytes: int | None) -> None:
-    hows = []
-    if cpus is not None:
-        base = _v1_controller_dir("cpu")
-        if base is None:
-            raise OSError(errno.ENOENT, "no cgroup v1 cpu controller")
-        d = base / _own_v1_path("cpu") / g.name
+def _v1_group(g: Group, controller: str) -> Path | None:
+    """Make (or reuse, when co-mounted) the group's directory in one v1 hierarchy."""
+    base = _v1_controller_dir(controller)
+    if base is None:
+        return None
+    d = (base / _own_v1_path(controller) / g.name).resolve()
+    if str(d) not in g.dirs:
         d.mkdir(exist_ok=True)
         g.dirs.append(str(d))
+        g.procs_files.append(str(d / "cgroup.procs"))
+    return d
+
+
+def _create_v1(g: Group, cpus: float | None, memory_bytes: int | None) -> None:
+    hows = []
+    d = _v1_group(g, "cpu")
+    _v1_group(g, "cpuacct")  # CPU time per node (its own hierarchy on some hosts)
+    if cpus is not None:
+        if d is None:
+            raise OSError(errno.ENOENT, "no cgroup v1 cpu controller")
         _write(d / "cpu.cfs_period_us", str(CFS_PERIOD_US))
         _write(d / "cpu.cfs_quota_us", str(max(1000, int(round(cpus * CFS_PERIOD_US)))))
-        g.procs_files.append(str(d / "cgroup.procs"))
         g.cpus = cpus
         hows.append("cpu.cfs_quota_us")
     if memory_bytes is not None:
         base = _v1_controller_dir("memory")
         if base is None:
             raise OSError(errno.ENOENT, "no cgroup v1 memory controller")
-        d = base / _own_v1_path("memory") / g.name
-        d.mkdir(exist_ok=True)
-        g.dirs.append(str(d))
+        d = _v1_group(g, "memory")
         _write(d / "memory.limit_in_bytes", str(memory_bytes))
         # No swap beyond the limit (the file exists only with swap accounting).
         if (d / "memory.memsw.limit_in_bytes").exists():
             _write(d / "memory.memsw.limit_in_bytes", str(memory_bytes))
-        g.procs_files.append(str(d / "cgroup.procs"))
         g.memory_bytes = memory_bytes
         hows.append("memory.limit_in_bytes")
-    g.how = "cgroup v1 (" + ", ".join(hows) + ")"
+    g.how = "cgroup v1 (" + (", ".join(hows) or "accounting only, no limits asked") + ")"
 
 
 def _create_v2(g: Group, cpus: float | None, memory_bytes: int | None) -> None:
     available = (ROOT / "cgroup.controllers").read_text().split()
-    need = (["cpu"] if cpus is not None else []) + (["memory"] if memory_bytes is not None else [])
+    # cpu always: its cpu.stat carries the CPU time and throttling the agent reports.
+    need = ["cpu"] + (["memory"] if memory_bytes is not None else [])
     missing = [c for c in need if c not in available]
     if missing:
         raise OSError(errno.ENOTSUP, f"cgroup v2 lacks {' '.join(missing)}")
@@ -131,8 +140,8 @@ def _create_v2(g: Group, cpus: float | None, memory_bytes: int | None) -> None:
             _write(d / "memory.swap.max", "0")
         g.memory_bytes = memory_bytes
     g.procs_files.append(str(d / "cgroup.procs"))
-    g.how = "cgroup v2 (" + ", ".join(f for f, v in (("cpu.max", cpus), ("memory.max", memory_bytes))
-                                       if v is not None) + ")"
+    g.how = "cgroup v2 (" + (", ".join(f for f, v in (("cpu.max", cpus), ("memory.max", memory_bytes))
+                                        if v is not None) or "accounting only, no limits asked") + ")"
 
 
 def pids(dirs: list[str]) -> set[int]:
@@ -172,7 +181,7 @@ def find(prefix: str) -> list[str]:
     if _is_v2():
         found += [str(p) for p in ROOT.glob(prefix + "*") if p.is_dir()]
         return found
-    for controller in ("cpu", "memory"):
+    for controller in ("cpu", "cpuacct", "memory"):
         base = _v1_controller_dir(controller)
         if base is None:
             continue

@@ -27,6 +27,7 @@ import docker
 from docker.errors import APIError, BuildError, DockerException, ImageNotFound, NotFound
 
 from testbed.deploy import kernel, owner
+from testbed.deploy.cpus import format_cpuset
 from testbed.deploy.node import (CONTROL_PORT, DATA_PORT, METRICS_PORT, ROLES, Node,
                                  NodeSpec, make_target)
 from testbed.errors import NodeError
@@ -150,6 +151,8 @@ def _create_container(client, run_id: str, role: str, spec: NodeSpec, image: str
         kwargs["entrypoint"] = list(entrypoint)
     if spec.cpus is not None:
         kwargs["nano_cpus"] = int(round(spec.cpus * 1e9))
+    if spec.cpuset:
+        kwargs["cpuset_cpus"] = format_cpuset(spec.cpuset)
     if spec.memory_bytes is not None:
         # memswap == memory: no swap on top of the limit, so the node cannot
         # page its way past what the experiment gives it.
@@ -186,6 +189,7 @@ def _node_from(container, run_id: str, role: str, image: str, image_ref: str) ->
     host_cfg = attrs["HostConfig"]
     nano = host_cfg.get("NanoCpus") or 0
     mem = host_cfg.get("Memory") or 0
+    cpuset = host_cfg.get("CpusetCpus") or None
     return Node(
         name=role, backend="docker",
         control_host=ctl["IPAddress"], control_port=CONTROL_PORT,
@@ -194,7 +198,8 @@ def _node_from(container, run_id: str, role: str, image: str, image_ref: str) ->
         shaping=make_target(dev, pid=pid),
         cpus=nano / 1e9 if nano else None, memory_bytes=mem or None, clock_shared=True,
         details={"container": container.name, "container_id": container.id, "pid": pid,
-                 "image": image_ref, "image_id": image, "limits": "docker (cgroups)"},
+                 "image": image_ref, "image_id": image, "limits": "docker (cgroups)",
+                 "cpuset": cpuset},
     )
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from testbed.deploy import cgroups, kernel, owner
+from testbed.deploy.cpus import format_cpuset
 from testbed.deploy.node import (CONTROL_PORT, DATA_PORT, METRICS_PORT, ROLES, Node,
                                  NodeSpec, make_target)
 from testbed.errors import NodeError
@@ -137,16 +138,28 @@ def _spawn(run_id: str, role: str, addrs: dict, group: cgroups.Group, spec: Node
     if spec.threads:
         args += ["--threads", str(spec.threads)]
     program = list(agent_argv) if agent_argv else [sys.executable, "-m", "nodes.agent"]
+    # nsenter enters the network namespace only; `ip netns exec` would also
+    # remount /sys in a new mount namespace, hiding /sys/fs/cgroup, where the
+    # agent reads its own CPU counters.
     argv = ["sh", "-c", _JOIN_CGROUPS, "sh", *group.procs_files, "--",
-            "ip", "netns", "exec", ns, *program, *args]
+            "nsenter", f"--net={kernel.NETNS_DIR}/{ns}", "--", *program, *args]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": workdir, "LANG": "C.UTF-8",
            "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "TESTBED_TOKEN": token}
     logf = open(os.path.join(workdir, "agent.log"), "ab")
+    cpuset = spec.cpuset
+
+    def pin() -> None:
+        # Runs in the child before exec: the affinity is inherited through
+        # sh, ip netns exec and the agent's threads.
+        if cpuset:
+            os.sched_setaffinity(0, cpuset)
+
     try:
         # A session of its own: a Ctrl-C in the terminal reaches the
         # orchestrator only, which then tears the nodes down in order.
         return subprocess.Popen(argv, env=env, cwd=workdir, stdin=subprocess.DEVNULL,
-                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=pin if cpuset else None)
     finally:
         logf.close()
 
@@ -201,7 +214,8 @@ def start(run_id: str, specs: dict[str, NodeSpec], token: str, *,
             shaping=make_target(DATA_DEV, netns=ns),
             cpus=group.cpus, memory_bytes=group.memory_bytes, clock_shared=True,
             details={"netns": ns, "pid": proc.pid, "cgroups": group.dirs, "limits": group.how,
-                     "workdir": workdir, "python": sys.executable},
+                     "workdir": workdir, "python": sys.executable,
+                     "cpuset": format_cpuset(spec.cpuset) if spec.cpuset else None},
         )
         checks[role] = _alive_check(proc, workdir)
     return nodes, checks

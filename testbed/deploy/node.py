@@ -50,13 +50,15 @@ class NodeSpec:
     """What an experiment asks of one node. ``None`` means "no limit / default".
 
     ``threads`` is passed through to the agent's LiteRT interpreter by the sweep;
-    backends only apply ``cpus`` (CPU bandwidth, may be fractional) and
-    ``memory_bytes`` (hard memory limit).
+    backends apply ``cpus`` (CPU bandwidth, may be fractional), ``memory_bytes``
+    (hard memory limit) and ``cpuset`` (the host CPUs the node may run on,
+    decided by ``testbed.deploy.cpus``).
     """
 
     cpus: float | None = None
     memory_bytes: int | None = None
     threads: int | None = None
+    cpuset: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.cpus is not None and not self.cpus > 0:

@@ -29,7 +29,7 @@ PROFILES = {
 
 
 def make_run(parent: Path, name: str = "synthetic-run", samples: int = 8, seed: int = 1,
-             local_scale: float = 1.0, profiles: dict | None = None) -> Path:
+             local_scale: float = 1.0, profiles: dict | None = None, repeats: int = 1) -> Path:
     rng = random.Random(seed)
     profiles = profiles or PROFILES
     folder = RunFolder.create(parent, name)
@@ -53,7 +53,7 @@ def make_run(parent: Path, name: str = "synthetic-run", samples: int = 8, seed: 
          "params": 10 * i, "param_bytes": 40 * i, "macs": 1000 * i, "mean_s": lat[i], "std_s": lat[i] / 20,
          "p50_s": lat[i], "p90_s": lat[i] * 1.05, "runs": 10, "threads": 1, "cpus": 1.0}
         for node, lat in (("local", [v * local_scale for v in LOCAL_S]), ("remote", REMOTE_S)) for i in range(N))
-    for prof, (up_r, up_d, down_r, down_d) in profiles.items():
+    for repeat, (prof, (up_r, up_d, down_r, down_d)) in ((r, p) for r in range(repeats) for p in profiles.items()):
         for k in range(N + 1):
             rows = []
             for i in range(samples):
@@ -61,7 +61,9 @@ def make_run(parent: Path, name: str = "synthetic-run", samples: int = 8, seed: 
                 s = {"head_s": sum(LOCAL_S[:k]) * local_scale * jitter(), "tail_s": sum(REMOTE_S[k:]) * jitter()}
                 if k < N:
                     wire = CUT[k] + HEADER
-                    s.update(encode_s=1e-4, uplink_s=(wire * 8 / up_r + up_d) * jitter(), remote_decode_s=5e-5,
+                    ideal = wire * 8 / up_r + up_d
+                    s.update(uplink_ideal_s=ideal, uplink_over_ideal=1.0 + rng.uniform(0, 0.02))
+                    s.update(encode_s=1e-4, uplink_s=ideal * s["uplink_over_ideal"], remote_decode_s=5e-5,
                              remote_encode_s=5e-5, downlink_s=((OUTPUT_BYTES + HEADER) * 8 / down_r + down_d) * jitter(),
                              decode_s=5e-5, cut_bytes_raw=CUT[k], cut_bytes_wire=wire,
                              result_bytes_wire=OUTPUT_BYTES + HEADER)
@@ -89,5 +91,5 @@ def make_run(parent: Path, name: str = "synthetic-run", samples: int = 8, seed: 
                        "downlink_rate_bps": down_r, "downlink_delay_s": down_d, "downlink_loss_pct": 0.0,
                        "warmup": 1, "head_file_bytes": 1000 * k or None, "tail_file_bytes": 1000 * (N - k) or None,
                        "delivery_s": (1000 * k * 8 / down_r + down_d) if k else None, "wall_s": 0.5}
-            folder.append_configuration(ConfigurationResult(prof, k, rows, summary, parts))
+            folder.append_configuration(ConfigurationResult(prof, k, rows, summary, parts, repeat=repeat))
     return folder.path

@@ -108,3 +108,28 @@ def test_cli_report_and_plan(runs, tmp_path):
     assert r.exit_code == 1 and "--profile" in r.output
     r = CliRunner().invoke(app, ["plan", "--run", str(runs[0]), "--uplink", "fast"])
     assert r.exit_code == 1 and "--uplink" in r.output
+
+
+def test_repeats_are_pooled_and_their_spread_shown(tmp_path):
+    """A run with two repeats: one row per configuration in the report's tables
+    (samples of both repeats pooled), the repeatability figure and the per-repeat
+    table, and the fidelity table with measured ÷ ideal."""
+    import csv
+
+    from tests.unit.report_synthetic_run import N, PROFILES, make_run
+    from testbed.report import build_report
+
+    run = make_run(tmp_path, name="repeated", samples=5, repeats=2)
+    report = build_report(run, tmp_path / "out")
+    assert "repeatability" in report.figures and "fidelity" in report.figures
+    configs = list(csv.DictReader(open(report.tables["configurations"])))
+    assert len(configs) == len(PROFILES) * (N + 1)
+    assert all(r["repeats"] == "2" and int(r["count"]) == 10 for r in configs)
+    assert all(float(r["e2e_p50_repeat_spread"]) >= 1.0 for r in configs)
+    per_repeat = list(csv.DictReader(open(report.tables["repeats"])))
+    assert len(per_repeat) == 2 * len(configs) and {r["repeat"] for r in per_repeat} == {"0", "1"}
+    fidelity = list(csv.DictReader(open(report.tables["fidelity"])))
+    shaped = [r for r in fidelity if r["uplink_over_ideal_p50"]]
+    assert shaped and all(1.0 <= float(r["uplink_over_ideal_p50"]) <= 1.02 for r in shaped)
+    html = report.html_path.read_text()
+    assert "× 2 repeats" in html and 'id="fig-repeatability"' in html

@@ -66,7 +66,7 @@ def test_resume_sees_finished_configurations_and_drops_half_written_ones(tmp_pat
     r._append(run.path / r.SAMPLES, r.SAMPLE_COLUMNS, [{**_sample(0, 0.1), "profile": "a", "split": 2}])
     r._append(run.path / r.PARTS, r.PART_COLUMNS, [{"profile": "a", "split": 2, "part": "head"}])
     again = RunFolder.open(run.path)
-    assert again.finished() == {("a", 0), ("a", 1)}
+    assert again.finished() == {(0, "a", 0), (0, "a", 1)}
     assert {s["split"] for s in again.samples()} == {0, 1} and len(again.samples()) == 10
     assert {p["split"] for p in again.parts()} == {0, 1}
     again.append_configuration(_result("a", 2))
@@ -88,14 +88,75 @@ def test_create_refuses_to_overwrite(tmp_path):
 def test_resume_skips_exactly_the_finished_configurations(tmp_path):
     from types import SimpleNamespace
 
-    from testbed.sweep import pending
+    from testbed.sweep import Configuration, pending
 
     run = RunFolder.create(tmp_path, "run1")
     run.write_config({"name": "t"})
     for profile, split in (("fast", 0), ("fast", 5), ("slow", 0)):
         run.append_configuration(_result(profile, split))
     fast, slow = SimpleNamespace(name="fast"), SimpleNamespace(name="slow")
-    configs = [(p, k) for p in (fast, slow) for k in (0, 5, 31)]
+    configs = [Configuration(r, p, k) for r in (0, 1) for p in (fast, slow) for k in (0, 5, 31)]
     todo = pending(configs, RunFolder.open(run.path).finished())
-    assert [(p.name, k) for p, k in todo] == [("fast", 31), ("slow", 5), ("slow", 31)]
+    assert [c.key for c in todo] == [(0, "fast", 31), (0, "slow", 5), (0, "slow", 31)] + [
+        (1, p, k) for p in ("fast", "slow") for k in (0, 5, 31)]
     assert pending(configs, set()) == configs
+
+
+def test_median_ci_is_distribution_free_and_honest_about_its_level():
+    """The interval is a pair of order statistics; its stated level is the one
+    reached (n <= 5 cannot reach 95 %), and it covers the true median of a
+    skewed distribution about as often as it says."""
+    import numpy as np
+
+    from testbed.results import median_ci
+
+    assert median_ci([]) == (None, None, None)
+    assert median_ci([3.0, 1.0, 2.0]) == (1.0, 3.0, 0.75)
+    lo, hi, level = median_ci(list(range(100)))
+    assert (lo, hi) == (39, 60) and level == pytest.approx(0.9648, abs=1e-4)  # x(40), x(61): textbook
+    rng = np.random.default_rng(7)
+    n, trials = 25, 3000
+    hits = 0
+    for _ in range(trials):
+        x = rng.exponential(size=n)
+        lo, hi, level = median_ci(list(x))
+        hits += lo <= np.log(2) <= hi
+    assert level >= 0.95 and abs(hits / trials - level) < 0.02, (hits / trials, level)
+
+
+def test_wire_bytes_and_ideal_time_count_every_segments_headers():
+    from testbed.results import ideal_transfer_s, wire_bytes
+
+    # 792,588 payload bytes in 1448-byte segments: 548 segments of 66 header bytes (52 TCP/IP + 14 Ethernet)
+    assert wire_bytes(792_588, 1448, 1500) == 792_588 + 548 * 66
+    assert wire_bytes(1, 1448, 1500) == 67 and wire_bytes(0, 1448, 1500) == 0
+    assert wire_bytes(2896, 1460, 1500) == 2896 + 2 * 54  # no TCP timestamps: 40-byte headers
+    assert ideal_transfer_s(792_588, 20e6, 0.01, 1448, 1500) == pytest.approx(0.01 + (792_588 + 548 * 66) * 8 / 20e6)
+    assert ideal_transfer_s(1000, None, 0.0, 1448, 1500) is None  # unshaped: no ideal
+    assert ideal_transfer_s(0, 20e6, 0.0, 1448, 1500) is None
+
+
+def test_repeats_are_kept_apart_and_pooled_for_analysis(tmp_path):
+    """Each repeat is its own configuration on disk (resume counts them apart);
+    configurations() pools them: counts add up, statistics come from all
+    samples, and the spread between repeats' medians is reported."""
+    run = RunFolder.create(tmp_path, "run1")
+    run.write_config({"name": "t"})
+    fast = _result("a", 0)
+    slow = _result("a", 0)
+    for s in slow.samples:
+        s["e2e_s"] = s["e2e_s"] * 1.5
+    slow.repeat = 1
+    run.append_configuration(fast)
+    run.append_configuration(slow)
+    run.append_configuration(_result("a", 1))
+    assert run.finished() == {(0, "a", 0), (1, "a", 0), (0, "a", 1)}
+    pooled = {r["split"]: r for r in run.configurations()}
+    assert set(pooled) == {0, 1}
+    assert pooled[0]["repeats"] == 2 and pooled[0]["count"] == 10
+    assert pooled[0]["e2e_p50_repeat_spread"] == pytest.approx(1.5)
+    all_e2e = [s["e2e_s"] for s in run.samples() if s["split"] == 0]
+    import numpy as np
+    assert pooled[0]["e2e_p50_s"] == pytest.approx(float(np.median(all_e2e)))
+    assert pooled[1]["repeats"] == 1 and pooled[1]["e2e_p50_repeat_spread"] is None
+    assert "repeat" not in pooled[0]
