@@ -45,6 +45,7 @@ from nodes import protocol as P
 from nodes import pipeline
 from nodes.agent_metrics import AgentMetrics, serve as serve_metrics
 from nodes.cpu_account import CpuAccount
+from nodes.zygote import Zygote, ZygoteError
 from nodes.part import Part, sha256_of
 from nodes.pipeline import RunSpec, StepError
 
@@ -108,6 +109,8 @@ class Agent:
         self.stop = threading.Event()
         # This node's cgroup CPU counters, reported per sample (throttling, CPU time).
         self.cpu = CpuAccount.find()
+        self._zygote: Zygote | None = None  # started at the first KPI request
+        self._zygote_lock = threading.Lock()
 
     # RemoteState for pipeline.serve_data_connection
     def tail(self) -> Part | None:
@@ -279,13 +282,13 @@ class Agent:
         spec = RunSpec(int(samples), int(warmup), codec, input_encoding,
                        list(model_outputs or []), clock_shared, max_seconds)
         with self._run_lock, self._link_guard():
-            rows, final = pipeline.run_samples(
+            result = pipeline.run_samples(
                 self.link, self.parts.get("head"), self.inputs, spec,
                 observe=lambda part, s: self.metrics.inference(part, s), cpu=self.cpu)
-        for _ in range(len(rows) + spec.warmup):
+        for _ in range(len(result.rows) + spec.warmup):
             self.metrics.sample_served("local")
-        self.last_outputs = {n: np.array(a) for n, a in final.items()}
-        return {"samples": rows}, []
+        self.last_outputs = {n: np.array(a) for n, a in result.final.items()}
+        return {"samples": result.rows, "phases": result.phases}, []
 
     def op_outputs(self, payload: bytearray) -> tuple[Any, list[Any]]:
         """The final outputs of the last sample, as raw tensors in the payload."""
@@ -294,13 +297,37 @@ class Agent:
 
     def op_kpis(self, payload: bytearray, role: str, runs: int = 20, warmup: int = 3,
                 threads: int | None = None) -> tuple[Any, list[Any]]:
-        """benchmark_model-style KPIs of a loaded part, measured in a fresh process."""
-        from nodes.benchmark import measure_in_fresh_process
+        """benchmark_model-style KPIs of a loaded part, measured in a fresh process
+        (forked from the zygote, which spares the child Python's imports)."""
         part = self.parts.get(role)
         if part is None:
             raise StepError(f"no {role} part loaded")
         t = threads if threads is not None else part.threads
-        return measure_in_fresh_process(str(part.path), int(runs), int(warmup), t), []
+        try:
+            return self.zygote().measure(str(part.path), int(runs), int(warmup), t), []
+        except ZygoteError as e:
+            raise StepError(str(e)) from e
+
+    def zygote(self) -> Zygote:
+        with self._zygote_lock:
+            if self._zygote is None:
+                self._zygote = Zygote()
+            return self._zygote
+
+    def op_warm(self, payload: bytearray, role: str, count: int = 1) -> tuple[Any, list[Any]]:
+        """Invoke the loaded ``role`` part ``count`` times on fixed inputs: warm-up of
+        the interpreter (first invokes pack weights) without crossing the link."""
+        part = self.parts.get(role)
+        if part is None:
+            raise StepError(f"no {role} part loaded")
+        count = int(count)
+        if not 0 <= count <= 10_000:
+            raise StepError("count must be 0..10000")
+        feed = part.fixed_inputs()
+        t0 = time.monotonic()
+        for _ in range(count):
+            part.run(feed)
+        return {"role": role, "count": count, "seconds": time.monotonic() - t0}, []
 
     def op_profile_layers(self, payload: bytearray, sizes: list[int], runs: int = 20,
                           warmup: int = 3, threads: int | None = None) -> tuple[Any, list[Any]]:
@@ -374,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics.server_close()
     if agent.link is not None:
         agent.link.close()
+    if agent._zygote is not None:
+        agent._zygote.close()
     return 0
 
 

@@ -80,6 +80,21 @@ class Part:
         interp.invoke()
         return {spec.name: interp.get_tensor(spec.index) for spec in self.outputs}
 
+    def fixed_inputs(self) -> dict[str, np.ndarray]:
+        """Deterministic inputs of the right shapes and types (for warm-up invokes)."""
+        rng = np.random.default_rng(0)
+        out = {}
+        for spec in self.inputs:
+            dtype = np.dtype(spec.dtype)
+            if dtype.kind == "f":
+                out[spec.name] = rng.random(spec.shape, dtype=np.float32).astype(dtype)
+            elif dtype.kind in "iu":
+                info = np.iinfo(dtype)
+                out[spec.name] = rng.integers(max(info.min, -128), min(info.max, 127) + 1, spec.shape, dtype=dtype)
+            else:
+                out[spec.name] = np.zeros(spec.shape, dtype=dtype)
+        return out
+
     def describe(self) -> dict[str, Any]:
         return {"sha256": self.sha256, "bytes": self.bytes, "threads": self.threads,
                 "inputs": self.input_names, "outputs": self.output_names}

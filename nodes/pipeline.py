@@ -354,31 +354,46 @@ def _int_or_none(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
 
+@dataclass
+class RunResult:
+    """What one ``run`` produced: the samples, the last final outputs, and where the
+    call's time went (``handshake_s`` begin/ready + clock offset, ``warmup_s``,
+    ``sampling_s``), so the orchestrator can account for every phase."""
+
+    rows: list[dict[str, Any]]
+    final: dict[str, np.ndarray]
+    phases: dict[str, float]
+
+
 def run_samples(link: LocalLink | None, head: Part | None,
                 inputs: Sequence[Mapping[str, np.ndarray]], spec: RunSpec,
                 observe: Callable[[str, float], None] = lambda part, s: None,
-                cpu: CpuAccount | None = None,
-                ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    """Run warm-up + samples; returns (per-sample timing dicts, last final outputs).
+                cpu: CpuAccount | None = None) -> RunResult:
+    """Run warm-up + samples.
 
-    Stops early (after at least one sample) once ``max_seconds`` have passed.
-    ``cpu`` (this node's cgroup counters) adds ``local_cpu_s`` and the throttling
-    columns to every row.
+    Stops early (after at least one sample) once ``max_seconds`` have passed since
+    the call began. ``cpu`` (this node's cgroup counters) adds ``local_cpu_s`` and
+    the throttling columns to every row.
     """
     if not inputs:
         raise StepError("no input set: call set_inputs first")
+    start = time.monotonic()
     plan = plan_run(link, head, list(inputs[0]), spec)
+    planned = warmed = time.monotonic()
     rows: list[dict[str, Any]] = []
     final: dict[str, np.ndarray] = {}
-    start = time.monotonic()
     for i in range(spec.warmup + spec.samples):
         row, final = _one_sample(link, head, inputs[i % len(inputs)], plan, i, observe, cpu)
+        if i + 1 == spec.warmup:
+            warmed = time.monotonic()
         if i >= spec.warmup:
             row["sample"] = i - spec.warmup
             rows.append(row)
             if spec.max_seconds is not None and time.monotonic() - start > spec.max_seconds:
                 break
-    return rows, final
+    end = time.monotonic()
+    return RunResult(rows, final, {"handshake_s": planned - start, "warmup_s": warmed - planned,
+                                   "sampling_s": end - warmed})
 
 
 def _one_sample(link: LocalLink | None, head: Part | None, feed: Mapping[str, np.ndarray],

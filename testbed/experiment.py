@@ -72,14 +72,28 @@ class ModelSpec(Frozen):
 class NodeConfig(Frozen):
     """Limits of one node. ``None`` means unlimited / the runtime's default.
 
+    ``cpus`` is a CFS quota granted per ``cpu_period`` (100 ms, as Docker's
+    ``--cpus``): a node with 0.125 CPUs runs 12.5 ms per 100 ms, flat out then
+    stopped. A short period (``10ms``) spreads the same quota into short slices,
+    so the node computes as a uniformly slower CPU would: what a "slow UE" wants.
+
     ``cpuset`` pins the node to host CPUs (``"2-3"``); by default the sweep
     decides (``nodes.pinning``, see ``testbed.deploy.cpus``)."""
 
     backend: Literal["auto", "docker", "netns"] = "auto"
     cpus: float | None = Field(default=None, gt=0)
+    cpu_period: Seconds = 0.1
     memory: Bytes | None = None
     threads: int | None = Field(default=None, ge=1, le=64)
     cpuset: str | None = None
+
+    @field_validator("cpu_period")
+    @classmethod
+    def _cfs_period(cls, v: float) -> float:
+        # The kernel takes CFS periods of 1 ms to 1 s.
+        if not 0.001 <= v <= 1.0:
+            raise ValueError(f"must be between 1ms and 1s (the kernel's CFS period range), got {v:g}s")
+        return v
 
     @field_validator("cpuset")
     @classmethod
@@ -111,6 +125,12 @@ class Nodes(Frozen):
     local: NodeConfig = NodeConfig()
     remote: NodeConfig = NodeConfig()
     pinning: Literal["auto", "off"] = "auto"
+
+    @field_validator("pinning", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false: take it as the word it was.
+        return "off" if v is False else v
 
     @model_validator(mode="after")
     def _same_backend(self) -> "Nodes":

@@ -201,6 +201,10 @@ class _Definitions:
         self.eta = gauge("testbed_sweep_eta_seconds", "Estimated seconds until the sweep finishes.", b)
         self.started = gauge("testbed_sweep_start_time_seconds", "Unix time the sweep started.", b)
         self.running = gauge("testbed_sweep_running", "1 while the sweep runs, 0 once it finished.", b)
+        self.phase = counter("testbed_sweep_phase_seconds_total",
+                             "Wall time of the sweep by phase (link, tail_load, delivery, head_load, kpi, warmup, "
+                             "sampling, write, other); the phases of a configuration add up to its wall time.",
+                             b + ("profile", "phase"))
         self.push_failures = counter("testbed_pushgateway_failures_total",
                                      "Configuration summaries the Pushgateway did not accept (after the first).", b)
 
@@ -425,6 +429,12 @@ class SweepMetrics:
                     metric.labels(**self._base, layer=layer).set(value)
 
     # --- end of a configuration / the run ---
+    def add_phases(self, profile: str, phases: Mapping[str, float]) -> None:
+        """Count one configuration's wall time by phase (seconds)."""
+        for phase, seconds in phases.items():
+            if seconds > 0:
+                self._m.phase.labels(**self._base, profile=str(profile), phase=phase).inc(seconds)
+
     def configuration_done(self, split: int, profile: str, *, done: int | None = None,
                            eta_s: float | None = None) -> ConfigurationSummary:
         """Close a configuration: exact summary gauges, best split so far, optional push.

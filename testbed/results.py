@@ -43,6 +43,9 @@ TIMINGS = ("head", "encode", "uplink", "remote_rx_lag", "remote_decode", "tail",
 E2E_PARTS = TIMINGS[:-1]
 STATS = ("mean", "std", "p10", "p50", "p90", "p99")
 
+# Where a configuration's wall time goes, in the order it happens; they add up to wall_s.
+PHASES = ("link", "tail_load", "delivery", "head_load", "kpi", "warmup", "sampling", "write", "other")
+
 # A configuration is one (repeat, profile, split); repeat is 0 unless runs.repeat > 1.
 CONFIG_KEY = ("repeat", "profile", "split")
 
@@ -66,6 +69,7 @@ SUMMARY_COLUMNS = (
     "downlink_rate_bps", "downlink_delay_s", "downlink_loss_pct",
     "count", "warmup", "cut_bytes_raw", "cut_bytes_wire", "result_bytes_wire",
     "head_file_bytes", "tail_file_bytes", "delivery_s", "delivery_ideal_s", "sampling_s", "wall_s",
+    *(f"phase_{p}_s" for p in PHASES),
     *(f"{t}_{s}_s" for t in TIMINGS for s in STATS),
     "e2e_p50_ci_low_s", "e2e_p50_ci_high_s", "e2e_p50_ci_level",
     "uplink_ideal_s", "downlink_ideal_s", "uplink_over_ideal_p50", "downlink_over_ideal_p50",
@@ -317,10 +321,18 @@ class RunFolder:
 
     def append_configuration(self, result: ConfigurationResult) -> dict[str, Any]:
         """Append one finished configuration; returns its summary row."""
+        self.write_rows(result)
+        return self.commit(result)
+
+    def write_rows(self, result: ConfigurationResult) -> None:
+        """First half of an append: the configuration's part and sample rows."""
         key = {"repeat": result.repeat, "profile": result.profile, "split": result.split}
         _append(self.path / PARTS, PART_COLUMNS, ({**p, **key} for p in result.parts))
         _append(self.path / SAMPLES, SAMPLE_COLUMNS,
                 ({**s, **key, "sample": s.get("sample", i)} for i, s in enumerate(result.samples)))
+
+    def commit(self, result: ConfigurationResult) -> dict[str, Any]:
+        """Second half: the summary row, which marks the configuration finished."""
         row = result.summary_row()
         _append(self.path / SUMMARY, SUMMARY_COLUMNS, [row])
         return row

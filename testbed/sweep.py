@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -36,7 +36,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 from testbed.errors import ConfigError, Interrupted, TestbedError
 from testbed.experiment import Experiment, load_experiment, parse_host_port, resolved_dict
-from testbed.results import ConfigurationResult, RunFolder, ideal_transfer_s
+from testbed.results import PHASES, ConfigurationResult, RunFolder, ideal_transfer_s
 
 # Extra samples taken to reach min_seconds are asked for in batches sized from
 # the time per sample so far, at most this many per control round trip.
@@ -376,29 +376,88 @@ class _Nodes:
     dep: Any
     local: Any       # AgentClient
     remote: Any      # AgentClient
+    # Both nodes may work at once (KPIs, warm-up, per-layer profiles) only when
+    # they run on disjoint CPUs: otherwise one would slow the other's measurement.
+    parallel: bool = False
+
+    def both(self, on_local: Callable[[], Any] | None, on_remote: Callable[[], Any] | None) -> tuple[Any, Any]:
+        """Run the two nodes' jobs, at once when ``parallel``; None for no job."""
+        if not self.parallel or on_local is None or on_remote is None:
+            return (on_local() if on_local else None), (on_remote() if on_remote else None)
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(2, thread_name_prefix="node") as pool:
+            a, b = pool.submit(on_local), pool.submit(on_remote)
+            return a.result(), b.result()
 
 
-def _take_samples(nodes: _Nodes, runs: Any, input_encoding: str, codec: str,
-                  n_inputs: int, model_outputs: list[str]) -> list[dict[str, Any]]:
+class PhaseClock:
+    """Wall time of one configuration, by phase (``results.PHASES``).
+
+    ``with clock("delivery"): ...`` adds the block's time to a phase; ``add``
+    moves time measured elsewhere (the agent's warm-up) between phases. What no
+    phase claimed is ``other``, so the phases add up to ``wall_s`` exactly."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.start = time.monotonic() if start is None else start
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.monotonic() - t
+
+    def add(self, phase: str, seconds: float, taken_from: str | None = None) -> None:
+        seconds = max(0.0, seconds)
+        if taken_from is not None:
+            seconds = min(seconds, self.seconds[taken_from])
+            self.seconds[taken_from] -= seconds
+        self.seconds[phase] += seconds
+
+    def close(self) -> dict[str, float]:
+        """``wall_s`` and one ``phase_<name>_s`` column per phase."""
+        wall = time.monotonic() - self.start
+        self.seconds["other"] = max(0.0, wall - sum(v for k, v in self.seconds.items() if k != "other"))
+        return {"wall_s": wall, **{f"phase_{k}_s": v for k, v in self.seconds.items()}}
+
+
+def _take_samples(nodes: _Nodes, runs: Any, input_encoding: str, codec: str, n_inputs: int,
+                  model_outputs: list[str], clock: PhaseClock, parts: tuple[bool, bool]) -> list[dict[str, Any]]:
     """Warm-up, then ``runs.samples`` samples, stopped early (after at least one)
     once ``max_seconds`` have passed; then more, in batches, while under
     ``min_seconds``. The agent enforces ``max_seconds`` itself, so a slow
-    low-bandwidth configuration costs one control round trip, not one per sample."""
+    low-bandwidth configuration costs one control round trip, not one per sample.
+
+    Warm-up invokes each part ``runs.warmup`` times on its own node (first
+    invokes pack weights, fill caches) without sending anything: the link needs
+    no warming (a rate-limited TCP connection is at full rate from the first
+    segment), and at low rates a warm-up sample through it took seconds."""
     t0 = time.monotonic()
-    samples = nodes.local.run(samples=runs.samples, warmup=runs.warmup, codec=codec,
-                              input_encoding=input_encoding, max_seconds=runs.max_seconds,
-                              model_outputs=model_outputs)
-    # the agent cycles through the inputs from the first warm-up inference of each call
+    has_head, has_tail = parts
+    if runs.warmup:
+        with clock("warmup"):
+            nodes.both((lambda: nodes.local.warm("head", runs.warmup)) if has_head else None,
+                       (lambda: nodes.remote.warm("tail", runs.warmup)) if has_tail else None)
+    with clock("sampling"):
+        result = nodes.local.run_detailed(samples=runs.samples, warmup=0, codec=codec,
+                                          input_encoding=input_encoding, max_seconds=runs.max_seconds,
+                                          model_outputs=model_outputs)
+    clock.add("warmup", result["phases"].get("handshake_s", 0.0), taken_from="sampling")
+    samples = result["samples"]
+    # the agent cycles through the inputs from the first sample of each call
     for s in samples:
-        s["input_index"] = (runs.warmup + s.get("sample", 0)) % n_inputs
+        s["input_index"] = s.get("sample", 0) % n_inputs
     while samples:
         elapsed = time.monotonic() - t0
         if elapsed >= runs.min_seconds or elapsed >= runs.max_seconds:
             break
         per_sample = elapsed / len(samples)
         want = max(1, min(_MAX_BATCH, int((runs.min_seconds - elapsed) / per_sample) + 1))
-        more = nodes.local.run(samples=want, warmup=0, codec=codec, input_encoding=input_encoding,
-                               max_seconds=runs.max_seconds - elapsed, model_outputs=model_outputs)
+        with clock("sampling"):
+            more = nodes.local.run(samples=want, warmup=0, codec=codec, input_encoding=input_encoding,
+                                   max_seconds=runs.max_seconds - elapsed, model_outputs=model_outputs)
         for s in more:
             s["input_index"] = s.get("sample", 0) % n_inputs
         samples += more
@@ -415,11 +474,11 @@ def _kpis(client: Any, role: str, runs: Any, threads: int | None) -> dict[str, A
 
 
 def _run_configuration(p: Plan, nodes: _Nodes, link: _Link, c: Configuration,
-                       measured_kpis: dict[tuple[int, str], dict[str, Any]], metrics: Any) -> ConfigurationResult:
+                       measured_kpis: dict[tuple[int, str], dict[str, Any]], metrics: Any,
+                       clock: PhaseClock) -> ConfigurationResult:
     exp = p.experiment
     prof, k = c.profile, c.split
     entry = _split_entry(p, k)
-    t_start = time.monotonic()
 
     def part_bytes(name: str | None) -> bytes | None:
         assert p.parts_dir is not None
@@ -430,34 +489,44 @@ def _run_configuration(p: Plan, nodes: _Nodes, link: _Link, c: Configuration,
     # over the (unshaped) control plane. The head is delivered from the remote to
     # the local node over the shaped downlink, as the scenario delivers the split
     # model from the network to the device; that delivery is timed by the agents.
-    nodes.remote.load_part("tail", tail, entry["tail_sha256"], threads=exp.nodes.remote.threads)
+    with clock("tail_load"):
+        nodes.remote.load_part("tail", tail, entry["tail_sha256"], threads=exp.nodes.remote.threads)
     delivery_s = delivery_ideal_s = None
     if head is not None:
-        timing = nodes.remote.deliver_part(nodes.local, head, entry["head_sha256"], role="head",
-                                           threads=exp.nodes.local.threads)
+        with clock("delivery"):
+            timing = nodes.remote.deliver_part(nodes.local, head, entry["head_sha256"], role="head",
+                                               threads=exp.nodes.local.threads)
+        clock.add("head_load", float(timing.get("load_s") or 0.0), taken_from="delivery")
         delivery_s = float(timing["delivery_s"])
         delivery_ideal_s = _ideal(prof, "downlink", timing.get("wire_bytes"), timing.get("mss"), timing.get("mtu"))
         metrics.observe_delivery(k, prof.name, delivery_s, size_bytes=len(head))
     else:
-        nodes.local.load_part("head", None)
+        with clock("head_load"):
+            nodes.local.load_part("head", None)
 
     parts_rows = []
-    for role, node_name, client, data, sha, threads in (
-            ("head", "local", nodes.local, head, entry["head_sha256"], exp.nodes.local.threads),
-            ("tail", "remote", nodes.remote, tail, entry["tail_sha256"], exp.nodes.remote.threads)):
+    roles = (("head", "local", nodes.local, head, entry["head_sha256"], exp.nodes.local.threads),
+             ("tail", "remote", nodes.remote, tail, entry["tail_sha256"], exp.nodes.remote.threads))
+    jobs = [(lambda c=client, r=role, t=threads: _kpis(c, r, exp.runs, t))
+            if data is not None and (k, role) not in measured_kpis else None
+            for role, _, client, data, _, threads in roles]
+    if any(jobs):
+        with clock("kpi"):
+            got = nodes.both(*jobs)  # the head's on the local node while the tail's on the remote
+        for (role, *_), kp in zip(roles, got):
+            if kp is not None:
+                measured_kpis[(k, role)] = {**kp, "kpi_profile": prof.name}
+    for role, node_name, client, data, sha, threads in roles:
         if data is None:
             continue
-        key = (k, role)
-        if key not in measured_kpis:
-            measured_kpis[key] = {**_kpis(client, role, exp.runs, threads), "kpi_profile": prof.name}
-        kp = measured_kpis[key]
+        kp = measured_kpis[(k, role)]
         metrics.set_part(node_name, role, k, kp, file_bytes=len(data))
         parts_rows.append({"part": role, "node": node_name, "file_bytes": len(data), "sha256": sha,
                            "delivery_s": delivery_s if role == "head" else None, **kp})
 
     t_sampling = time.monotonic()
     samples = _take_samples(nodes, exp.runs, exp.input_encoding, exp.codec, p.n_inputs,
-                            [o.name for o in p.graph.outputs])
+                            [o.name for o in p.graph.outputs], clock, (head is not None, tail is not None))
     sampling_s = time.monotonic() - t_sampling
     for s in samples:
         s.setdefault("codec", exp.codec)
@@ -472,8 +541,7 @@ def _run_configuration(p: Plan, nodes: _Nodes, link: _Link, c: Configuration,
         "emulation_uplink": link.emulation["uplink"], "emulation_downlink": link.emulation["downlink"],
         **_link_columns(prof), "warmup": exp.runs.warmup,
         "head_file_bytes": entry.get("head_bytes"), "tail_file_bytes": entry.get("tail_bytes"),
-        "delivery_s": delivery_s, "delivery_ideal_s": delivery_ideal_s,
-        "sampling_s": sampling_s, "wall_s": time.monotonic() - t_start,
+        "delivery_s": delivery_s, "delivery_ideal_s": delivery_ideal_s, "sampling_s": sampling_s,
     }
     return ConfigurationResult(profile=prof.name, split=k, samples=samples, summary=summary, parts=parts_rows,
                                repeat=c.repeat)
@@ -486,14 +554,22 @@ def _profile_layers(p: Plan, nodes: _Nodes, run: RunFolder, metrics: Any) -> Non
     from testbed.model.layers import one_layer_models
 
     done = run.layer_nodes()
-    models = None
-    for node_name, client, cfg in (("local", nodes.local, p.experiment.nodes.local),
-                                   ("remote", nodes.remote, p.experiment.nodes.remote)):
-        if node_name in done:
-            continue
-        models = models if models is not None else one_layer_models(p.model_path)
-        stats = client.profile_layers(models, runs=p.experiment.runs.layer_runs,
-                                      warmup=max(1, p.experiment.runs.warmup), threads=cfg.threads)
+    targets = [(n, c, cfg) for n, c, cfg in (("local", nodes.local, p.experiment.nodes.local),
+                                             ("remote", nodes.remote, p.experiment.nodes.remote))
+               if n not in done]
+    if not targets:
+        return
+    models = one_layer_models(p.model_path)
+    runs = p.experiment.runs
+
+    def job(client: Any, cfg: Any) -> Callable[[], Any]:
+        return lambda: client.profile_layers(models, runs=runs.layer_runs, warmup=max(1, runs.warmup),
+                                             threads=cfg.threads)
+
+    jobs = {n: job(c, cfg) for n, c, cfg in targets}
+    results = dict(zip(("local", "remote"), nodes.both(jobs.get("local"), jobs.get("remote"))))
+    for node_name, client, cfg in targets:
+        stats = results[node_name]
         rows = []
         for layer, st in zip(p.graph.layers, stats):
             rows.append({"node": node_name, "layer": layer.index, "op": layer.op,
@@ -560,7 +636,8 @@ def _publish_targets(exp: Experiment, run_name: str, metrics: Any, server: Any, 
 def _node_spec(cfg: Any, cpuset: tuple[int, ...] | None) -> Any:
     from testbed.deploy import NodeSpec
 
-    return NodeSpec(cpus=cfg.cpus, memory_bytes=cfg.memory, threads=cfg.threads, cpuset=cpuset)
+    return NodeSpec(cpus=cfg.cpus, memory_bytes=cfg.memory, threads=cfg.threads, cpuset=cpuset,
+                    cpu_period_us=int(round(cfg.cpu_period * 1e6)))
 
 
 def _cpu_plan(exp: Experiment) -> Any:
@@ -662,7 +739,8 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
         if old_env:
             env = {**old_env, "resumed": [*old_env.get("resumed", []), env]}
         run.write_environment(env)
-        nodes = _Nodes(dep, dep.local.client(token), dep.remote.client(token))
+        disjoint = bool(cpu_plan.local and cpu_plan.remote and not set(cpu_plan.local) & set(cpu_plan.remote))
+        nodes = _Nodes(dep, dep.local.client(token), dep.remote.client(token), parallel=disjoint)
         for client in (nodes.local, nodes.remote):
             stack.callback(client.close)
             client.health()
@@ -697,10 +775,15 @@ def _sweep(p: Plan, nodes: _Nodes, link: _Link, run: RunFolder, todo: list[Confi
     with _progress(console, options.progress) as bar:
         task = bar.add_task("starting", total=total, completed=done)
         metrics.set_progress(done, total)
+        start = time.monotonic()
         for c in todo:
             prof, k = c.profile, c.split
+            # Each configuration's clock starts where the previous one's ended, so
+            # the sweep's whole time is accounted for, between configurations too.
+            clock = PhaseClock(start)
             if prof is not current_profile:
-                link.apply(prof)
+                with clock("link"):
+                    link.apply(prof)
                 current_profile = prof
                 for direction in ("uplink", "downlink"):
                     d = getattr(prof, direction)
@@ -713,8 +796,13 @@ def _sweep(p: Plan, nodes: _Nodes, link: _Link, run: RunFolder, todo: list[Confi
             bar.update(task, description=f"{where}{prof.name}  k={k}")
             eta = bar.tasks[0].time_remaining
             metrics.configuration_started(k, prof.name, total=total, done=done, eta_s=eta)
-            result = _run_configuration(p, nodes, link, c, measured_kpis, metrics)
-            run.append_configuration(result)
+            result = _run_configuration(p, nodes, link, c, measured_kpis, metrics, clock)
+            with clock("write"):
+                run.write_rows(result)
+            result.summary.update(clock.close())
+            run.commit(result)
+            metrics.add_phases(prof.name, clock.seconds)
+            start = time.monotonic()
             done += 1
             bar.update(task, completed=done)
             try:

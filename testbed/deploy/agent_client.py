@@ -183,13 +183,28 @@ class AgentClient:
             clock_shared: None = detect (same boot id and time namespace).
             max_seconds: stop after this long (at least one sample is kept).
         """
+        return self.run_detailed(samples, warmup, inputs=inputs, codec=codec, input_encoding=input_encoding,
+                                 model_outputs=model_outputs, clock_shared=clock_shared,
+                                 max_seconds=max_seconds, timeout=timeout)["samples"]
+
+    def run_detailed(self, samples: int, warmup: int = 0, *,
+                     inputs: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
+                     codec: str = "raw", input_encoding: str = "raw",
+                     model_outputs: Sequence[str] = (), clock_shared: bool | None = None,
+                     max_seconds: float | None = None, timeout: float | None = 3600.0,
+                     ) -> dict[str, Any]:
+        """Like ``run``, returning ``{"samples": [...], "phases": {"handshake_s",
+        "warmup_s", "sampling_s"}}``: where the call's time went on the node."""
         if inputs is not None:
             self.set_inputs(inputs)
         result = self.call("run", timeout=timeout, samples=int(samples), warmup=int(warmup),
                            codec=codec, input_encoding=input_encoding,
                            model_outputs=list(model_outputs), clock_shared=clock_shared,
                            max_seconds=max_seconds)[0]
-        return result["samples"]
+        if not isinstance(result, dict) or not isinstance(result.get("samples"), list):
+            raise ProtocolError(f"node {self.node_name}: run: reply without samples")
+        result.setdefault("phases", {})
+        return result
 
     def outputs(self, timeout: float | None = None) -> dict[str, np.ndarray]:
         """Final outputs (by name) of the last sample run on this (local) node."""
@@ -207,6 +222,10 @@ class AgentClient:
         steady_p50_s, steady_p90_s, init_memory_bytes, peak_memory_bytes."""
         return self.call("kpis", role=role, runs=runs, warmup=warmup, threads=threads,
                          timeout=timeout)[0]
+
+    def warm(self, role: str, count: int, timeout: float | None = 600.0) -> dict[str, Any]:
+        """Invoke the loaded ``role`` part ``count`` times on the node (no link involved)."""
+        return self.call("warm", role=role, count=int(count), timeout=timeout)[0]
 
     def profile_layers(self, models: Sequence[bytes], runs: int = 20, warmup: int = 3,
                        threads: int | None = None, timeout: float | None = 1800.0,

@@ -60,9 +60,19 @@ def _write(path: Path, value: str) -> None:
     path.write_text(value)
 
 
-def create(name: str, cpus: float | None, memory_bytes: int | None) -> Group:
+def quota_us(cpus: float, period_us: int) -> int:
+    """CFS quota for ``cpus`` CPUs per ``period_us``; the kernel's floor is 1 ms."""
+    return max(1000, int(round(cpus * period_us)))
+
+
+def create(name: str, cpus: float | None, memory_bytes: int | None,
+           period_us: int = CFS_PERIOD_US) -> Group:
     """Make the group(s) and write the limits. Never raises for "host does not
     allow": returns a Group with ``how`` explaining and limits left None.
+
+    ``period_us`` is the CFS period the quota is granted in: the kernel's 100 ms
+    by default; shorter periods slow a node down smoothly instead of letting it
+    run at full speed until its quota is spent and then stopping it.
 
     A CPU group is made even without a CPU limit: the agent reads its own
     group's CPU time and throttling per sample (``nodes.cpu_account``), which
@@ -70,9 +80,9 @@ def create(name: str, cpus: float | None, memory_bytes: int | None) -> Group:
     g = Group(name=name)
     try:
         if _is_v2():
-            _create_v2(g, cpus, memory_bytes)
+            _create_v2(g, cpus, memory_bytes, period_us)
         else:
-            _create_v1(g, cpus, memory_bytes)
+            _create_v1(g, cpus, memory_bytes, period_us)
     except OSError as e:
         remove(g.dirs)
         return Group(name=name, how=f"none: cgroups not usable here ({e.strerror or e})")
@@ -92,15 +102,15 @@ def _v1_group(g: Group, controller: str) -> Path | None:
     return d
 
 
-def _create_v1(g: Group, cpus: float | None, memory_bytes: int | None) -> None:
+def _create_v1(g: Group, cpus: float | None, memory_bytes: int | None, period_us: int) -> None:
     hows = []
     d = _v1_group(g, "cpu")
     _v1_group(g, "cpuacct")  # CPU time per node (its own hierarchy on some hosts)
     if cpus is not None:
         if d is None:
             raise OSError(errno.ENOENT, "no cgroup v1 cpu controller")
-        _write(d / "cpu.cfs_period_us", str(CFS_PERIOD_US))
-        _write(d / "cpu.cfs_quota_us", str(max(1000, int(round(cpus * CFS_PERIOD_US)))))
+        _write(d / "cpu.cfs_period_us", str(period_us))
+        _write(d / "cpu.cfs_quota_us", str(quota_us(cpus, period_us)))
         g.cpus = cpus
         hows.append("cpu.cfs_quota_us")
     if memory_bytes is not None:
@@ -117,7 +127,7 @@ def _create_v1(g: Group, cpus: float | None, memory_bytes: int | None) -> None:
     g.how = "cgroup v1 (" + (", ".join(hows) or "accounting only, no limits asked") + ")"
 
 
-def _create_v2(g: Group, cpus: float | None, memory_bytes: int | None) -> None:
+def _create_v2(g: Group, cpus: float | None, memory_bytes: int | None, period_us: int) -> None:
     available = (ROOT / "cgroup.controllers").read_text().split()
     # cpu always: its cpu.stat carries the CPU time and throttling the agent reports.
     need = ["cpu"] + (["memory"] if memory_bytes is not None else [])
@@ -132,7 +142,7 @@ def _create_v2(g: Group, cpus: float | None, memory_bytes: int | None) -> None:
     d.mkdir(exist_ok=True)
     g.dirs.append(str(d))
     if cpus is not None:
-        _write(d / "cpu.max", f"{max(1000, int(round(cpus * CFS_PERIOD_US)))} {CFS_PERIOD_US}")
+        _write(d / "cpu.max", f"{quota_us(cpus, period_us)} {period_us}")
         g.cpus = cpus
     if memory_bytes is not None:
         _write(d / "memory.max", str(memory_bytes))

@@ -27,6 +27,7 @@ import docker
 from docker.errors import APIError, BuildError, DockerException, ImageNotFound, NotFound
 
 from testbed.deploy import kernel, owner
+from testbed.deploy.cgroups import quota_us
 from testbed.deploy.cpus import format_cpuset
 from testbed.deploy.node import (CONTROL_PORT, DATA_PORT, METRICS_PORT, ROLES, Node,
                                  NodeSpec, make_target)
@@ -150,7 +151,9 @@ def _create_container(client, run_id: str, role: str, spec: NodeSpec, image: str
     if entrypoint:
         kwargs["entrypoint"] = list(entrypoint)
     if spec.cpus is not None:
-        kwargs["nano_cpus"] = int(round(spec.cpus * 1e9))
+        # The same CFS quota as --cpus, with the period the node asks for.
+        kwargs["cpu_period"] = spec.cpu_period_us
+        kwargs["cpu_quota"] = quota_us(spec.cpus, spec.cpu_period_us)
     if spec.cpuset:
         kwargs["cpuset_cpus"] = format_cpuset(spec.cpuset)
     if spec.memory_bytes is not None:
@@ -188,6 +191,8 @@ def _node_from(container, run_id: str, role: str, image: str, image_ref: str) ->
                         exit_status=state.get("ExitCode"), stderr=logs(container)) from e
     host_cfg = attrs["HostConfig"]
     nano = host_cfg.get("NanoCpus") or 0
+    if not nano and host_cfg.get("CpuQuota") and host_cfg.get("CpuPeriod"):
+        nano = host_cfg["CpuQuota"] * 1e9 / host_cfg["CpuPeriod"]
     mem = host_cfg.get("Memory") or 0
     cpuset = host_cfg.get("CpusetCpus") or None
     return Node(
@@ -199,7 +204,7 @@ def _node_from(container, run_id: str, role: str, image: str, image_ref: str) ->
         cpus=nano / 1e9 if nano else None, memory_bytes=mem or None, clock_shared=True,
         details={"container": container.name, "container_id": container.id, "pid": pid,
                  "image": image_ref, "image_id": image, "limits": "docker (cgroups)",
-                 "cpuset": cpuset},
+                 "cpuset": cpuset, "cpu_period_us": host_cfg.get("CpuPeriod") or None},
     )
 
 

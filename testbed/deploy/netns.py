@@ -197,7 +197,7 @@ def start(run_id: str, specs: dict[str, NodeSpec], token: str, *,
     nodes, checks = {}, {}
     for role in ROLES:
         spec = specs[role]
-        group = cgroups.create(f"testbed-{run_id}-{role}", spec.cpus, spec.memory_bytes)
+        group = cgroups.create(f"testbed-{run_id}-{role}", spec.cpus, spec.memory_bytes, spec.cpu_period_us)
         state["cgroups"] += group.dirs
         workdir = tempfile.mkdtemp(prefix=f"testbed-{run_id}-{role}-")
         state["workdirs"].append(workdir)
@@ -215,7 +215,8 @@ def start(run_id: str, specs: dict[str, NodeSpec], token: str, *,
             cpus=group.cpus, memory_bytes=group.memory_bytes, clock_shared=True,
             details={"netns": ns, "pid": proc.pid, "cgroups": group.dirs, "limits": group.how,
                      "workdir": workdir, "python": sys.executable,
-                     "cpuset": format_cpuset(spec.cpuset) if spec.cpuset else None},
+                     "cpuset": format_cpuset(spec.cpuset) if spec.cpuset else None,
+                     "cpu_period_us": spec.cpu_period_us if group.cpus is not None else None},
         )
         checks[role] = _alive_check(proc, workdir)
     return nodes, checks

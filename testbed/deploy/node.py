@@ -59,6 +59,7 @@ class NodeSpec:
     memory_bytes: int | None = None
     threads: int | None = None
     cpuset: tuple[int, ...] | None = None
+    cpu_period_us: int = 100_000  # the CFS period the cpus quota is granted in
 
     def __post_init__(self) -> None:
         if self.cpus is not None and not self.cpus > 0:

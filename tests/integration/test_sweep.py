@@ -319,6 +319,44 @@ def test_sigint_mid_run_tears_down_and_exits_130(backend, tmp_path):
     assert env["run_id"] == run_id
 
 
+# ----------------------------------------------------------------- runs.repeat
+
+def test_repeats_land_in_one_folder_in_the_recorded_order_and_resume(tmp_path):
+    """repeat: 2 — every configuration twice in one run folder, in the order the
+    recorded seed gives; dropping the last summary row and resuming measures
+    exactly that (repeat, profile, split) again."""
+    import shutil
+
+    from rich.console import Console
+
+    from testbed.results import RunFolder
+    from testbed.sweep import Plan, SweepOptions, run_experiment
+
+    _need_root()
+    exp = yaml.safe_load(SMOKE.read_text())
+    exp.update(name="repeats", splits=[0, 12, 31])
+    exp["runs"].update(samples=2, repeat=2, seed=11, kpi_runs=1, layer_runs=1)
+    path = tmp_path / "repeats.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    opts = dict(backend="netns", metrics_listen="127.0.0.1:0", progress=False)
+    run = RunFolder(run_experiment(path, SweepOptions(output=tmp_path / "out", **opts),
+                                   console=Console(file=io.StringIO())))
+    assert run.config()["order_seed"] == 11
+    order = [(r["repeat"], r["profile"], r["split"]) for r in run.summary()]
+    from types import SimpleNamespace
+    profiles = [SimpleNamespace(name=p["name"]) for p in run.config()["resolved_profiles"]]
+    expected = Plan(SimpleNamespace(runs=SimpleNamespace(repeat=2)), profiles, path, None, [0, 12, 31], seed=11)
+    assert order == [c.key for c in expected.configurations]
+    assert len(run.configurations()) == 3 and all(r["repeats"] == 2 for r in run.configurations())
+    copy = tmp_path / "copy"
+    shutil.copytree(run.path, copy)
+    lines = (copy / "summary.csv").read_text().splitlines(keepends=True)
+    (copy / "summary.csv").write_text("".join(lines[:-1]))
+    run_experiment(path, SweepOptions(resume=copy, **opts), console=Console(file=io.StringIO()))
+    again = RunFolder(copy)
+    assert [(r["repeat"], r["profile"], r["split"]) for r in again.summary()] == order
+
+
 # ----------------------------------------------------------------- --resume
 
 @pytest.mark.parametrize("smoke", ["netns"], indirect=True)  # backend-independent: once is enough

@@ -156,3 +156,44 @@ def test_two_profiles_with_one_name_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="also the name") as info:
         e.load_profiles()
     assert info.value.field == "network.1"
+
+
+def test_repeats_walk_a_shuffled_order_that_the_seed_reproduces(tmp_path):
+    """runs.repeat > 1: every repeat covers every (profile, split) once, profile
+    by profile (the link changes once per profile and repeat), in an order drawn
+    from seed + repeat — the same seed gives the same order; one repeat keeps the
+    file's order."""
+    from types import SimpleNamespace
+
+    from testbed.sweep import Plan
+
+    def plan(repeat: int, seed: int) -> Plan:
+        exp = SimpleNamespace(runs=SimpleNamespace(repeat=repeat))
+        profiles = [SimpleNamespace(name=n) for n in ("a", "b", "c")]
+        return Plan(exp, profiles, tmp_path, None, list(range(8)), seed=seed)
+
+    one = [c.key for c in plan(1, 5).configurations]
+    assert one == [(0, p, k) for p in "abc" for k in range(8)]
+    three = [c.key for c in plan(3, 5).configurations]
+    assert three == [c.key for c in plan(3, 5).configurations]
+    assert three != [c.key for c in plan(3, 6).configurations]
+    for r in range(3):
+        keys = [(p, k) for rr, p, k in three if rr == r]
+        assert sorted(keys) == sorted((p, k) for p in "abc" for k in range(8))
+        profiles = [p for p, _ in keys]
+        assert profiles == sorted(profiles, key=profiles.index)  # grouped: one link change per profile
+    assert [k for _, _, k in three[:8]] != list(range(8)) or [k for _, _, k in three[8:16]] != list(range(8))
+
+
+def test_pinning_and_repeat_keys(tmp_path):
+    e = load_experiment(_write(tmp_path, HEAD + "nodes:\n  pinning: off\n  local: {cpus: 1, cpuset: '0-1'}\n"
+                                         "runs: {repeat: 3, seed: 42}\n"))
+    assert e.nodes.pinning == "off" and e.nodes.local.cpu_list == (0, 1) and e.nodes.remote.cpu_list is None
+    assert (e.runs.repeat, e.runs.seed) == (3, 42)
+    assert load_experiment(_write(tmp_path, HEAD)).runs.repeat == 1
+    err = _error(tmp_path, HEAD + "nodes:\n  local:\n    cpuset: 'one'\n")
+    assert (err.line, err.field) == (6, "nodes.local.cpuset") and "CPU numbers" in str(err)
+    err = _error(tmp_path, HEAD + "runs: {repeat: 0}\n")
+    assert err.field == "runs.repeat"
+    err = _error(tmp_path, HEAD + "nodes: {pinning: sometimes}\n")
+    assert err.field == "nodes.pinning"
