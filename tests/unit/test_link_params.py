@@ -17,7 +17,7 @@ def test_rate_only_uses_tbf_and_no_netem():
     p = kernel_params(Direction(rate_bps=10_000_000))
     assert (p.root, p.emulation, p.rate_Bps, p.netem) == ("tbf", "tbf", 1_250_000, None)
     assert p.burst_bytes == 312 + 1500 and p.queue_packets == 1000
-    assert not needs_netem(Direction(rate_bps=1, limit_packets=5))
+    assert not needs_netem(Direction(rate_bps=1_000_000, limit_packets=5))
 
 
 def test_rate_and_delay_is_limiter_plus_netem_child():
@@ -36,7 +36,7 @@ def test_arrangement_override_and_overhead_picks_htb():
     with pytest.raises(ValueError, match="overhead"):
         kernel_params(Direction(rate_bps=8_000_000, overhead_bytes=24), "tbf")
     with pytest.raises(ValueError, match="arrangement must be one of"):
-        kernel_params(Direction(rate_bps=1), "cake")
+        kernel_params(Direction(rate_bps=1_000_000), "cake")
 
 
 def test_delay_without_rate_is_reported_as_netem():
@@ -87,7 +87,7 @@ def test_reorder_gap_defaults_to_one_and_slot_converts():
     (Direction(delay_s=0.01, loss=Loss(random_pct=0, correlation_pct=20)), "non-zero random loss"),
     (Direction(delay_s=0.01, loss=Loss(gemodel=GEModel(p_pct=1, r_pct=2), correlation_pct=5)), "random loss only"),
     (Direction(delay_s=0.01, duplicate=Chance(percent_pct=0, correlation_pct=5)), "duplicate correlation"),
-    (Direction(rate_bps=1, reorder=Reorder(percent_pct=5)), "reordering needs delay"),
+    (Direction(rate_bps=1_000_000, reorder=Reorder(percent_pct=5)), "reordering needs delay"),
     (Direction(delay_s=0.01, delay_correlation_pct=10), "delay correlation needs jitter"),
 ])
 def test_rules_between_fields(d, words):
