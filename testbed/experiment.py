@@ -96,9 +96,16 @@ class ModelSpec(Frozen):
             raise ValueError("seed belongs to builtin (it seeds the built-in model's weights)")
         return self
 
+    _base: Path | None = PrivateAttr(default=None)   # the experiment file's folder (set by load_experiment)
+
     def as_spec(self) -> dict[str, str]:
-        """The dict ``testbed.model.zoo.resolve`` takes."""
-        return {k: v for k, v in self.model_dump().items() if v is not None}
+        """The dict ``testbed.model.zoo.resolve`` takes; a relative ``path`` is
+        resolved against the experiment file's folder (not the working directory)."""
+        spec = {k: v for k, v in self.model_dump().items() if v is not None}
+        if self.path is not None and self._base is not None:
+            p = Path(self.path).expanduser()
+            spec["path"] = str((p if p.is_absolute() else self._base / p).resolve())
+        return spec
 
 
 class NodeConfig(Frozen):
@@ -386,6 +393,7 @@ def load_experiment(path: str | Path) -> Experiment:
     exp = validate(Experiment, located)
     exp._located = located
     exp._base = Path(path).resolve().parent
+    exp.model._base = exp._base
     if not exp.input.synthetic:
         folder = exp.resolve_path(exp.input.source)
         if not folder.is_dir():

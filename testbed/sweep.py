@@ -515,6 +515,12 @@ def run_experiment(path: str | Path, options: SweepOptions = SweepOptions(),
     run: RunFolder | None = None
     try:
         with signals:
+            # --- PREFLIGHT (testbed.preflight, owned by the input-hardening work): every check of
+            # `testbed check` -- files, model, split points, profiles, backend, kernel, ports, disk --
+            # before anything is created; raises PreflightError listing every problem. Keep it first.
+            from testbed.preflight import require
+            require(path, options)
+            # --- end PREFLIGHT
             exp = load_experiment(path)
             listen = options.metrics_listen or exp.metrics.listen
             try:
