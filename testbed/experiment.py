@@ -360,6 +360,35 @@ class Experiment(Frozen):
                                  f"{names.index(out[-1].name)}; results are keyed by profile name", ("network", i))
         return out
 
+    def file_problems(self) -> list[ConfigError]:
+        """What is wrong with the files the experiment names (input folder and
+        its images, model file), at their lines; empty when nothing is."""
+        return [e for e in (self.input_problem(), self.model_problem()) if e is not None]
+
+    def input_problem(self) -> ConfigError | None:
+        """The input folder is not a folder of regular, bounded image files."""
+        if self.input.synthetic:
+            return None
+        folder = self.resolve_path(self.input.source)
+        try:
+            if not folder.is_dir():
+                return self.error(f"not 'synthetic' and not a folder: {folder}", ("input", "source"))
+            self.input_files()
+        except ConfigError as e:
+            return e
+        return None
+
+    def model_problem(self) -> ConfigError | None:
+        """``model.path`` is not a regular file of at most 2 GiB."""
+        if self.model.path is None:
+            return None
+        try:
+            check_regular_file(self.resolve_path(self.model.path), MAX_MODEL_BYTES, "a model file")
+        except ConfigError as e:
+            message = e.reason.replace("cannot read a model file: No such file or directory", "no such model file")
+            return self.error(f"{message}: {e.file}", ("model", "path"))
+        return None
+
     def input_files(self) -> list[Path]:
         """The images a folder ``input.source`` gives, in the order the sweep
         reads them (the first ``count`` by name). Raises ConfigError at the
@@ -381,8 +410,11 @@ class Experiment(Frozen):
         return files
 
 
-def load_experiment(path: str | Path) -> Experiment:
+def load_experiment(path: str | Path, *, check_files: bool = True) -> Experiment:
     """Read, validate and anchor an experiment file.
+
+    ``check_files=False`` leaves the files it names (model, input images) to
+    the caller: ``testbed.preflight`` collects ``file_problems()`` with the rest.
 
     Raises:
         ConfigError: ``file:line: field: what was expected``.
@@ -394,17 +426,9 @@ def load_experiment(path: str | Path) -> Experiment:
     exp._located = located
     exp._base = Path(path).resolve().parent
     exp.model._base = exp._base
-    if not exp.input.synthetic:
-        folder = exp.resolve_path(exp.input.source)
-        if not folder.is_dir():
-            raise located.error(f"not 'synthetic' and not a folder: {folder}", ("input", "source"))
-        exp.input_files()
-    if exp.model.path is not None:
-        try:
-            check_regular_file(exp.resolve_path(exp.model.path), MAX_MODEL_BYTES, "a model file")
-        except ConfigError as e:
-            message = e.reason.replace("cannot read a model file: No such file or directory", "no such model file")
-            raise located.error(f"{message}: {e.file}", ("model", "path")) from None
+    if check_files:
+        for problem in exp.file_problems():
+            raise problem
     return exp
 
 

@@ -226,7 +226,7 @@ def _experiment(run: _Run) -> bool:
     from testbed.experiment import load_experiment
 
     try:
-        run.exp = load_experiment(run.path)
+        run.exp = load_experiment(run.path, check_files=False)
     except ConfigError as e:
         run.problem(e)
         return False
@@ -288,6 +288,10 @@ def _model(run: _Run) -> None:
     from testbed.model.graph import ModelGraph
     from testbed.model.zoo import Registry, resolve
 
+    problem = run.exp.model_problem()
+    if problem is not None:
+        run.problem(problem)
+        return
     spec = run.exp.model.as_spec()
     if "fetch" in spec and Registry().entries().get(spec["fetch"]) is None:
         run.fact("model", f"{spec['fetch']}: not in the cache; the run downloads it first "
@@ -347,11 +351,11 @@ def _images(run: _Run) -> None:
     if run.exp.input.synthetic:
         run.fact("inputs", f"{run.exp.input.count} synthetic image(s), seed {run.exp.input.seed}")
         return
-    try:
-        files = run.exp.input_files()
-    except ConfigError as e:
-        run.problem(e)
+    problem = run.exp.input_problem()
+    if problem is not None:
+        run.problem(problem)
         return
+    files = run.exp.input_files()
     for f in files:
         try:
             open_image(f).close()
@@ -412,8 +416,10 @@ def _node_image_missing() -> bool:
 
 
 def _kernel(run: _Run) -> None:
-    from testbed.link.shaper import Shaper, detect_capabilities
-    from testbed.link.target import Target
+    """Every step of every profile planned as the sweep's shapers will (arrangement
+    auto): one line per profile the kernel cannot shape, then the remedy once."""
+    from testbed.link.params import kernel_params
+    from testbed.link.shaper import detect_capabilities, how_to_get
 
     try:
         caps = detect_capabilities()
@@ -421,21 +427,34 @@ def _kernel(run: _Run) -> None:
         run.problem(f"kernel: cannot probe what it can shape: {_one_line(e)}")
         return
     run.fact("kernel", ", ".join(f"{k} {'yes' if getattr(caps, k) else 'NO'}" for k in ("netem", "htb", "tbf")))
-    # A Shaper's plan() touches nothing; the interface named here is never used.
-    probe = Shaper(Target("lo"), capabilities=caps)
-    index = {p.name: i for i, p in enumerate(run.profiles)}
-    for prof in run.profiles:
+    lacking: set[str] = set()
+    for i, prof in enumerate(run.profiles):
+        needs: dict[str, set[str]] = {}
         for direction in ("uplink", "downlink"):
-            seen: set[str] = set()
             for _, d in prof.schedule(direction):
                 try:
-                    probe.plan(d)
-                except TestbedError as e:
-                    message = _one_line(e).removeprefix("lo: ")
-                    if message not in seen:
-                        seen.add(message)
-                        run.problem(run.exp.error(f"profile {prof.name!r} {direction}: {message}",
-                                                  ("network", index[prof.name])))
+                    missing = caps.missing(kernel_params(d, "auto", caps.timer_slack_s))
+                except ValueError as e:   # load_profile checked the same rules: a bug if reached
+                    run.problem(run.exp.error(f"profile {prof.name!r} {direction}: {e}", ("network", i)))
+                    break
+                if missing:
+                    needs.setdefault(direction, set()).update(missing)
+        if needs:
+            kinds = sorted(set().union(*needs.values()))
+            lacking.update(kinds)
+            where = " and ".join(needs)
+            run.problem(run.exp.error(f"profile {prof.name!r} needs {', '.join('sch_' + k for k in kinds)} "
+                                      f"(for its {where}: {_asks(prof, list(needs))}), which this kernel lacks",
+                                      ("network", i)))
+    if lacking:
+        run.problem(how_to_get(sorted(lacking), caps.kernel))
+
+
+def _asks(prof: Any, directions: list[str]) -> str:
+    """What a profile asks beyond a rate (the reason it needs netem)."""
+    names = ("delay_s", "jitter_s", "loss", "duplicate", "corrupt", "reorder", "slot")
+    asked = {n.removesuffix("_s") for d in directions for _, x in prof.schedule(d) for n in names if getattr(x, n)}
+    return ", ".join(sorted(asked)) or "its qdisc"
 
 
 def _listen(run: _Run) -> None:
