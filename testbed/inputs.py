@@ -14,6 +14,7 @@ its own DecompressionBombError, not an OSError, beyond twice its default).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,10 @@ def open_image(path: Path) -> "Any":
 
     check_regular_file(path, MAX_IMAGE_BYTES, "an input image")
     try:
-        im = Image.open(path)
+        with warnings.catch_warnings():
+            # Pillow warns (stderr noise) between 89 M and 179 M pixels; MAX_PIXELS decides here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise ConfigError(f"cannot read image: {e}", file=str(path)) from e
     if im.width * im.height > MAX_PIXELS:

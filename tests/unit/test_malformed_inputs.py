@@ -89,6 +89,14 @@ def fifo(folder: Path, name: str) -> Path:
     return path
 
 
+def _pixel_bomb(folder: Path) -> Path:
+    """A 1x1 PNG whose header claims 10,000 x 10,000 pixels."""
+    from tests.unit.test_inputs import _png_claiming
+
+    folder.mkdir()
+    return _png_claiming(folder, 10_000, 10_000)
+
+
 def prof(body: str | bytes, head: str = PROFILE) -> Callable[[Path], Path]:
     return _text("p.yaml", (head.encode() + body) if isinstance(body, bytes) else head + body)
 
@@ -165,6 +173,8 @@ CASES: list[tuple[str, str, Callable[[Path], Path], str]] = [
      "a character device"),
     ("model-missing", "experiment", exp(EXP.replace("{builtin: posenet}", "{path: no.tflite, sha256: %s}" % ("a" * 64))),
      "no such model file"),
+    ("input-pixel-bomb", "experiment", exp_with(lambda f: _pixel_bomb(f / "imgs") and "input: {source: imgs}\n"),
+     "at most 64000000 are decoded"),
     ("input-fifo-image", "experiment", exp_with(lambda f: (f / "imgs").mkdir() or fifo(f / "imgs", "a.png") and
                                                 "input: {source: imgs}\n"), "a FIFO"),
     # --- profiles (netem validate; run and check through an experiment naming p.yaml)
