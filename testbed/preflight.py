@@ -148,28 +148,29 @@ def estimate_duration(shape: RunShape) -> float:
     and TCP dynamics are not modelled; a time-varying profile counts its mean rate.
     """
     total = SETUP_S.get(shape.backend, SETUP_S["docker"]) + (IMAGE_BUILD_S if shape.build_image else 0.0)
-    n = len(shape.layer_macs)
     for par in (shape.local_parallelism, shape.remote_parallelism):
         total += sum(_compute_s(m, par) * (shape.layer_runs + max(1, shape.warmup)) + LAYER_OVERHEAD_S
                      for m in shape.layer_macs)
     kpis_done: set[int] = set()
     for link, k in shape.configurations:
-        head_macs, tail_macs = sum(shape.layer_macs[:k]), sum(shape.layer_macs[k:])
-        head_bytes = sum(shape.layer_param_bytes[:k])
-        per_sample = (_compute_s(head_macs, shape.local_parallelism) + _compute_s(tail_macs, shape.remote_parallelism)
-                      + (_transfer_s(shape.cut_bytes.get(k, 0), link.uplink_bps, link.uplink_delay_s) if k < n else 0)
-                      + (_transfer_s(shape.result_bytes, link.downlink_bps, link.downlink_delay_s) if k < n else 0)
-                      + SAMPLE_OVERHEAD_S)
-        sampling = min(max(shape.samples * per_sample, shape.min_seconds), max(shape.max_seconds, per_sample))
-        total += CONFIG_OVERHEAD_S + shape.warmup * per_sample + sampling
-        if head_bytes:
-            total += _transfer_s(head_bytes, link.downlink_bps, link.downlink_delay_s)
-        if k not in kpis_done:
-            kpis_done.add(k)
-            runs = shape.kpi_runs + max(1, shape.warmup)
-            total += (_compute_s(head_macs, shape.local_parallelism) + _compute_s(tail_macs, shape.remote_parallelism)) \
-                * runs + PART_KPI_OVERHEAD_S * ((k > 0) + (k < n))
+        total += _configuration_s(shape, link, k, kpis=k not in kpis_done)
+        kpis_done.add(k)
     return total
+
+
+def _configuration_s(shape: RunShape, link: LinkShape, k: int, kpis: bool) -> float:
+    n = len(shape.layer_macs)
+    compute = _compute_s(sum(shape.layer_macs[:k]), shape.local_parallelism) \
+        + _compute_s(sum(shape.layer_macs[k:]), shape.remote_parallelism)
+    crossing = 0.0 if k == n else (_transfer_s(shape.cut_bytes.get(k, 0), link.uplink_bps, link.uplink_delay_s)
+                                   + _transfer_s(shape.result_bytes, link.downlink_bps, link.downlink_delay_s))
+    per_sample = compute + crossing + SAMPLE_OVERHEAD_S
+    sampling = min(max(shape.samples * per_sample, shape.min_seconds), max(shape.max_seconds, per_sample))
+    head_bytes = sum(shape.layer_param_bytes[:k])
+    delivery = _transfer_s(head_bytes, link.downlink_bps, link.downlink_delay_s) if head_bytes else 0.0
+    kpi = compute * (shape.kpi_runs + max(1, shape.warmup)) + PART_KPI_OVERHEAD_S * ((k > 0) + (k < n)) \
+        if kpis else 0.0
+    return CONFIG_OVERHEAD_S + delivery + kpi + shape.warmup * per_sample + sampling
 
 
 # --------------------------------------------------------------------------- helpers
@@ -252,14 +253,20 @@ def _options(run: _Run) -> None:
 
 
 def _resume(run: _Run, folder: Path) -> None:
-    from testbed.config import read_regular_file
-    from testbed.results import CONFIG
+    from testbed.config import check_regular_file, read_regular_file
+    from testbed.results import CONFIG, LAYERS, PARTS, SAMPLES, SUMMARY
 
     try:
         text = read_regular_file(folder / CONFIG, 64 << 20, "a run's config.yaml").decode("utf-8", "replace")
     except ConfigError:
         run.problem(ConfigError(f"{folder}: not a run folder (no readable {CONFIG})", field="--resume"))
         return
+    for name in (SUMMARY, SAMPLES, PARTS, LAYERS):   # read below (what is done): never a FIFO
+        if (folder / name).exists():
+            try:
+                check_regular_file(folder / name, MAX_RESULT_BYTES, "a result file")
+            except ConfigError as e:
+                run.problem(ConfigError(str(e), field="--resume"))
     # config.yaml starts with the experiment's name (resolved_dict keeps field order);
     # reading that line is enough and stays fast on a config holding long traces.
     first = next((line for line in text.splitlines()[:50] if line.startswith("name:")), "name:")
@@ -507,6 +514,7 @@ def _disk(run: _Run, shape: RunShape | None) -> None:
     run.fact("disk", f"about {_mib(need)} under {parent} ({_mib(free)} free)")
 
 
+MAX_RESULT_BYTES = 1 << 40   # a result CSV: only the file type matters here
 ROW_BYTES = 400              # one samples.csv row (27 columns, floats at full precision)
 
 
