@@ -13,7 +13,7 @@ Limits (each breach is one ``ConfigError``, never a traceback or a hang):
 ``MAX_YAML_BYTES`` per file, ``MAX_DEPTH`` levels of nesting, ``MAX_VALUES``
 values per document after aliases are expanded (a "billion laughs" file
 composes in microseconds and would expand to 10^9 values), no alias that
-contains itself, no complex (``? [a, b]``) or merge (``<<``) keys.
+contains itself, no complex (``? [a, b]``) or merge (``<<``) keys, keys are text.
 """
 
 from __future__ import annotations
@@ -228,6 +228,11 @@ class _Builder:
                 raise ConfigError("a mapping key must be a plain value, not a list or mapping "
                                   "(complex '? ' keys are not supported)", line=line, field=_field(loc))
             key = self._scalar(key_node, loc)
+            if not isinstance(key, str):
+                # every schema is keyed by names; ``~:``, ``true:``, ``.nan:`` or a date as a key is a
+                # mistake, and True == 1 would even collide with another key's line
+                raise ConfigError(f"a mapping key must be text, got {key!r} (quote it if it is meant as a name)",
+                                  line=line, field=_field(loc))
             if key in out:
                 raise ConfigError(f"duplicate key {key!r}", line=line, field=_field((*loc, key)))
             self.lines[(*loc, key)] = line
