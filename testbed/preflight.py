@@ -352,6 +352,34 @@ def _model_shape(run: _Run) -> None:
     run.fact("splits", f"{len(run.splits)} point(s): {shown}")
 
 
+def _inputs_fit(run: _Run) -> None:
+    """The input images reach the local node in one ``set_inputs`` frame: their
+    descriptors must fit the protocol's header bound and their bytes its payload
+    bound. Before this, ``input.count: 1000`` passed the schema and failed after
+    deploy with a refused frame."""
+    import json
+
+    import numpy as np
+
+    from nodes import protocol as P
+
+    if run.graph is None:
+        return
+    count = run.exp.input.count
+    info = run.graph.inputs[0]
+    descs, _, nbytes = P.encode_tensors({info.name: np.zeros(info.shape, info.dtype)}, P.codec_registry())
+
+    def header_bytes(sets: int) -> int:   # as the agent client builds it (token: 32 characters, as the sweep's)
+        meta = [{"tensors": descs, "payload_bytes": nbytes}] * sets
+        return len(json.dumps(P.request_header("set_inputs", "t" * 32, sets=meta), separators=(",", ":")))
+
+    per = header_bytes(2) - header_bytes(1)
+    fit = min((P.MAX_HEADER_BYTES - header_bytes(1)) // per + 1, P.MAX_PAYLOAD_BYTES // max(nbytes, 1))
+    if count > fit:
+        run.problem(run.exp.error(f"{count} input images of {_mib(nbytes)} do not fit the one frame that "
+                                  f"carries them to the local node: at most {fit} for this model", ("input", "count")))
+
+
 def _images(run: _Run) -> None:
     from testbed.inputs import open_image
 
@@ -595,6 +623,7 @@ def check(path: str | Path, options: Any = None) -> Check:
     _options(run)
     _profiles(run)
     _model(run)
+    _inputs_fit(run)
     _images(run)
     if run.result.problems:
         return run.result          # the machine is probed only for files that are right

@@ -173,6 +173,7 @@ CASES: list[tuple[str, str, Callable[[Path], Path], str]] = [
      "a character device"),
     ("model-missing", "experiment", exp(EXP.replace("{builtin: posenet}", "{path: no.tflite, sha256: %s}" % ("a" * 64))),
      "no such model file"),
+    ("input-count-frame", "experiment", exp(EXP + "input: {count: 1000}\n"), "at most 527 for this model"),
     ("input-pixel-bomb", "experiment", exp_with(lambda f: _pixel_bomb(f / "imgs") and "input: {source: imgs}\n"),
      "at most 64000000 are decoded"),
     ("input-fifo-image", "experiment", exp_with(lambda f: (f / "imgs").mkdir() or fifo(f / "imgs", "a.png") and
