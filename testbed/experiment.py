@@ -75,6 +75,7 @@ class ModelSpec(Frozen):
     sha256: str | None = None
     fetch: Literal["posenet"] | None = None
     seed: Int | None = Field(default=None, ge=0, le=MAX_SEED)
+    _base: Path | None = PrivateAttr(default=None)   # the experiment file's folder (set by load_experiment)
 
     @field_validator("sha256")
     @classmethod
@@ -95,8 +96,6 @@ class ModelSpec(Frozen):
         if self.seed is not None and self.builtin is None:
             raise ValueError("seed belongs to builtin (it seeds the built-in model's weights)")
         return self
-
-    _base: Path | None = PrivateAttr(default=None)   # the experiment file's folder (set by load_experiment)
 
     def as_spec(self) -> dict[str, str]:
         """The dict ``testbed.model.zoo.resolve`` takes; a relative ``path`` is

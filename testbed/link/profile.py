@@ -39,7 +39,7 @@ from testbed.units import Bytes, Percent, RateBps, Seconds
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "netem_profiles"
 DIRECTIONS = ("uplink", "downlink")
-# Profile names key result rows, Prometheus labels and report file names.
+# Profile names key result rows and Prometheus labels and appear in one-line messages.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
 MAX_NAME = 64
 MAX_TRACE_S = 7 * 24 * 3600.0   # step times and periods: a week is more than any sweep
