@@ -300,11 +300,12 @@ def _model(run: _Run) -> None:
         run.problem(problem)
         return
     spec = run.exp.model.as_spec()
-    if "fetch" in spec and Registry().entries().get(spec["fetch"]) is None:
-        run.fact("model", f"{spec['fetch']}: not in the cache; the run downloads it first "
-                          "(split points are checked then)")
-        return
     try:
+        if "fetch" in spec and Registry().entries().get(spec["fetch"]) is None:
+            # never downloaded by a check: the run fetches it (and checks the split points) first
+            run.fact("model", f"{spec['fetch']}: not in the cache; the run downloads it first "
+                              "(split points are checked then)")
+            return
         run.model_path = Path(resolve(spec))
         run.graph = ModelGraph.from_file(run.model_path)
     except TestbedError as e:
