@@ -2,8 +2,10 @@
 
 Each command group lives in its own module under ``testbed/commands/`` and is
 registered here. A ``TestbedError`` anywhere becomes one red line on stderr and
-its exit code (1, or 130 for an interrupted run); ``--debug`` shows the traceback
-instead. Nothing here measures or decides anything.
+its exit code (1, or 130 for an interrupted run); an error carrying several
+``problems`` (``testbed check``, the checks before ``testbed run``) becomes one
+line per problem. ``--debug`` shows the traceback instead. Nothing here
+measures or decides anything.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import traceback
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from testbed.errors import TestbedError
@@ -27,7 +30,10 @@ class _ErrorsAsOneLine(TyperGroup):
         except TestbedError as e:
             if ctx.meta.get("testbed.debug"):
                 traceback.print_exc()
-            Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]error:[/red] {e}", markup=True)
+            console = Console(stderr=True, highlight=False, soft_wrap=True)
+            for line in getattr(e, "problems", None) or [str(e)]:
+                # escape: a message quoting user input such as '[/x]:1' is not rich markup
+                console.print(f"[red]error:[/red] {escape(line)}", markup=True)
             # typer.Exit, not click's: typer >= 0.2x vendors click and no longer installs it.
             raise typer.Exit(getattr(e, "exit_code", 1)) from None
 
@@ -51,10 +57,11 @@ def _root(ctx: typer.Context,
 def _register() -> None:
     # Imported here, after ``app`` exists, so the command modules stay free of
     # import cycles with this one; heavy imports live inside the commands.
-    from testbed.commands import model_tools, models, monitor, netem, report, run
+    from testbed.commands import check, model_tools, models, monitor, netem, report, run
 
     model_tools.register(app)    # inspect, split, profile
     run.register(app)            # run, cleanup
+    check.register(app)          # check
     report.register(app)         # report, plan
     app.add_typer(models.app, name="models")
     app.add_typer(netem.app, name="netem")

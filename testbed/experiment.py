@@ -5,7 +5,15 @@ refused, every error ``file:line: field: what``), the expansion of ``splits``
 into split points once the model's layer count is known, and the resolution of
 relative paths (model file, input folder, profile files, output folder) against
 the experiment file's folder. Link profiles themselves are parsed by
-``testbed.link.profile``; models by ``testbed.model``; running is ``testbed.sweep``.
+``testbed.link.profile``; models by ``testbed.model``; running is ``testbed.sweep``;
+checking the machine before a run (backend, kernel, ports, disk) is
+``testbed.preflight``.
+
+Numbers are bounded here so nothing downstream meets an absurd one: integers
+are real integers (``threads: true`` is refused), floats finite, split points
+at most ``MAX_SPLIT_POINT`` before any range is expanded, seeds 32-bit, path
+strings free of NUL bytes. Files the experiment names are checked to be regular
+files (a FIFO as model or image would hang the run) of bounded size.
 
 Example::
 
@@ -23,26 +31,51 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import AfterValidator, Field, PrivateAttr, field_validator, model_validator
 
-from testbed.config import Frozen, Located, load_yaml, validate
+from testbed.config import Frozen, Int, Located, Number, check_regular_file, load_yaml, validate
 from testbed.errors import ConfigError
 from testbed.units import Bytes, Seconds
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_RANGE = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
+_RANGE = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?")
+
+MAX_SPLIT_POINT = 100_000          # far beyond any TFLite model's operator count; checked before expanding
+MAX_SEED = 2**32 - 1               # numpy seeds and the built-in model's file name take it
+MAX_CPUS = 1024.0
+MIN_CPUS = 0.01                    # docker's floor; the cgroup quota floor is 1 ms per 100 ms period
+MAX_MEMORY_BYTES = 2**63 - 1       # docker's int64
+MAX_CONFIG_SECONDS = 86_400.0      # min/max_seconds: a day per configuration
+MAX_MODEL_BYTES = 2**31            # a TFLite flatbuffer cannot be larger than 2 GiB
+MAX_PATH_CHARS = 4096              # PATH_MAX
+
+
+def _path_text(v: str) -> str:
+    # Path("a\0b").resolve() raises ValueError, exists() on a 5,000-character
+    # name OSError: refuse them here, with the line, not there, with a traceback.
+    if "\0" in v:
+        raise ValueError("a path must not contain a NUL byte")
+    if not v.strip():
+        raise ValueError("a path must not be empty")
+    if len(v) > MAX_PATH_CHARS:
+        raise ValueError(f"a path must be at most {MAX_PATH_CHARS} characters, got {len(v)}")
+    return v
+
+
+PathText = Annotated[str, AfterValidator(_path_text)]
 
 
 class ModelSpec(Frozen):
     """Exactly one of ``builtin``, ``path`` (+ ``sha256``) or ``fetch``."""
 
     builtin: Literal["posenet"] | None = None
-    path: str | None = None
+    path: PathText | None = None
     sha256: str | None = None
     fetch: Literal["posenet"] | None = None
-    seed: int | None = Field(default=None, ge=0)
+    seed: Int | None = Field(default=None, ge=0, le=MAX_SEED)
+    _base: Path | None = PrivateAttr(default=None)   # the experiment file's folder (set by load_experiment)
 
     @field_validator("sha256")
     @classmethod
@@ -65,8 +98,13 @@ class ModelSpec(Frozen):
         return self
 
     def as_spec(self) -> dict[str, str]:
-        """The dict ``testbed.model.zoo.resolve`` takes."""
-        return {k: v for k, v in self.model_dump().items() if v is not None}
+        """The dict ``testbed.model.zoo.resolve`` takes; a relative ``path`` is
+        resolved against the experiment file's folder (not the working directory)."""
+        spec = {k: v for k, v in self.model_dump().items() if v is not None}
+        if self.path is not None and self._base is not None:
+            p = Path(self.path).expanduser()
+            spec["path"] = str((p if p.is_absolute() else self._base / p).resolve())
+        return spec
 
 
 class NodeConfig(Frozen):
@@ -81,10 +119,10 @@ class NodeConfig(Frozen):
     decides (``nodes.pinning``, see ``testbed.deploy.cpus``)."""
 
     backend: Literal["auto", "docker", "netns"] = "auto"
-    cpus: float | None = Field(default=None, gt=0)
+    cpus: Number | None = Field(default=None, ge=MIN_CPUS, le=MAX_CPUS)
     cpu_period: Seconds = 0.1
-    memory: Bytes | None = None
-    threads: int | None = Field(default=None, ge=1, le=64)
+    memory: Bytes | None = Field(default=None, le=MAX_MEMORY_BYTES)
+    threads: Int | None = Field(default=None, ge=1, le=64)
     cpuset: str | None = None
 
     @field_validator("cpu_period")
@@ -158,14 +196,14 @@ class Runs(Frozen):
     the order is the file's (profiles as listed, split points ascending).
     ``seed`` (random when not given) is recorded in config.yaml."""
 
-    repeat: int = Field(default=1, ge=1, le=100)
-    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
-    warmup: int = Field(default=2, ge=0, le=10_000)
-    samples: int = Field(default=20, ge=1, le=1_000_000)
-    min_seconds: Seconds = 0.0
-    max_seconds: Seconds = 60.0
-    kpi_runs: int = Field(default=10, ge=1, le=10_000)
-    layer_runs: int = Field(default=10, ge=1, le=10_000)
+    repeat: Int = Field(default=1, ge=1, le=100)
+    seed: Int | None = Field(default=None, ge=0, le=2**31 - 1)
+    warmup: Int = Field(default=2, ge=0, le=10_000)
+    samples: Int = Field(default=20, ge=1, le=1_000_000)
+    min_seconds: Seconds = Field(default=0.0, le=MAX_CONFIG_SECONDS)
+    max_seconds: Seconds = Field(default=60.0, le=MAX_CONFIG_SECONDS)
+    kpi_runs: Int = Field(default=10, ge=1, le=10_000)
+    layer_runs: Int = Field(default=10, ge=1, le=10_000)
 
     @model_validator(mode="after")
     def _bounds(self) -> "Runs":
@@ -180,9 +218,9 @@ class InputSpec(Frozen):
     """``source: synthetic`` (deterministic images from ``seed``) or a folder of
     images (png/jpeg) resized to the model input. ``count`` images cycle over the samples."""
 
-    source: str = "synthetic"
-    count: int = Field(default=4, ge=1, le=1000)
-    seed: int = 0
+    source: PathText = "synthetic"
+    count: Int = Field(default=4, ge=1, le=1000)
+    seed: Int = Field(default=0, ge=0, le=MAX_SEED)
 
     @property
     def synthetic(self) -> bool:
@@ -207,11 +245,27 @@ class MetricsSpec(Frozen):
         return v
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "…"
+
+
+def _point(value: int | str) -> int:
+    """One split point, bounded before anything is expanded from it (the text
+    of a 4,000-digit number is refused before ``int`` reads it)."""
+    if isinstance(value, str) and len(value) > len(str(MAX_SPLIT_POINT)):
+        raise ValueError(f"split point must be within 0 and {MAX_SPLIT_POINT}, got {_shown(value)}")
+    k = int(value)
+    if not 0 <= k <= MAX_SPLIT_POINT:
+        raise ValueError(f"split point must be within 0 and {MAX_SPLIT_POINT}, got {k}")
+    return k
+
+
 def parse_host_port(text: str) -> tuple[str, int]:
     """``'127.0.0.1:9400'`` → ('127.0.0.1', 9400). Port 0 means any free port."""
-    m = re.fullmatch(r"\[?([^\[\]\s]*?)\]?:(\d{1,5})", text.strip())
+    m = re.fullmatch(r"\[?([^\[\]\s\x00]{0,253}?)\]?:([0-9]{1,5})", text.strip())
     if not m or int(m.group(2)) > 65535:
-        raise ValueError(f"expected HOST:PORT such as '127.0.0.1:9400', got {text!r}")
+        raise ValueError(f"expected HOST:PORT such as '127.0.0.1:9400', got {_shown(text)}")
     return m.group(1) or "127.0.0.1", int(m.group(2))
 
 
@@ -231,19 +285,17 @@ def parse_splits(value: Any) -> list[tuple[int, int]]:
         raise ValueError("expected 'all', a list of split points or ranges such as '0-5'")
     out: list[tuple[int, int]] = []
     for item in items:
-        if isinstance(item, bool):
-            raise ValueError(f"expected a split point or a range such as '0-5', got {item!r}")
+        if isinstance(item, bool) or not isinstance(item, (int, str)):
+            raise ValueError(f"expected a split point or a range such as '0-5', got {_shown(item)}")
         if isinstance(item, int):
-            if item < 0:
-                raise ValueError(f"split point must not be negative, got {item}")
-            out.append((item, item))
+            out.append((_point(item), _point(item)))
             continue
-        for piece in str(item).split(","):
+        for piece in item.split(","):
             m = _RANGE.fullmatch(piece)
             if not m:
-                raise ValueError(f"expected a split point or a range such as '0-5', got {piece.strip()!r}")
-            lo = int(m.group(1))
-            hi = int(m.group(2)) if m.group(2) is not None else lo
+                raise ValueError(f"expected a split point or a range such as '0-5', got {_shown(piece.strip())}")
+            lo = _point(m.group(1))
+            hi = _point(m.group(2)) if m.group(2) is not None else lo
             if hi < lo:
                 raise ValueError(f"range {piece.strip()!r} runs backwards; write it as '{hi}-{lo}'")
             out.append((lo, hi))
@@ -258,13 +310,13 @@ class Experiment(Frozen):
     model: ModelSpec
     splits: SplitsField = "all"
     nodes: Nodes = Nodes()
-    network: list[str] = Field(min_length=1)
+    network: list[PathText] = Field(min_length=1)
     runs: Runs = Runs()
     input: InputSpec = InputSpec()
     input_encoding: Literal["raw", "png", "jpeg"] = "raw"
     codec: Literal["raw"] = "raw"
     metrics: MetricsSpec = MetricsSpec()
-    output: str = "results"
+    output: PathText = "results"
 
     _located: Located | None = PrivateAttr(default=None)
     _base: Path = PrivateAttr(default=Path("."))
@@ -332,31 +384,87 @@ class Experiment(Frozen):
             return str(self.resolve_path(ref))
         return ref
 
-    def load_profiles(self) -> list[Any]:
-        """Every network entry as a ``testbed.link.profile.LinkProfile``.
+    def load_profile_at(self, index: int) -> Any:
+        """``network[index]`` as a ``testbed.link.profile.LinkProfile``.
 
         Errors inside a profile file keep that file's line; a profile that does
-        not exist is reported at this experiment's ``network`` line."""
+        not exist (or is not a file) is reported at this experiment's ``network`` line."""
         from testbed.link.profile import load_profile
 
+        try:
+            return load_profile(self.profile_ref(index))
+        except ConfigError as e:
+            if e.file and e.line is not None:
+                raise
+            raise self.error(e.reason if e.file is None else str(e), ("network", index)) from None
+
+    def load_profiles(self) -> list[Any]:
+        """Every network entry as a ``testbed.link.profile.LinkProfile``; the
+        first error as ``load_profile_at`` reports it."""
         out = []
         for i, _ in enumerate(self.network):
-            ref = self.profile_ref(i)
-            try:
-                out.append(load_profile(ref))
-            except ConfigError as e:
-                if e.file and Path(e.file).exists():
-                    raise
-                raise self.error(e.reason if e.file is None else str(e), ("network", i)) from None
+            out.append(self.load_profile_at(i))
             names = [p.name for p in out[:-1]]
             if out[-1].name in names:
                 raise self.error(f"profile name {out[-1].name!r} is also the name of network entry "
                                  f"{names.index(out[-1].name)}; results are keyed by profile name", ("network", i))
         return out
 
+    def file_problems(self) -> list[ConfigError]:
+        """What is wrong with the files the experiment names (input folder and
+        its images, model file), at their lines; empty when nothing is."""
+        return [e for e in (self.input_problem(), self.model_problem()) if e is not None]
 
-def load_experiment(path: str | Path) -> Experiment:
+    def input_problem(self) -> ConfigError | None:
+        """The input folder is not a folder of regular, bounded image files."""
+        if self.input.synthetic:
+            return None
+        folder = self.resolve_path(self.input.source)
+        try:
+            if not folder.is_dir():
+                return self.error(f"not 'synthetic' and not a folder: {folder}", ("input", "source"))
+            self.input_files()
+        except ConfigError as e:
+            return e
+        return None
+
+    def model_problem(self) -> ConfigError | None:
+        """``model.path`` is not a regular file of at most 2 GiB."""
+        if self.model.path is None:
+            return None
+        try:
+            check_regular_file(self.resolve_path(self.model.path), MAX_MODEL_BYTES, "a model file")
+        except ConfigError as e:
+            message = e.reason.replace("cannot read a model file: No such file or directory", "no such model file")
+            return self.error(f"{message}: {e.file}", ("model", "path"))
+        return None
+
+    def input_files(self) -> list[Path]:
+        """The images a folder ``input.source`` gives, in the order the sweep
+        reads them (the first ``count`` by name). Raises ConfigError at the
+        ``input.source`` line when one is not a regular file of bounded size
+        or there is none."""
+        from testbed.inputs import MAX_IMAGE_BYTES, image_files
+
+        folder = self.resolve_path(self.input.source)
+        try:
+            files = image_files(folder)[:self.input.count]
+            for f in files:
+                check_regular_file(f, MAX_IMAGE_BYTES, "an input image")
+        except ConfigError as e:
+            raise self.error(str(e), ("input", "source")) from None
+        except OSError as e:
+            raise self.error(f"cannot list {folder}: {e.strerror}", ("input", "source")) from None
+        if not files:
+            raise self.error(f"no images in {folder}", ("input", "source"))
+        return files
+
+
+def load_experiment(path: str | Path, *, check_files: bool = True) -> Experiment:
     """Read, validate and anchor an experiment file.
+
+    ``check_files=False`` leaves the files it names (model, input images) to
+    the caller: ``testbed.preflight`` collects ``file_problems()`` with the rest.
 
     Raises:
         ConfigError: ``file:line: field: what was expected``.
@@ -367,12 +475,10 @@ def load_experiment(path: str | Path) -> Experiment:
     exp = validate(Experiment, located)
     exp._located = located
     exp._base = Path(path).resolve().parent
-    if not exp.input.synthetic:
-        folder = exp.resolve_path(exp.input.source)
-        if not folder.is_dir():
-            raise located.error(f"not 'synthetic' and not a folder: {folder}", ("input", "source"))
-    if exp.model.path is not None and not exp.resolve_path(exp.model.path).is_file():
-        raise located.error(f"no such model file: {exp.resolve_path(exp.model.path)}", ("model", "path"))
+    exp.model._base = exp._base
+    if check_files:
+        for problem in exp.file_problems():
+            raise problem
     return exp
 
 

@@ -6,17 +6,51 @@ input have realistic sizes instead of compressing white noise or a flat field)
 or every image of a folder, resized to the model input with Pillow. This is the
 scenario's pre-processing: it happens here, before any timing starts. Sending
 the arrays to the local node is the agent client's job.
+
+Image files are user input: each must be a regular file of bounded size (a FIFO
+named ``a.png`` hung the run) and at most ``MAX_PIXELS`` pixels (Pillow raises
+its own DecompressionBombError, not an OSError, beyond twice its default).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from testbed.errors import ConfigError
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
+MAX_IMAGE_BYTES = 64 << 20
+MAX_PIXELS = 64_000_000    # an 8K photo is 33 M; decoding a larger one can take GiBs
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """Every file of ``folder`` with an image suffix, sorted by name (not opened)."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+
+
+def open_image(path: Path) -> "Any":
+    """A Pillow image (header read only) of a regular, bounded file. Raises ConfigError."""
+    from PIL import Image, UnidentifiedImageError
+
+    from testbed.config import check_regular_file
+
+    check_regular_file(path, MAX_IMAGE_BYTES, "an input image")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (stderr noise) between 89 M and 179 M pixels; MAX_PIXELS decides here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise ConfigError(f"cannot read image: {e}", file=str(path)) from e
+    if im.width * im.height > MAX_PIXELS:
+        im.close()
+        raise ConfigError(f"image is {im.width}x{im.height} pixels; at most {MAX_PIXELS} are decoded",
+                          file=str(path))
+    return im
 
 
 def _layout(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -54,17 +88,16 @@ def synthetic_images(shape: tuple[int, ...], dtype: str, count: int, seed: int =
 def folder_images(folder: str | Path, shape: tuple[int, ...], dtype: str, count: int) -> list[np.ndarray]:
     """The first ``count`` images of ``folder`` (sorted by name), resized to the
     model input. Raises ConfigError when the folder holds no readable image."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     h, w, c = _layout(tuple(shape))
     mode = {1: "L", 3: "RGB", 4: "RGBA"}[c]
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
     out = []
-    for path in files[:count]:
+    for path in image_files(folder)[:count]:
         try:
-            with Image.open(path) as im:
+            with open_image(path) as im:
                 img = np.asarray(im.convert(mode).resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
-        except (OSError, UnidentifiedImageError) as e:
+        except (OSError, Image.DecompressionBombError) as e:
             raise ConfigError(f"cannot read image: {e}", file=str(path)) from e
         out.append(_to_model_range(img.reshape(h, w, c), dtype)[None, ...])
     if not out:

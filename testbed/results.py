@@ -18,12 +18,21 @@ Layout of ``RUN_DIR``::
     layers.csv         per node, per layer: latency stats, output bytes, params, MACs
 
 Every time is in seconds, every size in bytes, rates in bit/s, loss in percent.
+
+Torn rows: an append is one ``write()`` of whole rows, fsynced; a short write
+(disk full) is cut back before the error is raised. A process killed mid-write
+(or SIGXFSZ) can still leave an incomplete last line: readers skip it, and
+:meth:`RunFolder.open` (``--resume``) cuts it off and says so in
+``RunFolder.notices`` (also logged as a warning), so the next append never
+joins it.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -32,6 +41,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import yaml
+
+log = logging.getLogger("testbed.results")
 
 SAMPLES, SUMMARY, PARTS, LAYERS = "samples.csv", "summary.csv", "parts.csv", "layers.csv"
 ENVIRONMENT, CONFIG, MANIFEST = "environment.json", "config.yaml", "manifest.json"
@@ -233,25 +244,116 @@ def _typed(column: str, text: str) -> Any:
         return text
 
 
-def read_csv(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a result CSV with numbers as int/float and empty cells as None."""
-    path = Path(path)
+def _records(data: bytes) -> tuple[list[list[str]], int]:
+    """The complete records of a result CSV (header first) and how many bytes
+    they take.
+
+    A record is complete when the text after it ends with a newline, it parses
+    (a write cut inside a quoted cell leaves an open quote) and it has as many
+    fields as the header. Only the last record can be torn: appends are
+    sequential. Offsets come from the reader's physical line count, so a
+    quoted cell holding a newline stays one record."""
+    text = data.decode("utf-8", errors="replace")
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    records: list[list[str]] = []
+    starts: list[int] = []            # physical line where each record starts
+    line = 0
+    try:
+        for rec in reader:
+            records.append(rec)
+            starts.append(line)
+            line = reader.line_num
+    except csv.Error:
+        return records, _offset(text, line)
+    if not records:
+        return [], 0
+    if text.endswith("\n") and (len(records) == 1 or len(records[-1]) == len(records[0])):
+        return records, len(data)
+    records.pop()
+    return records, _offset(text, starts[-1])
+
+
+def _offset(text: str, lines: int) -> int:
+    """Bytes (UTF-8) of the first ``lines`` physical lines of ``text``."""
+    pos = 0
+    for _ in range(lines):
+        pos = text.index("\n", pos) + 1
+    return len(text[:pos].encode("utf-8"))
+
+
+def _complete_length(data: bytes) -> int:
+    """Bytes of ``data`` up to the end of its last complete record."""
+    return _records(data)[1]
+
+
+def _raw_rows(path: Path) -> list[dict[str, str]]:
+    """The complete rows of a result CSV as text; an incomplete last row (a
+    write cut off) is skipped, with a warning."""
     if not path.exists():
         return []
-    with path.open(newline="", encoding="utf-8") as f:
-        return [{k: _typed(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+    data = path.read_bytes()
+    records, whole = _records(data)
+    if whole != len(data):
+        log.warning("%s: skipping an incomplete last line (%d bytes; a write was cut off)", path, len(data) - whole)
+    if not records:
+        return []
+    header = records[0]
+    return [dict(zip(header, rec)) for rec in records[1:]]
+
+
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a result CSV with numbers as int/float and empty cells as None."""
+    return [{k: _typed(k, v) for k, v in row.items()} for row in _raw_rows(Path(path))]
+
+
+def repair_tail(path: Path) -> str | None:
+    """Cut an incomplete last line off ``path``; returns what was done (None: nothing)."""
+    if not path.exists():
+        return None
+    data = path.read_bytes()
+    whole = _complete_length(data)
+    if whole == len(data):
+        return None
+    with path.open("r+b") as f:
+        f.truncate(whole)
+        f.flush()
+        os.fsync(f.fileno())
+    return (f"{path.name}: dropped an incomplete last line ({len(data) - whole} bytes): "
+            "a write was cut off (disk full or killed); the configuration it belonged to is measured again")
+
+
+def _rows_text(columns: Sequence[str], rows: Iterable[dict[str, Any]], header: bool) -> bytes:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    if header:
+        w.writerow(columns)
+    for row in rows:
+        w.writerow([_cell(row.get(c)) for c in columns])
+    return buf.getvalue().encode("utf-8")
 
 
 def _append(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator="\n")
-        if new:
-            w.writerow(columns)
-        for row in rows:
-            w.writerow([_cell(row.get(c)) for c in columns])
-        f.flush()
-        os.fsync(f.fileno())
+    """Append ``rows`` in one ``write()``, fsynced. On a short write or an
+    error the file is cut back to its previous length, so no half row stays."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        before = os.fstat(fd).st_size
+        data = _rows_text(columns, rows, header=before == 0)
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(f"short write ({written} of {len(data)} bytes; disk full?)")
+            os.fsync(fd)
+        except OSError as e:
+            try:
+                os.ftruncate(fd, before)
+            except OSError:
+                pass   # RunFolder.open / read_csv drop the torn line instead
+            from testbed.errors import TestbedError
+            raise TestbedError(f"{path}: cannot append {len(data)} bytes: {e.strerror or e}; "
+                               "nothing of it was kept") from e
+    finally:
+        os.close(fd)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -271,6 +373,7 @@ class RunFolder:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.notices: list[str] = []   # what open() repaired, for the CLI to print
 
     # --- creation and resume -------------------------------------------
 
@@ -284,11 +387,17 @@ class RunFolder:
 
     @classmethod
     def open(cls, path: str | Path) -> "RunFolder":
-        """An existing run folder, for ``--resume``; unfinished configurations removed."""
+        """An existing run folder, for ``--resume``: incomplete last lines cut
+        off (listed in ``notices`` and logged), unfinished configurations removed."""
         folder = cls(path)
         if not (folder.path / CONFIG).is_file():
             from testbed.errors import TestbedError
             raise TestbedError(f"{folder.path}: not a run folder (no {CONFIG})")
+        for name in (SUMMARY, SAMPLES, PARTS, LAYERS):
+            notice = repair_tail(folder.path / name)
+            if notice:
+                log.warning("%s", notice)
+                folder.notices.append(notice)
         folder._drop_unfinished()
         return folder
 
@@ -298,9 +407,9 @@ class RunFolder:
             path = self.path / name
             if not path.exists():
                 continue
-            with path.open(newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f))
-            keep = [r for r in rows if (int(r.get("repeat") or 0), r["profile"], int(r["split"])) in done]
+            rows = _raw_rows(path)
+            keep = [r for r in rows if (_typed("repeat", r.get("repeat") or "") or 0, r.get("profile"),
+                                        _typed("split", r.get("split") or "")) in done]
             if len(keep) != len(rows):
                 with path.with_name(name + ".tmp").open("w", newline="", encoding="utf-8") as f:
                     w = csv.DictWriter(f, fieldnames=columns, lineterminator="\n", extrasaction="ignore")

@@ -282,25 +282,6 @@ class _Link:
                 shaper.close()
 
 
-def _check_kernel(profiles: list[Any]) -> None:
-    """Refuse profiles this kernel cannot shape before any folder or node exists.
-
-    Both backends share the host's kernel, so its qdiscs decide. A Shaper's
-    ``plan`` touches nothing; the interface named here is never used."""
-    from testbed.link.shaper import Shaper, detect_capabilities
-    from testbed.link.target import Target
-
-    probe = Shaper(Target("lo"), capabilities=detect_capabilities())
-    for prof in profiles:
-        for direction in ("uplink", "downlink"):
-            for _, d in prof.schedule(direction):
-                try:
-                    probe.plan(d)
-                except TestbedError as e:
-                    message = str(e).removeprefix("lo: ")
-                    raise type(e)(f"profile {prof.name!r} {direction}: {message}") from None
-
-
 def _loss_pct(d: Any) -> float | None:
     """Random loss in percent (None when no loss or a Gilbert-Elliott/state model)."""
     loss = getattr(d, "loss", None) if d is not None else None
@@ -677,6 +658,12 @@ def run_experiment(path: str | Path, options: SweepOptions = SweepOptions(),
     run: RunFolder | None = None
     try:
         with signals:
+            # --- PREFLIGHT (testbed.preflight, owned by the input-hardening work): every check of
+            # `testbed check` -- files, model, split points, profiles, backend, kernel, ports, disk --
+            # before anything is created; raises PreflightError listing every problem. Keep it first.
+            from testbed.preflight import require
+            require(path, options)
+            # --- end PREFLIGHT
             exp = load_experiment(path)
             listen = options.metrics_listen or exp.metrics.listen
             try:
@@ -686,7 +673,6 @@ def run_experiment(path: str | Path, options: SweepOptions = SweepOptions(),
             if options.backend is not None and options.backend not in ("auto", "docker", "netns"):
                 raise ConfigError(f"expected auto, docker or netns, got {options.backend!r}", field="--backend")
             p = plan(exp)
-            _check_kernel(p.profiles)
             run = _open_run(p, options)
             _run(p, run, options, listen, console)
     except KeyboardInterrupt:

@@ -9,6 +9,11 @@ Mahimahi file converted to rate steps). Humans write units (``25mbit``,
 ``testbed.link.params`` and are checked here at load time so the error names
 the file and line.
 
+Every value is checked at load time against what the kernel can take (the
+ranges live in ``testbed.link.params``), so a profile ``netem validate``
+accepts is one the shaper can install; a Mahimahi trace is read with the
+bounds of ``testbed.link.trace`` and its steps are checked the same way.
+
 Leaves to others: turning a direction into kernel parameters
 (``testbed.link.params``) and touching the kernel (``testbed.link.shaper``).
 
@@ -28,18 +33,23 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from testbed.config import Frozen, Located, load_yaml, validate
+from testbed.config import Frozen, Int, Located, load_yaml, validate
 from testbed.errors import ConfigError
 from testbed.units import Bytes, Percent, RateBps, Seconds
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "netem_profiles"
 DIRECTIONS = ("uplink", "downlink")
+# Profile names key result rows and Prometheus labels and appear in one-line messages.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
+MAX_NAME = 64
+MAX_TRACE_S = 7 * 24 * 3600.0   # step times and periods: a week is more than any sweep
+MIN_WINDOW_S = 0.01             # the stepper's timing target is 10 ms: shorter windows cannot be followed
 
 
 class _Schema(Frozen):
     # Code constructs objects with base-unit names (rate_bps=...), YAML uses
     # the short human key (rate: 25mbit) through the alias.
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 def _scalar_as(key: str):
@@ -124,7 +134,7 @@ class Reorder(_Schema):
 
     percent_pct: Percent = Field(alias="percent")
     correlation_pct: Percent = Field(0.0, alias="correlation")
-    gap: int = Field(0, ge=0)
+    gap: Int = Field(0, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -138,7 +148,7 @@ class Slot(_Schema):
 
     min_delay_s: Seconds = Field(alias="min_delay")
     max_delay_s: Seconds | None = Field(None, alias="max_delay")
-    packets: int = Field(0, ge=0)
+    packets: Int = Field(0, ge=0)
     bytes_: Bytes = Field(0, alias="bytes")
 
 
@@ -156,8 +166,8 @@ class Direction(_Schema):
     corrupt: Chance | None = None
     reorder: Reorder | None = None
     slot: Slot | None = None
-    limit_packets: int | None = Field(None, alias="limit", gt=0)
-    overhead_bytes: int = Field(0, alias="overhead", ge=-1024, le=1024)
+    limit_packets: Int | None = Field(None, alias="limit", gt=0)
+    overhead_bytes: Int = Field(0, alias="overhead")   # range: testbed.link.params (0..1024)
 
     def is_empty(self) -> bool:
         return self == Direction()
@@ -203,21 +213,28 @@ class Trace(_Schema):
                 raise ValueError("step times (at) must be strictly increasing")
             if self.loop and (self.period_s is None or self.period_s <= ats[-1]):
                 raise ValueError("a looping trace needs period: longer than the last step's at")
-        if self.window_s <= 0:
-            raise ValueError("window must be positive")
+        if not MIN_WINDOW_S <= self.window_s <= MAX_TRACE_S:
+            raise ValueError(f"window must be within {MIN_WINDOW_S:g}s and {MAX_TRACE_S:g}s "
+                             f"(the stepper follows steps to ~10 ms), got {self.window_s:g}s")
+        late = [s.at_s for s in self.steps or []] + [self.period_s or 0.0]
+        if max(late) > MAX_TRACE_S:
+            raise ValueError(f"step times and period must be within 0s and {MAX_TRACE_S:g}s (a week), "
+                             f"got {max(late):g}s")
         return self
 
 
 class LinkProfile(_Schema):
     """A named link: uplink (local→remote) and downlink (remote→local)."""
 
-    name: str
+    name: str = Field(min_length=1, max_length=MAX_NAME, pattern=NAME_PATTERN)
     description: str = ""
     source: str
     uplink: Direction | None = None
     downlink: Direction | None = None
     trace: Trace | None = None
     _path: Path | None = PrivateAttr(None)
+    # (steps, period) of a Mahimahi trace: read once per profile, not per schedule() call
+    _mahimahi: tuple[list[tuple[float, int]], float] | None = PrivateAttr(None)
 
     @field_validator("source")
     @classmethod
@@ -250,10 +267,11 @@ class LinkProfile(_Schema):
 
     def schedule(self, which: str) -> list[tuple[float, Direction]]:
         """The direction over time: ``[(at_s, Direction), ...]``; one entry at 0
-        for a constant link, none when the direction is not shaped."""
+        for a constant link, none when the direction is not shaped (absent or
+        empty: ``uplink: {}`` leaves the uplink alone, as documented on Direction)."""
         base = self.direction(which)
         if self.trace is None or self.trace.direction not in (which, "both"):
-            return [] if base is None else [(0.0, base)]
+            return [] if base is None or base.is_empty() else [(0.0, base)]
         base = base or Direction()
         if self.trace.steps is not None:
             out = []
@@ -261,10 +279,19 @@ class LinkProfile(_Schema):
                 changes = {k: getattr(step, k) for k in step.model_fields_set if k != "at_s"}
                 out.append((step.at_s, base.merged(changes)))
             return out
-        from testbed.link.trace import mahimahi_steps
-
-        steps = mahimahi_steps(self.mahimahi_path(), self.trace.window_s, self.trace.floor_bps)
+        steps, _ = self._mahimahi_trace()
         return [(at, base.merged({"rate_bps": rate})) for at, rate in steps]
+
+    def _mahimahi_trace(self) -> tuple[list[tuple[float, int]], float]:
+        """(rate steps, period) of the Mahimahi file, read once. Raises ValueError."""
+        if self._mahimahi is None:
+            from testbed.link.trace import mahimahi_period, mahimahi_steps
+
+            assert self.trace is not None
+            path = self.mahimahi_path()
+            steps = mahimahi_steps(path, self.trace.window_s, self.trace.floor_bps)
+            self._mahimahi = (steps, mahimahi_period(path, self.trace.window_s))
+        return self._mahimahi
 
     def period_s(self) -> float | None:
         """How often a looping trace repeats (None when it does not loop)."""
@@ -272,9 +299,7 @@ class LinkProfile(_Schema):
             return None
         if self.trace.steps is not None:
             return self.trace.period_s
-        from testbed.link.trace import mahimahi_period
-
-        return self.trace.period_s or mahimahi_period(self.mahimahi_path(), self.trace.window_s)
+        return self.trace.period_s or self._mahimahi_trace()[1]
 
     def mahimahi_path(self) -> Path:
         """The trace file, relative to the profile's folder."""
@@ -286,19 +311,27 @@ class LinkProfile(_Schema):
 
 
 def _check_rules(profile: LinkProfile, located: Located) -> None:
-    """Cross-field rules from ``params`` reported at the offending line."""
+    """Kernel ranges and cross-field rules from ``params``, reported at the
+    offending line: the base direction when it is installed as written, every
+    step of the schedule when a trace drives the direction."""
     from testbed.link.params import check
 
+    trace = profile.trace
     for which in DIRECTIONS:
+        traced = trace is not None and trace.direction in (which, "both")
         d = profile.direction(which)
-        if d is not None:
-            for loc, message in check(d):
+        if not traced:
+            for loc, message in check(d) if d is not None else []:
                 raise located.error(message, (which, *loc))
-    if profile.trace is not None and profile.trace.steps is not None:
-        for which in DIRECTIONS:
-            for i, (_, d) in enumerate(profile.schedule(which)):
-                for loc, message in check(d):
-                    raise located.error(f"{message} (in {which} from this step on)", ("trace", "steps", i, *loc))
+            continue
+        for i, (at, step) in enumerate(profile.schedule(which)):
+            problems = check(step) or ([((), "this step leaves nothing to shape (no rate, delay, loss, ...)")]
+                                       if step.is_empty() else [])
+            for loc, message in problems:
+                if trace.steps is not None:
+                    raise located.error(f"{message} (in {which} from this step on)",
+                                        ("trace", "steps", i, *loc))
+                raise located.error(f"the window at {at:g}s gives {'.'.join(loc)} {message}", ("trace", "mahimahi"))
 
 
 def resolve(name_or_path: str | Path) -> Path:
@@ -309,6 +342,13 @@ def resolve(name_or_path: str | Path) -> Path:
     return PROFILE_DIR / f"{text}.yaml"
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:   # e.g. a name longer than the file system allows
+        return False
+
+
 def load_profile(name_or_path: str | Path) -> LinkProfile:
     """Load and validate one profile by name (``netem_profiles/NAME.yaml``) or path.
 
@@ -316,19 +356,20 @@ def load_profile(name_or_path: str | Path) -> LinkProfile:
         ConfigError: ``file:line: field: what`` (also for a name with no file).
     """
     path = resolve(name_or_path)
-    if not path.exists():
+    if not _exists(path):
         known = ", ".join(p.stem for p in sorted(PROFILE_DIR.glob("*.yaml")))
-        raise ConfigError(f"no such link profile {str(name_or_path)!r} (known: {known})")
+        shown = str(name_or_path) if len(str(name_or_path)) <= 80 else str(name_or_path)[:80] + "…"
+        raise ConfigError(f"no such link profile {shown!r} (known: {known})")
     located = load_yaml(path)
     if not isinstance(located.data, dict):
         raise located.error("expected a mapping with name, source, uplink, downlink")
     profile = validate(LinkProfile, located)
     profile._path = path.resolve()
     if profile.trace is not None and profile.trace.mahimahi is not None:
-        if not profile.mahimahi_path().exists():
+        if not _exists(profile.mahimahi_path()):
             raise located.error(f"trace file not found: {profile.mahimahi_path()}", ("trace", "mahimahi"))
         try:
-            profile.schedule(profile.trace.direction if profile.trace.direction != "both" else "uplink")
+            profile._mahimahi_trace()
         except ValueError as e:
             raise located.error(str(e), ("trace", "mahimahi")) from None
     _check_rules(profile, located)

@@ -55,3 +55,16 @@ def test_debug_flag_shows_the_traceback(tmp_path):
     result = CliRunner().invoke(app, ["--debug", "inspect", str(bad)])
     assert result.exit_code == 1
     assert "Traceback" in result.output
+
+
+def test_an_error_quoting_brackets_is_printed_literally_not_as_markup(tmp_path):
+    # rich raised MarkupError (a traceback) on "[/x]" in a message, e.g. a path or a HOST:PORT
+    result = CliRunner().invoke(app, ["netem", "validate", str(tmp_path / "[/x].yaml")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "[/x].yaml" in lines[0]
+
+
+def test_check_is_registered_with_an_example():
+    result = CliRunner().invoke(app, ["check", "--help"])
+    assert result.exit_code == 0 and "testbed check experiments/posenet_sweep.yaml" in result.output

@@ -197,3 +197,71 @@ def test_pinning_and_repeat_keys(tmp_path):
     assert err.field == "runs.repeat"
     err = _error(tmp_path, HEAD + "nodes: {pinning: sometimes}\n")
     assert err.field == "nodes.pinning"
+
+
+# --- bounds: no absurd value reaches the sweep ------------------------------------------------------
+
+@pytest.mark.parametrize("text, field, words", [
+    ("runs: {max_seconds: .nan}\n", "runs.max_seconds", "finite"),
+    ("runs: {max_seconds: .inf}\n", "runs.max_seconds", "finite"),
+    ("runs: {max_seconds: 2d}\n", "runs.max_seconds", "unknown time unit"),
+    ("runs: {max_seconds: 100000s}\n", "runs.max_seconds", "less than or equal to 86400"),
+    ("runs: {warmup: true}\n", "runs.warmup", "valid integer"),
+    ("runs: {samples: 2.5}\n", "runs.samples", "valid integer"),
+    ("nodes: {local: {cpus: .inf}}\n", "nodes.local.cpus", "finite"),
+    ("nodes: {local: {cpus: 0.001}}\n", "nodes.local.cpus", "greater than or equal to 0.01"),
+    ("nodes: {local: {cpus: true}}\n", "nodes.local.cpus", "valid number"),
+    ("nodes: {local: {threads: true}}\n", "nodes.local.threads", "valid integer"),
+    ("nodes: {local: {memory: 1e400}}\n", "nodes.local.memory", "finite"),
+    ("nodes: {local: {memory: 1e30GiB}}\n", "nodes.local.memory", "less than or equal"),
+    ("splits: 0-100000000000000000000\n", "splits", "within 0 and 100000"),
+    ("splits: [0, 200000]\n", "splits", "within 0 and 100000"),
+    ("splits: ['0-" + "9" * 5000 + "']\n", "splits", "within 0 and 100000"),
+    ("splits: [true]\n", "splits", "split point"),
+    ("splits: 0-1e20\n", "splits", "range such as"),
+    ("input: {seed: -1}\n", "input.seed", "greater than or equal to 0"),
+    ("input: {seed: 99999999999}\n", "input.seed", "less than or equal to 4294967295"),
+    ("input: {source: \"a\\0b\"}\n", "input.source", "NUL"),
+    ("output: \"a\\0b\"\n", "output", "NUL"),
+    ("output: ''\n", "output", "empty"),
+    ("metrics: {listen: \"a\\0b:1\"}\n", "metrics.listen", "HOST:PORT"),
+])
+def test_absurd_values_are_refused_at_their_line(tmp_path, text, field, words):
+    e = _error(tmp_path, HEAD + text)
+    assert e.field == field and e.line == 4 and words in e.reason, str(e)
+
+
+def test_seed_of_the_builtin_model_is_bounded(tmp_path):
+    e = _error(tmp_path, "name: t\nnetwork: [x]\nmodel: {builtin: posenet, seed: 1" + "0" * 40 + "}\n")
+    assert e.field == "model.seed" and "less than or equal" in e.reason
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev", "folder"])
+def test_model_file_must_be_a_regular_file(tmp_path, kind):
+    import os
+
+    path = {"fifo": tmp_path / "m.tflite", "dev": Path("/dev/zero"), "folder": tmp_path}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    e = _error(tmp_path, f"name: t\nnetwork: [x]\nmodel: {{path: '{path}', sha256: {'a' * 64}}}\n")
+    assert e.field == "model.path" and "must be a regular file" in e.reason
+
+
+def test_input_images_must_be_regular_files(tmp_path):
+    import os
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    os.mkfifo(folder / "a.png")                      # Pillow would block on it
+    e = _error(tmp_path, HEAD + "input: {source: imgs}\n")
+    assert e.field == "input.source" and "a FIFO" in e.reason
+    (folder / "a.png").unlink()
+    e = _error(tmp_path, HEAD + "input: {source: imgs}\n")
+    assert e.field == "input.source" and "no images" in e.reason
+
+
+def test_a_relative_model_path_resolves_against_the_experiment_not_the_cwd(tmp_path, monkeypatch):
+    (tmp_path / "m.tflite").write_bytes(b"x")
+    e = load_experiment(_write(tmp_path, "name: t\nnetwork: [x]\nmodel: {path: m.tflite, sha256: " + "a" * 64 + "}\n"))
+    monkeypatch.chdir("/")
+    assert e.model.as_spec()["path"] == str(tmp_path / "m.tflite")

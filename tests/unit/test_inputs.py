@@ -35,3 +35,53 @@ def test_folder_without_images_and_non_image_models_are_refused(tmp_path):
         folder_images(tmp_path, (1, 8, 8, 3), "float32", 1)
     with pytest.raises(ConfigError, match="NHWC"):
         synthetic_images((1, 100), "float32", 1)
+
+
+def _png_claiming(tmp_path, width: int, height: int):
+    """A tiny PNG whose header claims ``width`` x ``height`` (decoding it would allocate that)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data[12:29]                                   # b"IHDR" + 13 bytes of fields
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_an_image_claiming_too_many_pixels_is_refused_before_decoding(tmp_path):
+    import warnings
+
+    from testbed.errors import ConfigError
+    from testbed.inputs import folder_images, open_image
+
+    _png_claiming(tmp_path, 30_000, 30_000)              # 900 M: Pillow's own bomb error (not an OSError)
+    with pytest.raises(ConfigError, match="decompression bomb"):
+        open_image(tmp_path / "bomb.png")
+    _png_claiming(tmp_path, 10_000, 10_000)              # 100 M: only a warning from Pillow
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                   # and no warning on stderr beside the one error line
+        with pytest.raises(ConfigError, match="at most 64000000 are decoded"):
+            open_image(tmp_path / "bomb.png")
+    with pytest.raises(ConfigError, match="bomb.png"):
+        folder_images(tmp_path, (1, 8, 8, 3), "float32", 1)
+
+
+def test_a_fifo_among_the_images_is_refused_not_opened(tmp_path):
+    import os
+
+    from testbed.errors import ConfigError
+    from testbed.inputs import folder_images
+
+    os.mkfifo(tmp_path / "a.png")
+    with pytest.raises(ConfigError, match="a FIFO"):
+        folder_images(tmp_path, (1, 8, 8, 3), "float32", 1)
+

@@ -17,7 +17,7 @@ def test_rate_only_uses_tbf_and_no_netem():
     p = kernel_params(Direction(rate_bps=10_000_000))
     assert (p.root, p.emulation, p.rate_Bps, p.netem) == ("tbf", "tbf", 1_250_000, None)
     assert p.burst_bytes == 312 + 1500 and p.queue_packets == 1000
-    assert not needs_netem(Direction(rate_bps=1, limit_packets=5))
+    assert not needs_netem(Direction(rate_bps=1_000_000, limit_packets=5))
 
 
 def test_rate_and_delay_is_limiter_plus_netem_child():
@@ -36,7 +36,7 @@ def test_arrangement_override_and_overhead_picks_htb():
     with pytest.raises(ValueError, match="overhead"):
         kernel_params(Direction(rate_bps=8_000_000, overhead_bytes=24), "tbf")
     with pytest.raises(ValueError, match="arrangement must be one of"):
-        kernel_params(Direction(rate_bps=1), "cake")
+        kernel_params(Direction(rate_bps=1_000_000), "cake")
 
 
 def test_delay_without_rate_is_reported_as_netem():
@@ -87,7 +87,7 @@ def test_reorder_gap_defaults_to_one_and_slot_converts():
     (Direction(delay_s=0.01, loss=Loss(random_pct=0, correlation_pct=20)), "non-zero random loss"),
     (Direction(delay_s=0.01, loss=Loss(gemodel=GEModel(p_pct=1, r_pct=2), correlation_pct=5)), "random loss only"),
     (Direction(delay_s=0.01, duplicate=Chance(percent_pct=0, correlation_pct=5)), "duplicate correlation"),
-    (Direction(rate_bps=1, reorder=Reorder(percent_pct=5)), "reordering needs delay"),
+    (Direction(rate_bps=1_000_000, reorder=Reorder(percent_pct=5)), "reordering needs delay"),
     (Direction(delay_s=0.01, delay_correlation_pct=10), "delay correlation needs jitter"),
 ])
 def test_rules_between_fields(d, words):
@@ -193,3 +193,74 @@ def test_netem_encoding_survives_pyroute2_compiling_tcmsg_first():
         "print(len(m.data))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert int(out) > 8192 + 20   # the 4096-entry table and the GE model are in the message
+
+
+# --- kernel ranges: what passes check() encodes; one step beyond is refused by check() --------
+
+def _encode(kind: str, **kw) -> None:
+    """Pack a qdisc/class message as ``testbed.link.netlink`` has pyroute2 do it (no socket)."""
+    import socket
+
+    from pyroute2.netlink.rtnl.tcmsg import plugins, tcmsg
+
+    msg = tcmsg()
+    msg["family"], msg["index"], msg["handle"], msg["parent"] = socket.AF_UNSPEC, 1, 0x74620000, 0xFFFFFFFF
+    opts = plugins[kind].get_class_parameters(kw) if kind == "htb" else plugins[kind].get_parameters(kw)
+    msg["attrs"] = [["TCA_KIND", kind], ["TCA_OPTIONS", opts]]
+    msg.encode()
+
+
+def _install_encodes(d: Direction, arrangement: str = "auto") -> None:
+    from testbed.link.params import MAX_TIMER_SLACK_S, MTU_BYTES, TIMER_SLACK_S
+
+    for slack in (TIMER_SLACK_S, MAX_TIMER_SLACK_S):
+        p = kernel_params(d, arrangement, slack)
+        if p.root == "tbf":
+            _encode("tbf", rate=p.rate_Bps, burst=p.burst_bytes, limit=p.queue_packets * MTU_BYTES)
+        elif p.root == "htb":
+            _encode("htb", rate=p.rate_Bps, ceil=p.rate_Bps, burst=p.burst_bytes, cburst=p.burst_bytes,
+                    overhead=p.overhead_bytes)
+        _encode("pfifo", limit=p.queue_packets)
+        if p.netem is not None:
+            encode_netem(1, 0x74640000, 0x74620001, p.netem).encode()
+
+
+def test_the_extremes_of_every_range_encode():
+    from testbed.link.params import (MAX_DELAY_S, MAX_JITTER_S, MAX_LIMIT_PACKETS, MAX_RATE_BPS, MAX_SLOT_COUNT,
+                                     MIN_RATE_BPS)
+
+    for rate in (MIN_RATE_BPS, MAX_RATE_BPS):
+        for arrangement in ("tbf", "htb", "netem"):
+            d = Direction(rate_bps=rate, limit_packets=MAX_LIMIT_PACKETS)
+            assert check(d) == []
+            _install_encodes(d, arrangement)
+    d = Direction(rate_bps=MAX_RATE_BPS, delay_s=MAX_DELAY_S, jitter_s=MAX_JITTER_S,
+                  reorder=Reorder(percent_pct=1, gap=U32_MAX),
+                  slot=Slot(min_delay_s=MAX_DELAY_S, max_delay_s=MAX_DELAY_S, packets=MAX_SLOT_COUNT,
+                            bytes_=MAX_SLOT_COUNT))
+    assert check(d) == []
+    assert netem_limit(d) == U32_MAX          # 34 Gbit/s x an hour: clamped to netem's u32
+    _install_encodes(d)
+    _install_encodes(Direction(rate_bps=8_000_000, overhead_bytes=1024))   # htb
+
+
+@pytest.mark.parametrize("d,field,words", [
+    (Direction(rate_bps=63), "rate", "within 64bit and 34.35973836gbit"),
+    (Direction(rate_bps=(2**32) * 8), "rate", "32-bit bytes/s"),
+    (Direction(rate_bps=10**42), "rate", "got 1e+33gbit"),
+    (Direction(delay_s=1e12), "delay", "within 0s and 3600s"),
+    (Direction(delay_s=1.0, jitter_s=2.2), "jitter", "2^31-1 ns"),
+    (Direction(rate_bps=10**6, limit_packets=2**40), "limit", "within 1 and 2863311"),
+    (Direction(rate_bps=10**6, overhead_bytes=-20), "overhead", "within 0 and 1024"),
+    (Direction(rate_bps=10**6, overhead_bytes=1025), "overhead", "within 0 and 1024"),
+    (Direction(delay_s=0.01, slot=Slot(min_delay_s=1e15)), "slot.min_delay", "3600s"),
+    (Direction(delay_s=0.01, slot=Slot(min_delay_s=0.001, packets=2**31)), "slot.packets", "2147483647"),
+    (Direction(delay_s=0.01, slot=Slot(min_delay_s=0.001, bytes_=2**31)), "slot.bytes", "signed 32-bit"),
+    (Direction(delay_s=0.01, reorder=Reorder(percent_pct=1, gap=2**32)), "reorder.gap", "32-bit"),
+    (Direction(limit_packets=100), "limit", "give rate"),
+])
+def test_values_beyond_the_kernel_are_refused_by_check_with_the_range(d, field, words):
+    problems = check(d)
+    assert problems and ".".join(problems[0][0]) == field and words in problems[0][1], problems
+    with pytest.raises(ValueError, match=field.split(".")[-1]):
+        kernel_params(d)                      # and never reach the encoder

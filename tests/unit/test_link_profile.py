@@ -180,3 +180,68 @@ def test_cli_validate_and_list(tmp_path):
     assert bad.exit_code == 1 and "p.yaml:3: uplink.rate: ambiguous rate unit" in bad.output
     listing = runner.invoke(app, ["netem", "list"], env={"COLUMNS": "200"})
     assert listing.exit_code == 0 and "ladder-100mbit" in listing.output and "trace-lte-uplink" in listing.output
+
+
+# --- bounds: a trace or a profile is user input ----------------------------------------------------
+
+def test_mahimahi_file_must_be_regular_and_bounded(tmp_path):
+    import os
+
+    fifo = tmp_path / "f.up"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="a FIFO"):          # read_text() blocked until a writer came
+        read_mahimahi(fifo)
+    with pytest.raises(ValueError, match="a character device"):
+        read_mahimahi("/dev/zero")                           # never ended
+    with pytest.raises(ValueError, match=r"t.up:2: timestamp 99999999999 ms is beyond"):
+        read_mahimahi(_write(tmp_path, "1\n99999999999\n", "t.up"))
+    with pytest.raises(ValueError, match=r"t.up:1: expected a millisecond timestamp"):
+        read_mahimahi(_write(tmp_path, "9" * 5000 + "\n", "t.up"))   # int() of 5,000 digits: a traceback before
+    with pytest.raises(ValueError, match="expected a millisecond"):
+        read_mahimahi(_write(tmp_path, "\u00b2\n", "t.up"))          # str.isdigit() said yes to '²'
+
+
+def test_mahimahi_trace_spanning_too_many_windows_is_refused(tmp_path):
+    trace = _write(tmp_path, f"1\n{7 * 24 * 3600 * 1000}\n", "t.up")   # a week at 10 ms windows: 6e7 windows
+    with pytest.raises(ValueError, match="at most 100000"):
+        mahimahi_steps(trace, 0.01, 10_000)
+
+
+def test_mahimahi_profile_errors_name_the_profile_line(tmp_path):
+    _write(tmp_path, "0\n" * 40_000 + "5\n", "dense.up")            # 40,000 packets in 10 ms: 48 Gbit/s
+    e = _error(tmp_path, HEAD + "trace: {mahimahi: dense.up, window: 10ms}\n")
+    assert (e.field, e.line) == ("trace.mahimahi", 3) and "window at 0s gives rate must be within" in e.reason
+    _write(tmp_path, "0\n99999999999\n", "late.up")
+    e = _error(tmp_path, HEAD + "trace: {mahimahi: late.up}\n")
+    assert e.field == "trace.mahimahi" and "late.up:2" in e.reason
+
+
+@pytest.mark.parametrize("body,field,words", [
+    ("trace: {window: 1ns, steps: [{at: 0s, rate: 1mbit}]}\n", "trace", "window must be within 0.01s"),
+    ("trace: {steps: [{at: 0s, rate: 1mbit}, {at: 1e9s, rate: 2mbit}]}\n", "trace", "within 0s and 604800s"),
+    ("trace: {steps: [{at: 0s}]}\n", "trace.steps.0", "nothing to shape"),
+    ("uplink: {limit: 100}\n", "uplink.limit", "give rate"),
+    ("uplink: {rate: 1mbit, delay: 1ms, reorder: {percent: 1%, gap: true}}\n", "uplink.reorder.gap", "integer"),
+    ("uplink: {rate: 1mbit, limit: 1.5}\n", "uplink.limit", "integer"),
+])
+def test_trace_and_field_bounds(tmp_path, body, field, words):
+    e = _error(tmp_path, HEAD + body)
+    assert e.field.startswith(field) and words in e.reason, str(e)
+
+
+@pytest.mark.parametrize("name", ["a b", "../x", "", "x" * 65, "a\nb"])
+def test_profile_names_are_label_safe(tmp_path, name):
+    import json
+
+    e = _error(tmp_path, f"name: {json.dumps(name)}\nsource: s\nuplink: {{rate: 1mbit}}\n")
+    assert e.field == "name"
+
+
+def test_an_empty_direction_is_left_unshaped(tmp_path):
+    p = load_profile(_write(tmp_path, HEAD + "uplink: {}\ndownlink: {rate: 1mbit}\n"))
+    assert p.schedule("uplink") == [] and len(p.schedule("downlink")) == 1
+
+
+def test_unreadable_profile_names_are_one_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such link profile"):
+        load_profile("a" * 5000)                      # exists() raised ENAMETOOLONG

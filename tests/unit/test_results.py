@@ -160,3 +160,87 @@ def test_repeats_are_kept_apart_and_pooled_for_analysis(tmp_path):
     assert pooled[0]["e2e_p50_s"] == pytest.approx(float(np.median(all_e2e)))
     assert pooled[1]["repeats"] == 1 and pooled[1]["e2e_p50_repeat_spread"] is None
     assert "repeat" not in pooled[0]
+
+
+# --- torn rows: a write cut off by a full disk (RLIMIT_FSIZE in a real subprocess) -----------
+
+_CHILD = r"""
+import resource, sys
+sys.path.insert(0, {root!r})
+from tests.unit.test_results import _result
+from testbed.errors import TestbedError
+from testbed.results import RunFolder
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))   # Python ignores SIGXFSZ: writes fail with EFBIG
+run = RunFolder(sys.argv[1])
+if sys.argv[3] == "append":
+    for k in range(10, 60):
+        try:
+            run.append_configuration(_result("a", k, n=20))
+        except TestbedError as e:
+            print("refused:", e)
+            sys.exit(0)
+    sys.exit(2)
+else:  # what a plain buffered append (the old writer) or a killed process leaves
+    with open(run.path / "summary.csv", "a") as f:
+        f.write("a,99," + "x" * 4000 + "\n")
+"""
+
+
+def _child(run_path, limit: int, mode: str):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    return subprocess.run([sys.executable, "-c", _CHILD.format(root=root), str(run_path), str(limit), mode],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _all_lines_complete(path) -> bool:
+    from testbed.results import _complete_length
+    data = path.read_bytes()
+    return _complete_length(data) == len(data)
+
+
+def test_a_full_disk_mid_append_leaves_no_torn_row(tmp_path):
+    run = RunFolder.create(tmp_path, "run1")
+    run.write_config({"name": "t"})
+    run.append_configuration(_result("a", 0))
+    limit = (run.path / "samples.csv").stat().st_size + 3000   # room for one more configuration, not two
+    r = _child(run.path, limit, "append")
+    assert r.returncode == 0 and "refused:" in r.stdout and "nothing of it was kept" in r.stdout, r.stderr
+    for name in ("samples.csv", "summary.csv", "parts.csv"):
+        assert _all_lines_complete(run.path / name), name
+    again = RunFolder.open(run.path)
+    assert again.notices == []
+    done = again.finished()
+    assert (0, "a", 0) in done and {s["split"] for s in again.samples()} == {k for _, _, k in done}
+
+
+def test_a_torn_last_line_is_skipped_by_readers_and_dropped_on_open(tmp_path):
+    run = RunFolder.create(tmp_path, "run1")
+    run.write_config({"name": "t"})
+    run.append_configuration(_result("a", 0))
+    size = (run.path / "summary.csv").stat().st_size
+    r = _child(run.path, size + 1000, "torn")
+    assert r.returncode != 0 and "File too large" in r.stderr       # the write really was cut off
+    assert not _all_lines_complete(run.path / "summary.csv")
+    assert RunFolder(run.path).finished() == {(0, "a", 0)}              # read-only: skipped, not a TypeError
+    again = RunFolder.open(run.path)                                 # --resume: cut off, and said so
+    assert len(again.notices) == 1 and "summary.csv: dropped an incomplete last line" in again.notices[0]
+    assert (run.path / "summary.csv").stat().st_size == size
+    again.append_configuration(_result("a", 1))                      # the next row does not join the torn one
+    assert again.finished() == {(0, "a", 0), (0, "a", 1)} and _all_lines_complete(run.path / "summary.csv")
+    assert RunFolder.open(run.path).notices == []
+
+
+def test_a_torn_header_or_short_row_counts_as_incomplete():
+    from testbed.results import _complete_length
+    assert _complete_length(b"profile,spl") == 0
+    assert _complete_length(b"a,b\n1,2\n") == 8
+    assert _complete_length(b"a,b\n1,2\n3") == 8
+    assert _complete_length(b'a,b\n1,2\n3,"x\n') == 8          # cut right after a newline inside a quoted cell
+    whole = b'a,b\n1,"x\ny"\n2,3\n'
+    assert _complete_length(whole) == len(whole)                # a quoted newline is not the end of a row
+    assert _complete_length(whole + b'4,"p\nq') == len(whole)

@@ -62,3 +62,15 @@ def test_formatters_round_trip_for_display():
     assert units.parse_rate(units.format_rate(1_500_000)) == 1_500_000
     assert units.format_duration(0.04) == "40ms"
     assert units.format_bytes(1536) == "1.5 KiB"
+
+
+@pytest.mark.parametrize("parse", [units.parse_rate, units.parse_duration, units.parse_percent, units.parse_size])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), float("-inf"), "1e400", "1e400ms", True])
+def test_non_finite_and_booleans_are_value_errors_not_overflow(parse, value):
+    # OverflowError escaped pydantic as a traceback (memory: 1e400, rate: .inf)
+    with pytest.raises(ValueError):
+        parse(value)
+
+
+def test_a_huge_finite_value_parses_and_is_left_to_range_checks():
+    assert units.parse_rate("1e30tbit") > 10**41 and units.parse_size("1e20GiB") > 2**64
