@@ -4,6 +4,9 @@ Whole-model KPIs come from ``nodes.benchmark`` in a fresh process (so this
 process's earlier work does not pollute init time and memory); per-layer latency
 from one-layer models (``layers``) timed by ``nodes.benchmark.time_layers``.
 Per-layer memory is the layer's output bytes and weight bytes from ``graph``.
+Layers are computing operators only: constant operators (float16 DEQUANTIZE,
+shape arithmetic) ride inside the one-layer models of their readers, run once at
+the first invocation, and are counted in ``model.folded_ops``, never timed as layers.
 On a deployed node the same two calls run inside the agent instead.
 """
 
@@ -39,6 +42,7 @@ def profile(model_path: str | Path, runs: int = 50, warmup: int = 5, threads: in
         rows.append(row)
     total = sum(r["mean_s"] for r in rows)
     whole = kpis["steady_mean_s"]
-    return {"model": {"path": str(model_path), "bytes": graph.size, "layers": graph.num_layers},
+    return {"model": {"path": str(model_path), "bytes": graph.size, "layers": graph.num_layers,
+                      "operators": graph.num_operators, "folded_ops": len(graph.folded)},
             "kpis": kpis, "layers": rows, "sum_layers_mean_s": total,
             "sum_layers_over_whole": total / whole if whole > 0 else None}
