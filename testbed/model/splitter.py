@@ -108,7 +108,7 @@ def split_model(model: str | Path | ModelGraph, ks: Iterable[int], out_dir: str 
     _check_space(graph, ks, out.parent)
     tmp = _mkdtemp(out.parent, f".{out.name}.", ".tmp")
     try:
-        splits = _write_splits(graph, ks, tmp, verify)
+        splits = _write_splits(graph, ks, tmp, verify, out)
         manifest = {"model": _model_entry(graph), "splits": splits}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _replace(tmp, out)
@@ -146,7 +146,7 @@ def materialize(model: str | Path | ModelGraph, ks: Iterable[int], directory: st
         _check_space(graph, todo, root)
         scratch = _mkdtemp(root, f".materialize-{os.getpid()}-", ".tmp")
         try:
-            for entry in _write_splits(graph, todo, scratch, verify):
+            for entry in _write_splits(graph, todo, scratch, verify, root):
                 for side in ("head", "tail"):
                     if entry[side]:
                         os.replace(scratch / entry[side], root / entry[side])
@@ -213,7 +213,7 @@ def _model_entry(graph: ModelGraph) -> dict:
             "bytes": len(graph.data), "operators": graph.num_operators, "folded_ops": len(graph.folded)}
 
 
-def _write_splits(graph: ModelGraph, ks: list[int], folder: Path, verify: bool) -> list[dict]:
+def _write_splits(graph: ModelGraph, ks: list[int], folder: Path, verify: bool, label: Path) -> list[dict]:
     """Write the parts of ``ks`` into ``folder``; return their manifest entries (verified if asked)."""
     # Hashing and writing release the GIL: they run in two worker threads
     # while the main thread serialises the next part (splitting all 32
@@ -225,7 +225,7 @@ def _write_splits(graph: ModelGraph, ks: list[int], folder: Path, verify: bool) 
     if verify:
         ref = reference(graph)
         for entry in splits:
-            entry["verify"] = verify_split(graph, folder, entry, ref)
+            entry["verify"] = verify_split(graph, folder, entry, ref, label=str(label))
     return splits
 
 

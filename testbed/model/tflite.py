@@ -120,7 +120,7 @@ def read_file(path: str | Path, limit: int | None = None) -> bytes:
         fd = os.open(os.fspath(path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise ModelError(f"cannot read: {e.strerror or e}", path=str(path)) from e
-    with os.fdopen(fd, "rb", buffering=0) as f:
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO, socket or device"
@@ -128,10 +128,12 @@ def read_file(path: str | Path, limit: int | None = None) -> bytes:
         if st.st_size > limit:
             raise ModelError(f"{st.st_size} bytes is more than the {limit}-byte limit for a model file",
                              path=str(path))
-        try:
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
             data = f.read(st.st_size + 1)
-        except OSError as e:
-            raise ModelError(f"cannot read: {e.strerror or e}", path=str(path)) from e
+    except OSError as e:
+        raise ModelError(f"cannot read: {e.strerror or e}", path=str(path)) from e
+    finally:
+        os.close(fd)
     if len(data) > st.st_size:
         raise ModelError("the file grew while it was read; is something still writing it?", path=str(path))
     return data

@@ -126,7 +126,7 @@ def _inputs_from_graph(graph: ModelGraph, seed: int) -> dict[str, np.ndarray]:
 
 
 def verify_split(graph: ModelGraph, parts_dir: str | Path, entry: Mapping[str, Any],
-                 ref: Reference | None = None, delegate: bool = True) -> dict:
+                 ref: Reference | None = None, delegate: bool = True, *, label: str | None = None) -> dict:
     """Run the head and tail of one manifest entry once, head feeding tail.
 
     Args:
@@ -135,6 +135,8 @@ def verify_split(graph: ModelGraph, parts_dir: str | Path, entry: Mapping[str, A
         entry: one element of ``manifest["splits"]``.
         ref: the whole model's run (``reference(graph)``); computed when None.
         delegate: the runtime's default delegate (XNNPACK) or builtin kernels only.
+        label: the folder to name in errors (``parts_dir`` when None; the splitter
+            verifies in a scratch folder and names the destination).
     Returns:
         ``{"exact": bool | None, "runtime": str, "delegate": "default" | "none"}``;
         ``exact`` is None when the whole model itself cannot run here.
@@ -148,7 +150,7 @@ def verify_split(graph: ModelGraph, parts_dir: str | Path, entry: Mapping[str, A
         for side, layers in (("head", range(0, k)), ("tail", range(k, n))):
             if entry.get(side):
                 values.update(_run_part(graph, Path(parts_dir) / entry[side], k, side, list(layers),
-                                        values, delegate))
+                                        values, delegate, label or str(parts_dir)))
     exact = None
     if ref.outputs is not None:
         exact = all(name in values and _same_bits(values[name], value) for name, value in ref.outputs.items())
@@ -175,7 +177,7 @@ def verify_parts(model: str | Path | ModelGraph, parts_dir: str | Path, ks: Iter
 
 
 def _run_part(graph: ModelGraph, path: Path, k: int, side: str, layers: list[int],
-              values: Mapping[str, np.ndarray], delegate: bool) -> dict[str, np.ndarray]:
+              values: Mapping[str, np.ndarray], delegate: bool, label: str) -> dict[str, np.ndarray]:
     stage = "load"
     try:
         interp = make_interpreter(path, delegate)
@@ -183,16 +185,16 @@ def _run_part(graph: ModelGraph, path: Path, k: int, side: str, layers: list[int
         missing = [name for name in runtime.input_details(interp) if name not in values]
         if missing:
             raise ModelError(f"split point k={k}: {side} part {path.name} needs {missing}, which nothing "
-                             "before it produces", path=str(path.parent))
+                             "before it produces", path=label)
         stage = "invoke"
         return runtime.run(interp, values)
     except (RuntimeError, ValueError) as e:
         raise ModelError(f"split point k={k}: {side} part {path.name} fails to {stage} in {RUNTIME} "
                          f"({'default delegate' if delegate else 'no delegate'}): "
-                         f"{_explain(graph, layers, str(e))}", path=str(path.parent)) from e
+                         f"{_explain(graph, layers, str(e), delegate)}", path=label) from e
 
 
-def _explain(graph: ModelGraph, layers: list[int], message: str) -> str:
+def _explain(graph: ModelGraph, layers: list[int], message: str, delegate: bool) -> str:
     """``<operator>: <reason>`` from LiteRT's message, in one line."""
     ops = graph.ops_for(layers)
     node = _NODE.search(message)
@@ -206,7 +208,24 @@ def _explain(graph: ModelGraph, layers: list[int], message: str) -> str:
     index, name = int(node.group(1)), node.group(2)
     if index < len(ops):
         return f"{graph.describe_operator(ops[index])}: {reason}"
+    # A delegate kernel runs several operators; find the one that fails on its own.
+    culprit = _culprit(graph, layers, delegate)
+    if culprit is not None:
+        return f"{graph.describe_operator(culprit)}, inside the {name} kernel: {reason}"
     return f"{name} (a delegate kernel holding several of the part's operators): {reason}"
+
+
+def _culprit(graph: ModelGraph, layers: list[int], delegate: bool) -> int | None:
+    """Operator index of the first layer whose one-layer model fails too (None: none alone)."""
+    from testbed.model.layers import one_layer_model
+    for li in layers:
+        try:
+            interp = make_interpreter(one_layer_model(graph, li), delegate)
+            interp.allocate_tensors()
+            runtime.run(interp, runtime.random_inputs(interp))
+        except (RuntimeError, ValueError):
+            return graph.layer_ops[li]
+    return None
 
 
 def _reason(text: str) -> str:
