@@ -307,6 +307,14 @@ class Net:
         self._records.append(_Record("shape_op", {"op": op, "a": a, "b": b, "out": out}))
         return out
 
+    def const_mul(self, a: str, b: str, out: str) -> str:
+        """``a * b`` of two float32 constants, left in the graph as a constant operator
+        (float schemes: a DEQUANTIZE -> MUL chain in float16; integer schemes fold it
+        to one constant, as the converter does)."""
+        self._consts[out] = (self._consts[a] * self._consts[b]).astype(np.float32)
+        self._records.append(_Record("const_mul", {"a": a, "b": b, "out": out}))
+        return out
+
     def output(self, name: str) -> None:
         self._outputs.append(name)
 
@@ -537,6 +545,12 @@ class _Writer:
         name = self._out(out)
         self.b.reshape(self.names[x], st, name, shape, dtype=self.act)
         self._finish(out, name, shape)
+
+    def _const_mul(self, a, b, out) -> None:
+        if self.integer:
+            return   # written as one constant by its reader (_operand)
+        ins = [self._operand(a), self._operand(b)]
+        self.names[out] = self.b.mul(ins[0], ins[1], out, self.net._consts[out].shape)
 
     def _shape_op(self, op, a, b, out) -> None:
         ins = []

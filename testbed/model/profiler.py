@@ -18,6 +18,7 @@ from nodes import benchmark
 from testbed.errors import ModelError
 from testbed.model import layers as layer_models
 from testbed.model.graph import ModelGraph
+from testbed.model.verify import custom_ops_registered
 
 
 def profile(model_path: str | Path, runs: int = 50, warmup: int = 5, threads: int | None = None,
@@ -25,11 +26,15 @@ def profile(model_path: str | Path, runs: int = 50, warmup: int = 5, threads: in
     """KPIs, per-layer rows and the ratio Σ layer means / whole-model steady mean.
 
     Raises:
-        ModelError: bad model, or the benchmark process failed.
+        ModelError: bad model, a custom op this runtime lacks, or the benchmark process failed.
     """
     if runs < 1 or warmup < 0:
         raise ModelError(f"--runs must be >= 1 and --warmup >= 0 (got {runs}, {warmup})", path=str(model_path))
     graph = ModelGraph.from_file(model_path)
+    missing = sorted(name for name, ok in custom_ops_registered(graph).items() if not ok)
+    if missing:
+        raise ModelError(f"custom operator(s) {', '.join(map(repr, missing))} not registered in this host's "
+                         "runtime: cannot profile here", path=str(model_path))
     try:
         kpis = benchmark.measure_in_fresh_process(str(model_path), runs, warmup, threads)
         timings = benchmark.time_layers(layer_models.one_layer_models(graph), layer_runs or runs, warmup, threads)

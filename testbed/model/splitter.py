@@ -178,7 +178,8 @@ def remove_parts(directory: str | Path, ks: Iterable[int]) -> int:
             keep.append(entry)
             continue
         for side in ("head", "tail"):
-            if entry[side]:
+            # only names a split writes: a hand-edited manifest cannot point outside the folder
+            if isinstance(entry[side], str) and _PART.match(entry[side]):
                 path = root / entry[side]
                 try:
                     freed += path.stat().st_size

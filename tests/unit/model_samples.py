@@ -59,9 +59,9 @@ def int8_model(seed: int = 5) -> bytes:
 
 
 # The DAG above, written with ``builder.Net`` so that it exists in every quantization
-# scheme, plus two kinds of constant operator chains: a constant operand of an ADD (a
-# float16/int8 buffer + DEQUANTIZE in the float16 and dynamic-range schemes) and the
-# reshape's shape computed by int32 arithmetic on constants (ADD then MUL).
+# scheme, plus two kinds of constant operator chains: a constant operand of an ADD made
+# by a MUL of two constants (in float16 and dynamic-range: DEQUANTIZE, DEQUANTIZE -> MUL)
+# and the reshape's shape computed by int32 arithmetic on constants (ADD then MUL).
 SCHEME_DAG_LAYERS = 10          # computing layers of the float32 version
 
 
@@ -82,7 +82,9 @@ def scheme_dag(scheme: str = "float32", seed: int = 11) -> bytes:
     f = n.conv2d(a, n.const("skip/w", _w(rng, 8, 1, 1, 8)), n.const("skip/b", _w(rng, 8)), "a_down",
                  (1, 8, 8, 8), stride=2)                                        # 5 long skip from layer 0
     g = n.concat([e, f], "cat", (1, 8, 8, 16), axis=3)                         # 6
-    g2 = n.add(g, n.const("bias_map", _w(rng, 1, 8, 8, 16)), "cat_biased", (1, 8, 8, 16))  # 7 constant operand
+    bias_map = n.const_mul(n.const("bias_base", _w(rng, 1, 8, 8, 16)), n.const("bias_gain", _w(rng, 1, 1, 1, 16)),
+                           "bias_map")
+    g2 = n.add(g, bias_map, "cat_biased", (1, 8, 8, 16))                       # 7 constant operand
     half = n.shape_op(OP.ADD, n.const("shape/a", np.array([1, 256], np.int32)),
                       n.const("shape/b", np.array([0, 256], np.int32)), "shape/sum")
     flat_shape = n.shape_op(OP.MUL, half, n.const("shape/c", np.array([1, 2], np.int32)), "shape/flat")

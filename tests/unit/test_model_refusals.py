@@ -83,6 +83,7 @@ def test_custom_op_listed_and_refused_by_verify_only(cli, tmp_path):
     d = json.loads(cli("inspect", path, "--json").output)
     assert d["custom_ops"] == [{"name": "TestbedNoSuchOp", "layers": [1], "registered": False}]
     assert "custom op 'TestbedNoSuchOp' at layer(s) 1: NOT registered" in cli("inspect", path).output
+    _one_error_line(cli("profile", path), "'TestbedNoSuchOp' not registered in this host's runtime")
     # --verify (the default) refuses: k, the part, the operator and why, in one line
     line = _one_error_line(cli("split", path, "--all", "--out", tmp_path / "o"),
                            "split point k=0", "tail part tail_00.tflite", "fails to load",
@@ -234,7 +235,7 @@ def test_materialize_and_remove_parts(tmp_path):
     assert (folder / "head_03.tflite").stat().st_mtime_ns == before
     manifest = load_manifest(folder)
     assert [s["k"] for s in manifest["splits"]] == [0, 3, 7]
-    assert manifest["model"]["folded_ops"] == 13
+    assert manifest["model"]["folded_ops"] == 15
     # the same entries split_model writes, byte for byte the same parts
     full = split_model(model, [0, 3, 7], tmp_path / "full", verify=False)
     for a, b in zip(manifest["splits"], full["splits"]):
@@ -243,6 +244,15 @@ def test_materialize_and_remove_parts(tmp_path):
     assert freed == entries[0]["head_bytes"] + entries[0]["tail_bytes"]
     assert [s["k"] for s in load_manifest(folder)["splits"]] == [0, 7]
     assert not (folder / "head_03.tflite").exists() and (folder / "tail_07.tflite").exists()
+    # a hand-edited manifest cannot make remove_parts delete outside the folder
+    outside = tmp_path / "keep.tflite"
+    outside.write_bytes(b"x")
+    edited = load_manifest(folder)
+    edited["splits"][0]["tail"] = "../../keep.tflite"
+    (folder / "manifest.json").write_text(json.dumps(edited))
+    remove_parts(folder, [0])
+    assert outside.exists()
+    (folder / "tail_00.tflite").unlink()    # the part the edit orphaned
     # a split folder is still an earlier split: split_model may replace it
     split_model(model, [5], folder, verify=False)
     assert [s["k"] for s in load_manifest(folder)["splits"]] == [5]

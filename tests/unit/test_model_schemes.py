@@ -108,10 +108,10 @@ def test_builder_writes_float16_as_the_converter_does(tmp_path):
     t = _tensors(path)
     model = tflite.read(path)[0]
     # every float weight is a float16 buffer read by a DEQUANTIZE (version 3) to float32
-    for name in ("c0/w", "c0/b", "dw/w", "fc/w", "bias_map"):
+    for name in ("c0/w", "c0/b", "dw/w", "fc/w", "bias_base", "bias_gain"):
         assert tflite.dtype_name(t[name].type) == "float16"
         assert tflite.dtype_name(t[f"{name}/dequantize"].type) == "float32"
-    assert _ops(model).count("DEQUANTIZE") == 11
+    assert _ops(model).count("DEQUANTIZE") == 12 and _ops(model).count("MUL") == 2
     assert all(c.version == 3 for c in model.operatorCodes
                if tflite.op_name(model, model.operatorCodes.index(c)) == "DEQUANTIZE")
     assert tflite.dtype_name(t["a"].type) == "float32" and t["a"].quantization is None
@@ -129,8 +129,9 @@ def test_builder_writes_dynamic_range_with_hybrid_weights(tmp_path):
     # biases and activations stay float: LiteRT runs hybrid kernels
     assert tflite.dtype_name(t["c2/b"].type) == "float32"
     assert tflite.dtype_name(t["c"].type) == "float32" and t["c"].quantization is None
-    # a float constant read by an op without a hybrid kernel: int8 + DEQUANTIZE
-    assert tflite.dtype_name(t["bias_map"].type) == "int8" and "bias_map/dequantize" in t
+    # float constants read by ops without a hybrid kernel: int8 + DEQUANTIZE (then a MUL)
+    assert tflite.dtype_name(t["bias_base"].type) == "int8" and "bias_base/dequantize" in t
+    assert tflite.dtype_name(t["bias_map"].type) == "float32"
 
 
 @pytest.mark.parametrize("scheme,act,bias,io", [("int8", "int8", "int32", "float32"),
@@ -164,13 +165,16 @@ def test_float16_dequantize_is_folded_not_a_layer(tmp_path):
     path = tmp_path / "fp16.tflite"
     path.write_bytes(scheme_dag("float16"))
     g = ModelGraph.from_file(path)
-    # 11 float16 DEQUANTIZE + the ADD and MUL computing the reshape's shape
-    assert g.num_operators == SCHEME_DAG_LAYERS + 13 and len(g.folded) == 13
+    # 12 float16 DEQUANTIZE, the MUL of the bias map, the ADD and MUL computing the reshape's shape
+    assert g.num_operators == SCHEME_DAG_LAYERS + 15 and len(g.folded) == 15
     assert g.num_layers == SCHEME_DAG_LAYERS
     assert "DEQUANTIZE" not in [la.op for la in g.layers]
     conv = g.layers[0]
     assert conv.op == "CONV_2D" and conv.folded_ops == 2         # weight and bias DEQUANTIZE
     assert conv.params == 8 * 27 + 8 and conv.param_bytes == 2 * (8 * 27 + 8)   # float16 bytes
+    biased = g.layers[7]     # its constant operand: DEQUANTIZE, DEQUANTIZE -> MUL, a chain of 3
+    assert biased.op == "ADD" and biased.folded_ops == 3 and biased.inputs == ["cat"]
+    assert biased.params == 1024 and biased.param_bytes == 2 * (1024 + 16)
     reshape = g.layers[8]
     assert reshape.op == "RESHAPE" and reshape.folded_ops == 2 and reshape.inputs == ["cat_biased"]
 
@@ -193,9 +197,13 @@ def test_parts_carry_the_constant_ops_of_their_layers(tmp_path):
                     # its input is a constant buffer in this part, its output read in this part
                     assert model.buffers[sg.tensors[op.inputs[0]].buffer].data is not None
                     assert op.outputs[0] in readers and op.outputs[0] not in sg.outputs
-    # the long head holds every weight (each read once): 11 DEQUANTIZE + 2 shape ops
+    # the long head holds every weight (each read once) and every constant operator
     last = tflite.read(tmp_path / "parts" / manifest["splits"][-1]["head"])[0]
-    assert _ops(last).count("DEQUANTIZE") == 11 and len(_ops(last)) == g.num_operators
+    assert _ops(last).count("DEQUANTIZE") == 12 and len(_ops(last)) == g.num_operators
+    # the tail from k=7 holds the ADD's chain and the shape chain, not the convs' DEQUANTIZE
+    tail = tflite.read(tmp_path / "parts" / manifest["splits"][7]["tail"])[0]
+    assert sorted(_ops(tail)) == sorted(["DEQUANTIZE"] * 4 + ["MUL", "ADD", "MUL", "ADD", "RESHAPE",
+                                                                 "FULLY_CONNECTED"])
 
 
 def test_constant_ops_listed_first_still_split_exactly(tmp_path):
@@ -208,7 +216,7 @@ def test_constant_ops_listed_first_still_split_exactly(tmp_path):
     path = tmp_path / "first.tflite"
     path.write_bytes(tflite.serialize(model))
     g2 = ModelGraph.from_file(path)
-    assert [la.op for la in g2.layers] == [la.op for la in g.layers] and len(g2.folded) == 13
+    assert [la.op for la in g2.layers] == [la.op for la in g.layers] and len(g2.folded) == 15
     manifest = split_model(path, range(g2.num_layers + 1), tmp_path / "parts")
     assert all(s["verify"]["exact"] for s in manifest["splits"])
 
@@ -219,7 +227,7 @@ def test_without_folding_the_split_fails_and_verify_names_it(tmp_path):
     path = tmp_path / "fp16.tflite"
     path.write_bytes(scheme_dag("float16"))
     unfolded = ModelGraph.from_file(path, fold_constants=False)
-    assert unfolded.num_layers == SCHEME_DAG_LAYERS + 13 and unfolded.layers[0].op == "DEQUANTIZE"
+    assert unfolded.num_layers == SCHEME_DAG_LAYERS + 15 and unfolded.layers[0].op == "DEQUANTIZE"
     with pytest.raises(ModelError) as err:
         split_model(unfolded, range(unfolded.num_layers + 1), tmp_path / "parts")
     msg = str(err.value)
@@ -294,10 +302,10 @@ def test_float16_model_end_to_end_through_the_registry(cli, tmp_path):
     rows = {r["name"]: r for r in json.loads(cli("models", "list", "--json").output)}
     registered = rows["dag16"]["path"]
     d = json.loads(cli("inspect", registered, "--json").output)
-    assert d["model"]["folded_ops"] == 13 and d["model"]["layers"] == SCHEME_DAG_LAYERS
+    assert d["model"]["folded_ops"] == 15 and d["model"]["layers"] == SCHEME_DAG_LAYERS
     assert "DEQUANTIZE" not in [la["op"] for la in d["layers"]]
     text = cli("inspect", registered).output
-    assert "13 constant ops folded" in text
+    assert "15 constant ops folded" in text
     result = cli("split", registered, "--at", 1, "--at", 5, "--at", 9, "--out", tmp_path / "parts", "--json")
     assert result.exit_code == 0, result.output
     assert [s["verify"]["exact"] for s in json.loads(result.output)["splits"]] == [True, True, True]
@@ -305,7 +313,7 @@ def test_float16_model_end_to_end_through_the_registry(cli, tmp_path):
     assert result.exit_code == 0, result.output
     prof = json.loads(result.output)
     assert [r["op"] for r in prof["layers"]] == [la["op"] for la in d["layers"]]   # computing layers only
-    assert prof["model"]["folded_ops"] == 13 and all(r["mean_s"] > 0 for r in prof["layers"])
+    assert prof["model"]["folded_ops"] == 15 and all(r["mean_s"] > 0 for r in prof["layers"])
 
 
 def test_models_build_schemes(cli, tmp_path):
