@@ -105,6 +105,14 @@ def test_custom_op_listed_and_refused_by_verify_only(cli, tmp_path):
         verify_parts(path, tmp_path / "o", [2])
 
 
+def test_custom_op_the_runtime_registers_is_reported_as_registered(cli, tmp_path):
+    # LiteRT's builtin resolver registers a few custom ops (detection post-processing)
+    path = tmp_path / "detect.tflite"
+    path.write_bytes(samples.custom_op_model("TFLite_Detection_PostProcess"))
+    d = json.loads(cli("inspect", path, "--json").output)
+    assert d["custom_ops"] == [{"name": "TFLite_Detection_PostProcess", "layers": [1], "registered": True}]
+
+
 @pytest.mark.timeout(30)
 def test_fifo_is_refused_without_blocking(cli, tmp_path):
     fifo = tmp_path / "model.fifo"
@@ -279,3 +287,19 @@ def test_materialize_failure_leaves_the_folder_as_it_was(tmp_path):
     with pytest.raises(ModelError, match="split point k=2"):
         materialize(model, [2], folder)
     assert (sorted(p.name for p in folder.iterdir()), (folder / "manifest.json").read_text()) == before
+
+
+def test_a_split_that_runs_but_differs_is_kept_and_warned_about(cli, tmp_path, monkeypatch):
+    model = tmp_path / "dag.tflite"
+    model.write_bytes(samples.dag_model())
+    real = splitter.verify_split
+
+    def differs_at_3(graph, folder, entry, ref, **kw):
+        result = real(graph, folder, entry, ref, **kw)
+        return result | {"exact": False} if entry["k"] == 3 else result
+    monkeypatch.setattr(splitter, "verify_split", differs_at_3)
+    result = cli("split", model, "--at", 2, "--at", 3, "--out", tmp_path / "parts")
+    assert result.exit_code == 0, result.output
+    assert "warning: head then tail is not bitwise equal to the whole model at k=[3]" in result.output
+    assert "runs, differs" in result.output and "runs, exact" in result.output
+    assert [s["verify"]["exact"] for s in load_manifest(tmp_path / "parts")["splits"]] == [True, False]
