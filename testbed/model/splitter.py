@@ -128,7 +128,8 @@ def materialize(model: str | Path | ModelGraph, ks: Iterable[int], directory: st
     manifest lists every split point present, in k order, in the format
     ``split_model`` writes. Parts are written and verified in a scratch folder
     and renamed in, then the manifest is replaced: an error leaves the folder
-    as it was.
+    as it was. One writer per folder at a time (the manifest is read, extended
+    and replaced; two concurrent writers would lose each other's entries).
 
     Returns:
         The manifest entries of ``ks``, in k order.
