@@ -75,6 +75,8 @@ class ModelSpec(Frozen):
     sha256: str | None = None
     fetch: Literal["posenet"] | None = None
     seed: Int | None = Field(default=None, ge=0, le=MAX_SEED)
+    # the built-in written in one of TFLite's quantization schemes (testbed.model.builder.SCHEMES)
+    scheme: Literal["float32", "float16", "dynamic", "int8", "uint8", "int16x8"] | None = None
     _base: Path | None = PrivateAttr(default=None)   # the experiment file's folder (set by load_experiment)
 
     @field_validator("sha256")
@@ -95,6 +97,8 @@ class ModelSpec(Frozen):
             raise ValueError("sha256 belongs to path")
         if self.seed is not None and self.builtin is None:
             raise ValueError("seed belongs to builtin (it seeds the built-in model's weights)")
+        if self.scheme is not None and self.builtin is None:
+            raise ValueError("scheme belongs to builtin (a file keeps the scheme it was written in)")
         return self
 
     def as_spec(self) -> dict[str, str]:

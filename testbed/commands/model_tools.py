@@ -12,7 +12,8 @@ from rich.table import Column, Table
 from testbed.errors import ModelError
 from testbed.model.graph import ModelGraph
 from testbed.model.profiler import profile as run_profile
-from testbed.model.splitter import split_model
+from testbed.model.splitter import WARN_BYTES, estimate_bytes, split_model
+from testbed.model.verify import custom_ops_registered
 from testbed.units import format_bytes, format_duration
 
 
@@ -31,23 +32,45 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3f}"
 
 
+def _warn(text: str) -> None:
+    typer.echo(f"warning: {text}", err=True)
+
+
+def _layers_title(graph: ModelGraph) -> str:
+    folded = f" (+ {len(graph.folded)} constant ops folded into them)" if graph.folded else ""
+    return f"{graph.num_layers} layers{folded}"
+
+
 def inspect(model: Path = typer.Argument(..., help="a TFLite model file"),
             as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables")) -> None:
     """Layers in execution order (op, output shapes/bytes, params, MACs) and the cut at every split point.
 
+    Layers are the operators that compute on activations; constant operators (a
+    float16 weight's DEQUANTIZE, shape arithmetic on constants) are folded into
+    the layers that read them and counted, not listed. Custom ops are listed with
+    whether this host's runtime registers them.
+
     Example: testbed inspect posenet.tflite --json
     """
     graph = ModelGraph.from_file(model)
+    registered = custom_ops_registered(graph)
     if as_json:
-        typer.echo(json.dumps(graph.to_dict(), indent=2))
+        d = graph.to_dict()
+        for c in d["custom_ops"]:
+            c["registered"] = registered[c["name"]]
+        typer.echo(json.dumps(d, indent=2))
         return
     console = _console()
     table = Table("#", Column("op", no_wrap=True), "output shape", "output bytes", "params", "param bytes", "MACs",
-                  title=f"{model} — {graph.num_layers} layers, {format_bytes(graph.size)}")
+                  title=f"{model} — {_layers_title(graph)}, {format_bytes(graph.size)}")
     for la in graph.layers:
         table.add_row(str(la.index), la.op, _shape(la.output_shapes), str(la.output_bytes), str(la.params),
                       str(la.param_bytes), str(la.macs))
     console.print(table)
+    for name, layers in sorted(graph.custom_ops().items()):
+        console.print(f"custom op {name!r} at layer(s) {', '.join(map(str, layers))}: "
+                      f"{'registered' if registered[name] else 'NOT registered'} in this host's runtime",
+                      markup=False, highlight=False)
     cuts = Table("k", "head:tail", "cut bytes", "cut tensors", title="split points")
     for k in range(graph.num_layers + 1):
         cut = graph.cut(k)
@@ -60,25 +83,48 @@ def split(model: Path = typer.Argument(..., help="a TFLite model file"),
           at: list[int] = typer.Option(None, "--at", help="split point k (repeatable)"),
           all_: bool = typer.Option(False, "--all", help="every split point 0..N"),
           out: Path = typer.Option(..., "--out", "-o", help="directory for the parts and manifest.json"),
+          verify: bool = typer.Option(True, "--verify/--no-verify",
+                                      help="run every split once with LiteRT, head feeding tail, and refuse "
+                                           "parts that fail to load or run (default: on)"),
           as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON")) -> None:
     """Write head/tail parts and manifest.json for the given split points.
+
+    --out must be new, empty, or an earlier split (nothing else is ever deleted).
+    Splitting at every point writes about (N+1) x the model size: above 1 GB a
+    warning says how much before anything is written.
 
     Example: testbed split posenet.tflite --all --out parts/
     """
     if bool(at) == all_:
         raise ModelError("give either --at K (repeatable) or --all", path=str(model))
-    ks = list(at) if at else None
-    if ks is None:
-        ks = list(range(ModelGraph.from_file(model).num_layers + 1))
-    manifest = split_model(model, ks, out)
+    graph = ModelGraph.from_file(model)
+    ks = list(at) if at else list(range(graph.num_layers + 1))
+    for k in ks:
+        graph.check_k(k)
+    total = estimate_bytes(graph, ks)
+    if total > WARN_BYTES:
+        _warn(f"{len(set(ks))} split points write about {format_bytes(total)} of parts; to write fewer, "
+              "split only the points you need with --at K (repeatable)")
+    manifest = split_model(graph, ks, out, verify=verify)
+    differs = [s["k"] for s in manifest["splits"] if s["verify"] and s["verify"]["exact"] is False]
+    if differs:
+        _warn(f"head then tail is not bitwise equal to the whole model at k={differs} "
+              f"({manifest['splits'][0]['verify']['runtime']}, default delegate); the parts run")
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))
         return
-    table = Table("k", "head", "tail", "head bytes", "tail bytes", "cut bytes", title=f"{out}/manifest.json")
+    table = Table("k", "head", "tail", "head bytes", "tail bytes", "cut bytes", "verified",
+                  title=f"{out}/manifest.json — {_layers_title(graph)}")
     for s in manifest["splits"]:
         table.add_row(str(s["k"]), s["head"] or "-", s["tail"] or "-", str(s["head_bytes"]),
-                      str(s["tail_bytes"]), str(sum(c["bytes"] for c in s["cut"])))
+                      str(s["tail_bytes"]), str(sum(c["bytes"] for c in s["cut"])), _verified(s["verify"]))
     _console().print(table)
+
+
+def _verified(v: dict | None) -> str:
+    if v is None:
+        return "-"
+    return {True: "runs, exact", False: "runs, differs", None: "runs"}[v["exact"]]
 
 
 def profile(model: Path = typer.Argument(..., help="a TFLite model file"),
@@ -104,7 +150,8 @@ def profile(model: Path = typer.Argument(..., help="a TFLite model file"),
         kp.add_row(key, format_bytes(k[key]))
     console.print(kp)
     lt = Table("#", Column("op", no_wrap=True), "output shape", "output bytes", "param bytes", "MACs",
-               "mean ms", "p50 ms", "p90 ms", "std ms", title="per layer (one-layer models)")
+               "mean ms", "p50 ms", "p90 ms", "std ms",
+               title=f"per layer (one-layer models; {_layers_title_of(result['model'])})")
     for r in result["layers"]:
         lt.add_row(str(r["index"]), r["op"], _shape(r["output_shapes"]), str(r["output_bytes"]),
                    str(r["param_bytes"]), str(r["macs"]), _ms(r["mean_s"]), _ms(r["p50_s"]), _ms(r["p90_s"]),
@@ -113,6 +160,11 @@ def profile(model: Path = typer.Argument(..., help="a TFLite model file"),
     ratio = result["sum_layers_over_whole"]
     console.print(f"Σ layers / whole model = {format_duration(result['sum_layers_mean_s'])} / "
                   f"{format_duration(k['steady_mean_s'])} = {ratio:.2f}" if ratio else "Σ layers / whole: n/a")
+
+
+def _layers_title_of(model: dict) -> str:
+    folded = model.get("folded_ops") or 0
+    return f"{model['layers']} layers" + (f", {folded} constant ops folded in" if folded else "")
 
 
 def register(app: typer.Typer) -> None:

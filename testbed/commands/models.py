@@ -10,7 +10,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from testbed.errors import ModelError
 from testbed.model import zoo
 from testbed.units import format_bytes
 
@@ -22,14 +21,15 @@ app = typer.Typer(help="Build, fetch, register and list models.\n\n"
 @app.command("build")
 def build(name: str = typer.Argument(..., help="built-in model name (posenet)"),
           out: Path = typer.Option(..., "--out", "-o", help="file to write"),
-          seed: int = typer.Option(0, "--seed", help="weight seed: same seed, same bytes")) -> None:
-    """Write a built-in model (float32 TFLite, seeded weights, no download).
+          seed: int = typer.Option(0, "--seed", help="weight seed: same seed, same bytes"),
+          scheme: str = typer.Option("float32", "--scheme",
+                                     help="float32 | float16 | dynamic | int8 | uint8 | int16x8 "
+                                          "(TFLite's quantization schemes; float32 is the pinned built-in)")) -> None:
+    """Write a built-in model (TFLite, seeded weights, no download), float32 or quantized.
 
-    Example: testbed models build posenet --out posenet.tflite --seed 0
+    Example: testbed models build posenet --out posenet_fp16.tflite --scheme float16
     """
-    if name not in zoo.BUILTINS:
-        raise ModelError(f"unknown built-in model {name!r} (have: {', '.join(zoo.BUILTINS)})")
-    data = zoo.BUILTINS[name](seed)
+    data = zoo.build_builtin(name, seed, scheme)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_bytes(data)

@@ -1,7 +1,9 @@
 """Cut a contiguous run of layers out of a model as a runnable model of its own.
 
-Pure flatbuffer surgery on the parsed ``ModelT``: keep the chosen operators, the
-tensors they touch and the constant buffers they read; renumber tensors, buffers
+Pure flatbuffer surgery on the parsed ``ModelT``: keep the chosen layers, the
+constant operators they need (``ModelGraph.ops_for``: a float16 weight's
+DEQUANTIZE goes with every part whose layers read it), the tensors they touch
+and the constant buffers they read; renumber tensors, buffers
 and operator codes; drop everything else (unused tensors and buffers, signature
 defs, metadata other than ``min_runtime_version``) so that parts add up to about
 the original size. Tensor objects and weight arrays are shared with the source,
@@ -31,9 +33,10 @@ def _i32(values) -> np.ndarray:
 
 def extract(graph: ModelGraph, layer_ids: Sequence[int], inputs: Sequence[int],
             outputs: Sequence[int]) -> fb.ModelT:
-    """A model running ``layer_ids`` (in order) with the given input and output tensor indices."""
+    """A model running ``layer_ids`` (and the constant operators they need, in the
+    model's order) with the given input and output tensor indices."""
     src, sg = graph.model, graph.subgraph
-    ops = [sg.operators[i] for i in layer_ids]
+    ops = [sg.operators[i] for i in graph.ops_for(layer_ids)]
 
     tensor_map: dict[int, int] = {}
     for t in list(inputs) + [t for op in ops for t in (op.inputs + op.outputs + (op.intermediates or []))] \
@@ -46,7 +49,7 @@ def extract(graph: ModelGraph, layer_ids: Sequence[int], inputs: Sequence[int],
     tensors = []
     for old in tensor_map:
         t = copy.copy(sg.tensors[old])
-        if graph.is_const(old):
+        if graph.has_data(old):
             if t.buffer not in buffer_map:
                 buffer_map[t.buffer] = len(buffers)
                 buffers.append(src.buffers[t.buffer])

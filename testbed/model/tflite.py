@@ -1,14 +1,19 @@
 """Read and write TFLite flatbuffers through the schema LiteRT ships.
 
-This is the only module that touches ``ai_edge_litert.schema_py_generated``
-(the object API, ``ModelT``). It owns parsing with validation (bad files become
-one ``ModelError`` naming the file), tensor type names, operator names, and fast
+This is the only module that reads ``ai_edge_litert.schema_py_generated``
+(the object API, ``ModelT``) from files (``builder`` writes models with it). It
+owns reading a file safely (regular files only, bounded size), parsing with
+validation (bad files become one ``ModelError`` naming the file), refusing what
+cannot be split correctly (control flow across subgraphs, state kept across
+invocations, external weights), tensor type names, operator names, and fast
 serialisation. Graph analysis lives in ``graph``, surgery in ``surgery``.
 No TensorFlow anywhere.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -35,6 +40,20 @@ _TYPE_CODE = {v: k for k, v in _NUMPY.items()}
 _TYPE_NAME = {v: k for k, v in vars(fb.TensorType).items() if not k.startswith("_")}
 _OP_NAME = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
 
+# A model file is read whole into memory; the bound keeps a wrong path (a disk
+# image, a core dump) from eating the machine. Flatbuffers stop at 2 GiB; models
+# above that keep weights after the flatbuffer (buffer offsets), still one file.
+MAX_MODEL_BYTES = 4 << 30
+
+# Operators that run other subgraphs: a split would have to split those too.
+_CALLS_SUBGRAPHS = {"WHILE", "IF", "CALL_ONCE", "CALL", "STABLEHLO_WHILE", "STABLEHLO_CASE",
+                    "STABLEHLO_REDUCE", "STABLEHLO_REDUCE_WINDOW", "STABLEHLO_SCATTER", "STABLEHLO_SORT",
+                    "STABLEHLO_COMPOSITE"}
+# Operators that keep state across invocations in resources the interpreter
+# owns: a head and a tail would each hold half of it (or a copy).
+_STATEFUL = {"VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "HASHTABLE", "HASHTABLE_FIND",
+             "HASHTABLE_IMPORT", "HASHTABLE_SIZE"}
+
 # Exceptions the pure-Python flatbuffer reader raises on a truncated or
 # corrupt file (it does no verification of its own).
 _PARSE_ERRORS = (struct.error, ValueError, IndexError, TypeError, KeyError,
@@ -51,13 +70,22 @@ def type_code(dtype: str) -> int:
     return _TYPE_CODE[np.dtype(dtype).name]
 
 
+def builtin_code(code: fb.OperatorCodeT) -> int:
+    # Schema v3a: builtin codes above 127 live in builtinCode, older files only
+    # fill deprecatedBuiltinCode (int8); the larger of the two is the real one.
+    return max(code.builtinCode, code.deprecatedBuiltinCode)
+
+
+def is_custom(model: fb.ModelT, opcode_index: int) -> bool:
+    return builtin_code(model.operatorCodes[opcode_index]) == fb.BuiltinOperator.CUSTOM
+
+
 def op_name(model: fb.ModelT, opcode_index: int) -> str:
-    """Operator name, e.g. ``CONV_2D``; custom ops give their custom code."""
+    """Operator name, e.g. ``CONV_2D``; custom ops give their custom code (decoded by ``parse``)."""
     code = model.operatorCodes[opcode_index]
-    builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+    builtin = builtin_code(code)
     if builtin == fb.BuiltinOperator.CUSTOM:
-        custom = code.customCode
-        return custom.decode() if isinstance(custom, bytes) else str(custom)
+        return str(code.customCode or "")
     return _OP_NAME.get(builtin, f"BUILTIN_{builtin}")
 
 
@@ -73,11 +101,42 @@ def buffer_nbytes(buffer: fb.BufferT) -> int:
 
 def read(path: str | Path) -> tuple[fb.ModelT, bytes]:
     """Read and validate a model file. Returns (model, file bytes)."""
+    data = read_file(path)
+    return parse(data, path=str(path)), data
+
+
+def read_file(path: str | Path, limit: int | None = None) -> bytes:
+    """The bytes of a regular file of at most ``limit`` (default ``MAX_MODEL_BYTES``) bytes.
+
+    A FIFO would block ``open`` until a writer comes and ``/dev/zero`` never
+    ends: open without blocking, then look at what was opened (``fstat`` of the
+    descriptor, so a file swapped in after a path check cannot slip through).
+
+    Raises:
+        ModelError: missing, unreadable, not a regular file, or too large.
+    """
+    limit = MAX_MODEL_BYTES if limit is None else limit
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(os.fspath(path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise ModelError(f"cannot read: {e.strerror or e}", path=str(path)) from e
-    return parse(data, path=str(path)), data
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO, socket or device"
+            raise ModelError(f"not a regular file ({kind}); give a TFLite file", path=str(path))
+        if st.st_size > limit:
+            raise ModelError(f"{st.st_size} bytes is more than the {limit}-byte limit for a model file",
+                             path=str(path))
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
+            data = f.read(st.st_size + 1)
+    except OSError as e:
+        raise ModelError(f"cannot read: {e.strerror or e}", path=str(path)) from e
+    finally:
+        os.close(fd)
+    if len(data) > st.st_size:
+        raise ModelError("the file grew while it was read; is something still writing it?", path=str(path))
+    return data
 
 
 def parse(data: bytes, path: str | None = None) -> fb.ModelT:
@@ -100,6 +159,7 @@ def parse(data: bytes, path: str | None = None) -> fb.ModelT:
             raise ValueError("root offset past end of file")
         model = fb.ModelT.InitFromObj(fb.Model.GetRootAs(data, 0))
         _resolve_offset_buffers(model, data)
+        _decode_custom_codes(model, where)
         _normalise(model)
     except struct.error as e:
         raise ModelError(f"truncated TFLite file: its tables run past the end of its {len(data)} bytes",
@@ -120,6 +180,27 @@ def _resolve_offset_buffers(model: fb.ModelT, data: bytes) -> None:
                 raise ValueError(f"buffer data at {buf.offset}+{buf.size} past end of file")
             buf.data = np.frombuffer(data, dtype=np.uint8, count=buf.size, offset=buf.offset)
             buf.offset = buf.size = 0
+    for sg in model.subgraphs or []:
+        for op in sg.operators or []:
+            if op.largeCustomOptionsOffset:
+                end = op.largeCustomOptionsOffset + op.largeCustomOptionsSize
+                if end > len(data):
+                    raise ValueError(f"custom options at {op.largeCustomOptionsOffset} past end of file")
+                op.customOptions = np.frombuffer(data, dtype=np.uint8, count=op.largeCustomOptionsSize,
+                                                 offset=op.largeCustomOptionsOffset)
+                op.largeCustomOptionsOffset = op.largeCustomOptionsSize = 0
+
+
+def _decode_custom_codes(model: fb.ModelT, where: str) -> None:
+    # The reader hands back bytes; names are printed and compared as text.
+    for i, code in enumerate(model.operatorCodes or []):
+        if isinstance(code.customCode, bytes):
+            try:
+                code.customCode = code.customCode.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ModelError(f"custom operator code {i} has a name that is not UTF-8 "
+                                 f"({code.customCode[:40]!r}); the file is corrupt or not for this runtime",
+                                 path=where) from e
 
 
 def _normalise(model: fb.ModelT) -> None:
@@ -145,12 +226,22 @@ def _normalise(model: fb.ModelT) -> None:
 
 def _check_supported(model: fb.ModelT, where: str) -> None:
     subgraphs = model.subgraphs or []
+    _check_operators(model, where)
     if len(subgraphs) != 1:
         raise ModelError(f"unsupported model: {len(subgraphs)} subgraphs (only single-subgraph models "
                          "can be split)", path=where)
     sg = subgraphs[0]
+    for what, n in (("operators", len(sg.operators)), ("inputs", len(sg.inputs)), ("outputs", len(sg.outputs))):
+        if n == 0:
+            raise ModelError(f"unsupported model: no {what} (nothing to run or to split)", path=where)
+    if model.externalBuffers or model.externalBufferGroups:
+        raise ModelError("unsupported model: weights kept in external buffers (a LiteRT extension the "
+                         "splitter does not copy)", path=where)
     n_t, n_b, n_c = len(sg.tensors), len(model.buffers), len(model.operatorCodes or [])
     for t in sg.tensors:
+        if t.isVariable:
+            raise ModelError(f"unsupported model: variable tensor {tensor_name(t)!r} keeps state across "
+                             "invocations (a head and a tail would each hold their own copy)", path=where)
         if t.type not in _NUMPY:
             raise ModelError(f"unsupported tensor type {_TYPE_NAME.get(t.type, t.type)} "
                              f"for tensor {tensor_name(t)!r}", path=where)
@@ -162,6 +253,9 @@ def _check_supported(model: fb.ModelT, where: str) -> None:
             raise ModelError(f"unsupported model: dynamic shape {list(sig)} for tensor "
                              f"{tensor_name(t)!r} (static shapes only)", path=where)
     for i, op in enumerate(sg.operators):
+        if op.mutatingVariableInputs is not None and any(op.mutatingVariableInputs):
+            raise ModelError(f"unsupported model: operator {i} updates a variable input in place (state "
+                             "across invocations)", path=where)
         if not 0 <= op.opcodeIndex < n_c:
             raise ModelError(f"corrupt TFLite file: operator {i} has opcode {op.opcodeIndex} of {n_c}",
                              path=where)
@@ -173,6 +267,22 @@ def _check_supported(model: fb.ModelT, where: str) -> None:
         if not 0 <= idx < n_t:
             raise ModelError(f"corrupt TFLite file: model input/output names tensor {idx} of {n_t}",
                              path=where)
+
+
+def _check_operators(model: fb.ModelT, where: str) -> None:
+    """Refuse operators whose meaning a split would change (checked on the opcode table:
+    a model lists every operator kind it uses there, whichever subgraph uses it)."""
+    for i in range(len(model.operatorCodes or [])):
+        if is_custom(model, i):
+            continue
+        name = op_name(model, i)
+        if name in _CALLS_SUBGRAPHS:
+            n = len(model.subgraphs or [])
+            raise ModelError(f"unsupported model: control flow ({name}) runs other subgraphs ({n} in the file); "
+                             "only single-subgraph models can be split", path=where)
+        if name in _STATEFUL:
+            raise ModelError(f"unsupported model: stateful operator {name} keeps resources across invocations "
+                             "(a head and a tail would each hold their own copy)", path=where)
 
 
 class _AlignedBuffer(fb.BufferT):

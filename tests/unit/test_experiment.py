@@ -66,6 +66,8 @@ def test_split_lists_and_ranges_expand_sorted_and_unique(tmp_path):
     ("model: {path: m.tflite}\n", "model", "sha256"),
     ("model: {builtin: posenet, fetch: posenet}\n", "model", "exactly one"),
     ("model: {builtin: resnet}\n", "model.builtin", "posenet"),
+    ("model: {builtin: posenet, scheme: int4}\n", "model.scheme", "float16"),
+    ("model: {fetch: posenet, scheme: float16}\n", "model", "scheme belongs to builtin"),
     ("model: {path: m.tflite, sha256: xyz}\n", "model.sha256", "64 hexadecimal"),
 ])
 def test_model_source_rules(tmp_path, text, field, words):
@@ -265,3 +267,13 @@ def test_a_relative_model_path_resolves_against_the_experiment_not_the_cwd(tmp_p
     e = load_experiment(_write(tmp_path, "name: t\nnetwork: [x]\nmodel: {path: m.tflite, sha256: " + "a" * 64 + "}\n"))
     monkeypatch.chdir("/")
     assert e.model.as_spec()["path"] == str(tmp_path / "m.tflite")
+
+
+def test_builtin_scheme_reaches_the_zoo(tmp_path, monkeypatch):
+    from testbed.model.graph import ModelGraph
+    from testbed.model.zoo import resolve
+    monkeypatch.setenv("TESTBED_CACHE", str(tmp_path / "cache"))
+    e = load_experiment(_write(tmp_path, "name: t\nnetwork: [x]\nmodel: {builtin: posenet, scheme: float16}\n"))
+    assert e.model.as_spec() == {"builtin": "posenet", "scheme": "float16"}
+    g = ModelGraph.from_file(resolve(e.model.as_spec()))
+    assert g.num_layers == 31 and len(g.folded) == 62

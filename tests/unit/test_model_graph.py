@@ -104,7 +104,10 @@ def test_inspect_dict(dag_path):
     assert [s["k"] for s in d["splits"]] == list(range(DAG_LAYERS + 1))
     assert d["splits"][2]["cut_bytes"] == 2 * 16 * 16 * 8 * 4
     assert set(d["layers"][0]) == {"index", "op", "inputs", "outputs", "output_shapes", "output_bytes",
-                                   "params", "param_bytes", "macs"}
+                                   "params", "param_bytes", "macs", "operator", "folded_ops"}
+    # a float32 model has no constant operators: every operator is a layer
+    assert d["model"]["operators"] == DAG_LAYERS and d["model"]["folded_ops"] == 0
+    assert [la["operator"] for la in d["layers"]] == list(range(DAG_LAYERS))
 
 
 def test_int8_model_splits_exactly_and_keeps_quantization(tmp_path):

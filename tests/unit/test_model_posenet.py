@@ -66,11 +66,12 @@ def test_cut_is_the_previous_activation_on_the_chain(posenet_path):
 def test_manifest(posenet_split, posenet_path, posenet_bytes):
     out, manifest = posenet_split
     assert manifest["model"] == {"path": str(posenet_path.resolve()), "sha256": POSENET_SEED0_SHA256,
-                                 "layers": 31, "bytes": len(posenet_bytes)}
+                                 "layers": 31, "bytes": len(posenet_bytes), "operators": 31, "folded_ops": 0}
     splits = manifest["splits"]
     assert [s["k"] for s in splits] == list(range(32))
     for s in splits:
-        assert list(s) == ["k", "head", "tail", "head_bytes", "tail_bytes", "head_sha256", "tail_sha256", "cut"]
+        assert list(s) == ["k", "head", "tail", "head_bytes", "tail_bytes", "head_sha256", "tail_sha256", "cut",
+                           "verify"]
         for side in ("head", "tail"):
             if s[side] is None:
                 assert s[f"{side}_bytes"] == 0 and s[f"{side}_sha256"] is None

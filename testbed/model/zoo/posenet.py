@@ -8,6 +8,10 @@ conv heads (heatmap 17, offsets 34, forward/backward displacements 32 each) on t
 official model. Weights are not trained: they come from a seeded generator so
 that the same seed gives the same bytes on any machine (raw PCG64 output, not
 numpy's distribution methods, whose streams numpy does not promise to keep).
+
+``scheme`` writes the same network in another of ``builder.SCHEMES`` (float16
+weights, dynamic-range, int8, uint8, 16x8): PoseNet-sized models for studying
+quantized splits. float32 (the default) is the pinned, byte-stable built-in.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import math
 
 import numpy as np
 
-from testbed.model.builder import ModelBuilder
+from testbed.model.builder import Net
 
 INPUT_SIZE = 257
 # (stride, pointwise output channels) for the 13 depthwise-separable blocks.
@@ -45,10 +49,11 @@ def _same(size: int, stride: int) -> int:
     return -(-size // stride)
 
 
-def build_posenet(seed: int = 0) -> bytes:
-    """Return the PoseNet TFLite bytes for ``seed`` (same seed -> same bytes)."""
+def build_posenet(seed: int = 0, scheme: str = "float32") -> bytes:
+    """Return the PoseNet TFLite bytes for ``seed`` (same seed -> same bytes) in ``scheme``."""
     w = _Weights(seed)
-    b = ModelBuilder(description=f"testbed built-in PoseNet (MobileNetV1 1.0, 257x257, stride 32), seed {seed}")
+    description = f"testbed built-in PoseNet (MobileNetV1 1.0, 257x257, stride 32), seed {seed}"
+    b = Net(description if scheme == "float32" else f"{description}, {scheme}")
     x = b.input("sub_2", (1, INPUT_SIZE, INPUT_SIZE, 3))
     size, ch = _same(INPUT_SIZE, 2), 32
 
@@ -72,4 +77,4 @@ def build_posenet(seed: int = 0) -> bytes:
         scope = f"MobilenetV1/{head}_2"
         out = conv(x, scope, ch, cout, 1, 1, None, f"{scope}/BiasAdd", size)
         b.output(out)
-    return b.build()
+    return b.build(scheme)

@@ -86,13 +86,26 @@ class Registry:
         tmp.replace(self.file)
 
 
-def builtin_path(name: str = "posenet", seed: int = 0, root: Path | None = None) -> Path:
-    """Build (once) and return the cached file of a built-in model."""
+def build_builtin(name: str, seed: int = 0, scheme: str = "float32") -> bytes:
+    """The bytes of a built-in model in one of ``builder.SCHEMES`` (float32: the pinned one).
+
+    Raises:
+        ModelError: unknown model or scheme.
+    """
+    from testbed.model.builder import SCHEMES
     if name not in BUILTINS:
         raise ModelError(f"unknown built-in model {name!r} (have: {', '.join(BUILTINS)})")
+    if scheme not in SCHEMES:
+        raise ModelError(f"unknown quantization scheme {scheme!r} (have: {', '.join(SCHEMES)})")
+    return BUILTINS[name](seed, scheme)
+
+
+def builtin_path(name: str = "posenet", seed: int = 0, root: Path | None = None, scheme: str = "float32") -> Path:
+    """Build (once) and return the cached file of a built-in model."""
+    data = build_builtin(name, seed, scheme)
     root = Path(root) if root else cache_dir()
-    path = root / f"builtin-{name}-seed{seed}.tflite"
-    data = BUILTINS[name](seed)
+    suffix = "" if scheme == "float32" else f"-{scheme}"
+    path = root / f"builtin-{name}-seed{seed}{suffix}.tflite"
     # Rebuilding costs ~0.3 s and guarantees the cached file is the current
     # builder's output (a stale or damaged cache never survives).
     if not path.is_file() or path.stat().st_size != len(data) or sha256_file(path) != hashlib.sha256(data).hexdigest():
@@ -184,15 +197,17 @@ def list_models(root: Path | None = None) -> list[dict]:
 def resolve(spec: dict, root: Path | None = None) -> Path:
     """Turn a model spec into a verified file path.
 
-    ``{"builtin": "posenet", "seed": 0}`` | ``{"path": P, "sha256": H (optional)}`` |
-    ``{"fetch": "posenet"}`` (registered file, fetched if missing).
+    ``{"builtin": "posenet", "seed": 0, "scheme": "float16" (optional)}`` |
+    ``{"path": P, "sha256": H (optional)}`` | ``{"fetch": "posenet"}`` (registered file, fetched if missing).
     """
     if "builtin" in spec:
-        return builtin_path(spec["builtin"], int(spec.get("seed", 0)), root)
+        return builtin_path(spec["builtin"], int(spec.get("seed", 0)), root, spec.get("scheme", "float32"))
     if "path" in spec:
         path = Path(spec["path"])
-        if not path.is_file():
+        if not path.exists():
             raise ModelError("no such model file", path=str(path))
+        if not path.is_file():
+            raise ModelError("not a regular file (a FIFO, device or directory); give a TFLite file", path=str(path))
         want = spec.get("sha256")
         if want and sha256_file(path) != want:
             raise ModelError(f"sha256 does not match the expected {want}", path=str(path))
