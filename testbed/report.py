@@ -210,6 +210,26 @@ def fidelity_table(runs: Sequence[RunData]) -> Table:
                       "= samples during which the node's cgroup was CFS-throttled.")
 
 
+def phase_table(runs: Sequence[RunData]) -> Table:
+    """Per profile: wall time by phase, summed over the profile's configurations."""
+    from testbed.results import PHASES
+
+    rows = []
+    for run in runs:
+        for prof in run.profiles:
+            mine = [r for r in run.repeat_rows if r["profile"] == prof]
+            row = {"run": run.label, "profile": prof, "configurations": len(mine),
+                   "wall_s": sum(r.get("wall_s") or 0.0 for r in mine)}
+            row.update({f"phase_{p}_s": sum(r.get(f"phase_{p}_s") or 0.0 for r in mine) for p in PHASES})
+            rows.append(row)
+    cols = [Column("run", "run"), Column("profile", "profile"), Column("configurations", "configurations", "int"),
+            Column("wall_s", "wall", "ms")] + [Column(f"phase_{p}_s", p.replace("_", " "), "ms") for p in PHASES]
+    if len(runs) == 1:
+        cols = cols[1:]
+    return Table("sweep_phases", "Wall time by phase, per profile", cols, rows,
+                 note="Sums over the profile's configurations (all repeats).")
+
+
 def repeat_table(runs: Sequence[RunData]) -> Table:
     """Per configuration and repeat: the median e2e, so the spread between repeats is visible."""
     rows = []
@@ -411,6 +431,10 @@ FIGURES: list[tuple[str, str, Callable[..., Path | None], str]] = [
     ("fidelity", "Emulation fidelity", plots.fidelity,
      "Measured transfer time ÷ its framing-aware ideal (delay + wire bytes at the configured rate), per split "
      "point and direction, and for the head delivery: the emulation's own error."),
+    ("sweep_time", "Where the sweep's time went", plots.sweep_time,
+     "Wall time of the sweep per profile by phase: link change, split (parts written and verified), tail load, "
+     "head delivery over the shaped downlink, head load, KPI measurement, warm-up, sampling, writing results, "
+     "other. The phases of every configuration add up to its wall_s."),
     ("repeatability", "Repeatability", plots.repeatability,
      "Each repeat's median e2e ÷ the median over all repeats, per configuration (only for runs.repeat > 1)."),
 ]
@@ -435,12 +459,12 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None,
     figures: dict[str, Path] = {}
     sections: list[str] = []
     tables = [best_split_table(runs), configurations_table(runs), layer_table(runs), kpi_table(runs),
-              fidelity_table(runs)]
+              fidelity_table(runs), phase_table(runs)]
     if runs[0].repeats > 1:
         tables.append(repeat_table(runs))
     # Which tables follow which figure (every table is shown, drawn or not).
     after = {"e2e": tables[:2], "layers": tables[2:3], "kpis": tables[3:4], "fidelity": tables[4:5],
-             "repeatability": tables[5:6]}
+             "sweep_time": tables[5:6], "repeatability": tables[6:7]}
     for stem, title, fn, caption in FIGURES:
         if stem == "repeatability" and runs[0].repeats < 2:
             continue  # a single sweep has no repeats to compare

@@ -438,3 +438,34 @@ def repeatability(runs: Sequence[RunData], path: Path) -> Path | None:
     ax.legend(fontsize=8)
     ax.set_title(f"Repeatability: {run.repeats} repeats of the sweep (marker = repeat)", fontsize=10)
     return _save(fig, path)
+
+
+PHASE_COLORS = {
+    "link": "#7f7f7f", "split": "#bcbd22", "tail_load": "#98df8a", "delivery": "#d62728", "head_load": "#aec7e8",
+    "kpi": "#9467bd", "warmup": "#ffbb78", "sampling": "#1f77b4", "write": "#c7c7c7", "other": "#000000",
+}
+
+
+def sweep_time(runs: Sequence[RunData], path: Path) -> Path | None:
+    """Where the sweep's wall time went, per profile: stacked phases (primary run)."""
+    from testbed.results import PHASES
+
+    run = runs[0]
+    rows = run.repeat_rows
+    if not rows or all(r.get("phase_sampling_s") is None for r in rows):
+        return None  # a run folder from before per-phase accounting
+    profiles = run.profiles
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    bottom = [0.0] * len(profiles)
+    for phase in PHASES:
+        vals = [sum(r.get(f"phase_{phase}_s") or 0.0 for r in rows if r["profile"] == p) for p in profiles]
+        if not any(vals):
+            continue
+        ax.bar(range(len(profiles)), vals, bottom=bottom, color=PHASE_COLORS[phase], label=phase.replace("_", " "))
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xticks(range(len(profiles)), profiles, rotation=20, ha="right")
+    ax.set_ylabel("wall time (s)")
+    ax.legend(fontsize=8, ncol=5, loc="upper left")
+    ax.set_title("Where the sweep's time went, per profile (sum over its configurations)", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, path)

@@ -55,7 +55,7 @@ E2E_PARTS = TIMINGS[:-1]
 STATS = ("mean", "std", "p10", "p50", "p90", "p99")
 
 # Where a configuration's wall time goes, in the order it happens; they add up to wall_s.
-PHASES = ("link", "tail_load", "delivery", "head_load", "kpi", "warmup", "sampling", "write", "other")
+PHASES = ("link", "split", "tail_load", "delivery", "head_load", "kpi", "warmup", "sampling", "write", "other")
 
 # A configuration is one (repeat, profile, split); repeat is 0 unless runs.repeat > 1.
 CONFIG_KEY = ("repeat", "profile", "split")

@@ -52,6 +52,7 @@ class SweepOptions:
     backend: str | None = None
     output: Path | None = None
     progress: bool = True
+    keep_parts: bool = False             # leave the part files in RUN_DIR/parts after the run
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,7 @@ class Plan:
     model_path: Path
     graph: Any                           # testbed.model.graph.ModelGraph
     splits: list[int]
-    manifest: dict[str, Any] = field(default_factory=dict)
-    parts_dir: Path | None = None        # where the manifest's part files are
+    model: dict[str, Any] = field(default_factory=dict)  # the manifest's model entry (path, sha256, ...)
     n_inputs: int = 1
     seed: int = 0                        # of the shuffled order when runs.repeat > 1
 
@@ -143,36 +143,61 @@ class _Signals:
 def plan(experiment: Experiment) -> Plan:
     """Resolve the model, its layers, the split points and the profiles; no side effects on nodes."""
     from testbed.model.graph import ModelGraph
+    from testbed.model.splitter import model_entry
     from testbed.model.zoo import resolve
 
     profiles = experiment.load_profiles()
     model_path = Path(resolve(experiment.model.as_spec()))
     graph = ModelGraph.from_file(model_path)
     seed = experiment.runs.seed if experiment.runs.seed is not None else secrets.randbelow(2**31)
-    return Plan(experiment, profiles, model_path, graph, experiment.split_points(graph.num_layers), seed=seed)
+    return Plan(experiment, profiles, model_path, graph, experiment.split_points(graph.num_layers), seed=seed,
+                model=model_entry(graph))
 
 
-def _split_parts(p: Plan, run: RunFolder) -> None:
-    from testbed.model.splitter import load_manifest, split_model
+class _Parts:
+    """The model's parts, written into ``RUN_DIR/parts`` just before a configuration
+    needs them (``splitter.materialize``: only the missing ones, each verified by
+    running head then tail once) and removed when the run ends unless kept: a sweep
+    of a big model never holds every split point's parts at once before it must.
 
-    parts_dir = run.path / "parts"
-    manifest = None
-    if (parts_dir / "manifest.json").exists():
-        manifest = load_manifest(parts_dir)
-        have = {s["k"] for s in manifest["splits"]}
-        if not set(p.splits) <= have:
-            manifest = None
-    if manifest is None:
-        manifest = split_model(p.model_path, p.splits, parts_dir)
-    p.manifest, p.parts_dir = manifest, parts_dir
-    run.write_manifest(manifest)
+    ``manifest`` accumulates the entries made so far and is written to the run
+    folder each time it grows, so the report finds every measured split point."""
 
+    def __init__(self, p: Plan, run: RunFolder) -> None:
+        self.plan, self.run = p, run
+        self.dir = run.path / "parts"
+        old = run.manifest()
+        self.manifest: dict[str, Any] = old if old.get("model") else {"model": None, "splits": []}
 
-def _split_entry(p: Plan, k: int) -> dict[str, Any]:
-    for s in p.manifest["splits"]:
-        if s["k"] == k:
-            return s
-    raise TestbedError(f"manifest has no split point {k}")
+    def entry(self, k: int) -> dict[str, Any]:
+        """The manifest entry of split point ``k``, its part files present in ``self.dir``."""
+        from testbed.model.splitter import materialize
+
+        (entry,) = materialize(self.plan.graph, [k], self.dir)
+        if self.manifest.get("model") is None:
+            self.manifest["model"] = self.plan.model
+        splits = {int(e["k"]): e for e in self.manifest["splits"]}
+        if splits.get(k) != entry:
+            splits[k] = entry
+            self.manifest["splits"] = [splits[x] for x in sorted(splits)]
+            self.run.write_manifest(self.manifest)
+        return entry
+
+    def read(self, name: str | None) -> bytes | None:
+        return None if name is None else (self.dir / name).read_bytes()
+
+    def remove(self) -> None:
+        """Delete the part files (the manifest in the run folder stays)."""
+        from testbed.model.splitter import remove_parts
+
+        if (self.dir / "manifest.json").exists():
+            with contextlib.suppress(TestbedError):
+                remove_parts(self.dir, [int(e["k"]) for e in self.manifest["splits"]])
+            for leftover in ("manifest.json",):
+                with contextlib.suppress(OSError):
+                    (self.dir / leftover).unlink()
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()
 
 
 def _inputs(p: Plan) -> list[Any]:
@@ -188,7 +213,7 @@ def _inputs(p: Plan) -> list[Any]:
 # --------------------------------------------------------------------------- environment
 
 def _environment(p: Plan, run_id: str, dep: Any, caps: Any, options: SweepOptions,
-                 cpu_plan: Any) -> dict[str, Any]:
+                 cpu_plan: Any, model: dict[str, Any]) -> dict[str, Any]:
     import importlib.metadata as md
 
     def version(dist: str) -> str | None:
@@ -214,7 +239,7 @@ def _environment(p: Plan, run_id: str, dep: Any, caps: Any, options: SweepOption
         "backend_requested": options.backend or p.experiment.nodes.backend,
         **dep.environment(),  # backend, backend_reason, nodes (limits, image id, ...)
         "link_capabilities": {k: getattr(caps, k) for k in ("netem", "htb", "tbf") if hasattr(caps, k)},
-        "model": {"path": str(p.model_path), **{k: p.manifest["model"].get(k) for k in ("sha256", "layers", "bytes")}},
+        "model": {"path": str(p.model_path), **{k: model.get(k) for k in ("sha256", "layers", "bytes")}},
         "threads": {"local": p.experiment.nodes.local.threads, "remote": p.experiment.nodes.remote.threads},
         "cpu_assignment": cpu_plan.as_dict(),
         "order_seed": p.seed if p.experiment.runs.repeat > 1 else None,
@@ -456,16 +481,12 @@ def _kpis(client: Any, role: str, runs: Any, threads: int | None) -> dict[str, A
 
 def _run_configuration(p: Plan, nodes: _Nodes, link: _Link, c: Configuration,
                        measured_kpis: dict[tuple[int, str], dict[str, Any]], metrics: Any,
-                       clock: PhaseClock) -> ConfigurationResult:
+                       clock: PhaseClock, parts: _Parts) -> ConfigurationResult:
     exp = p.experiment
     prof, k = c.profile, c.split
-    entry = _split_entry(p, k)
-
-    def part_bytes(name: str | None) -> bytes | None:
-        assert p.parts_dir is not None
-        return None if name is None else (p.parts_dir / name).read_bytes()
-
-    head, tail = part_bytes(entry["head"]), part_bytes(entry["tail"])
+    with clock("split"):
+        entry = parts.entry(k)
+        head, tail = parts.read(entry["head"]), parts.read(entry["tail"])
     # The tail lives in the network: the orchestrator hands it to the remote node
     # over the (unshaped) control plane. The head is delivered from the remote to
     # the local node over the shaped downlink, as the scenario delivers the split
@@ -579,7 +600,7 @@ def _open_run(p: Plan, options: SweepOptions) -> RunFolder:
         if old.get("name") != exp.name:
             raise TestbedError(f"{options.resume}: run of experiment {old.get('name')!r}, not {exp.name!r}")
         sha = (old.get("resolved_model") or {}).get("sha256")
-        if sha and sha != p.manifest.get("model", {}).get("sha256", sha):
+        if sha and sha != p.model.get("sha256"):
             raise TestbedError(f"{options.resume}: recorded with another model (sha256 {sha[:12]}…)")
         return run
     parent = options.output if options.output is not None else exp.resolve_path(exp.output)
@@ -685,13 +706,12 @@ def run_experiment(path: str | Path, options: SweepOptions = SweepOptions(),
 def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: Console) -> None:
     """Split, deploy, sweep; everything deployed is torn down on the way out."""
     exp = p.experiment
-    _split_parts(p, run)
     finished = run.finished()
     measured_kpis = _kpis_from(run)
     old_seed = (run.config() or {}).get("order_seed") if options.resume is not None else None
     if old_seed is not None:
         p.seed = int(old_seed)  # a resumed run keeps its recorded order
-    config = resolved_dict(exp, p.splits, model=dict(p.manifest["model"]), profiles=p.profiles)
+    config = resolved_dict(exp, p.splits, model=dict(p.model), profiles=p.profiles)
     config["order_seed"] = p.seed if exp.runs.repeat > 1 else None
     run.write_config(config)
     todo = pending(p.configurations, finished)
@@ -720,7 +740,7 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
         link = _Link(dep)
         stack.callback(link.clear)
         link.check(p.profiles)
-        env = _environment(p, run_id, dep, link.capabilities(), options, cpu_plan)
+        env = _environment(p, run_id, dep, link.capabilities(), options, cpu_plan, p.model)
         old_env = run.environment()
         if old_env:
             env = {**old_env, "resumed": [*old_env.get("resumed", []), env]}
@@ -732,8 +752,11 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
             client.health()
         nodes.local.set_inputs([{p.graph.inputs[0].name: a} for a in inputs])
         nodes.local.connect_peer(dep.remote.data_host, dep.remote.data_port)
+        parts = _Parts(p, run)
+        if not options.keep_parts:
+            stack.callback(parts.remove)
         _profile_layers(p, nodes, run, metrics)
-        _sweep(p, nodes, link, run, todo, total, measured_kpis, metrics, console, options)
+        _sweep(p, nodes, link, run, todo, total, measured_kpis, metrics, console, options, parts)
 
 
 def pending(configurations: list[Configuration], finished: set[tuple[int, str, int]]) -> list[Configuration]:
@@ -755,7 +778,7 @@ def _kpis_from(run: RunFolder) -> dict[tuple[int, str], dict[str, Any]]:
 
 def _sweep(p: Plan, nodes: _Nodes, link: _Link, run: RunFolder, todo: list[Configuration], total: int,
            measured_kpis: dict[tuple[int, str], dict[str, Any]], metrics: Any, console: Console,
-           options: SweepOptions) -> None:
+           options: SweepOptions, parts: _Parts) -> None:
     done = total - len(todo)
     current_profile = None
     with _progress(console, options.progress) as bar:
@@ -782,7 +805,7 @@ def _sweep(p: Plan, nodes: _Nodes, link: _Link, run: RunFolder, todo: list[Confi
             bar.update(task, description=f"{where}{prof.name}  k={k}")
             eta = bar.tasks[0].time_remaining
             metrics.configuration_started(k, prof.name, total=total, done=done, eta_s=eta)
-            result = _run_configuration(p, nodes, link, c, measured_kpis, metrics, clock)
+            result = _run_configuration(p, nodes, link, c, measured_kpis, metrics, clock, parts)
             with clock("write"):
                 run.write_rows(result)
             result.summary.update(clock.close())

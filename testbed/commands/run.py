@@ -25,6 +25,9 @@ def run(
                                           help="Override the experiment's node backend."),
     output: Optional[Path] = typer.Option(None, "--output", metavar="DIR",
                                           help="Parent folder of the run folder (default: the experiment's output)."),
+    keep_parts: bool = typer.Option(False, "--keep-parts",
+                                    help="Keep the split model's part files in RUN_DIR/parts (default: removed at "
+                                         "the end; manifest.json stays and --resume writes them again)."),
 ) -> None:
     """Run an experiment: every split point at every link profile; results in a run folder.
 
@@ -34,7 +37,8 @@ def run(
 
     console = Console(stderr=True)
     run_dir = run_experiment(experiment, SweepOptions(resume=resume, metrics_listen=metrics_listen,
-                                                      backend=backend, output=output), console=console)
+                                                      backend=backend, output=output, keep_parts=keep_parts),
+                             console=console)
     # stdout carries only the run folder, so scripts can capture it.
     typer.echo(str(run_dir))
 

@@ -109,7 +109,7 @@ def split_model(model: str | Path | ModelGraph, ks: Iterable[int], out_dir: str 
     tmp = _mkdtemp(out.parent, f".{out.name}.", ".tmp")
     try:
         splits = _write_splits(graph, ks, tmp, verify, out)
-        manifest = {"model": _model_entry(graph), "splits": splits}
+        manifest = {"model": model_entry(graph), "splits": splits}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _replace(tmp, out)
     except OSError as e:
@@ -207,7 +207,8 @@ def _check_ks(graph: ModelGraph, ks: Iterable[int]) -> list[int]:
     return ks
 
 
-def _model_entry(graph: ModelGraph) -> dict:
+def model_entry(graph: ModelGraph) -> dict:
+    """The manifest's ``model`` entry: path, sha256, layers, bytes, operators, folded_ops."""
     if graph.data is None:
         raise ModelError("model bytes unavailable (build the graph with from_file/from_bytes)", path=graph.path)
     path = str(Path(graph.path).resolve()) if graph.path else None
@@ -331,7 +332,7 @@ def _foreign_entries(folder: Path) -> list[str]:
 
 
 def _load_or_new(graph: ModelGraph, root: Path) -> dict:
-    entry = _model_entry(graph)
+    entry = model_entry(graph)
     if not (root / MANIFEST).exists():
         return {"model": entry, "splits": []}
     manifest = load_manifest(root)

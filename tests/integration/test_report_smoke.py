@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "experiments" / "smoke.yaml"
-FIGURES = {"e2e", "stacked", "intermediate_bytes", "layers", "parts", "kpis", "planner"}
+FIGURES = {"e2e", "stacked", "intermediate_bytes", "layers", "parts", "kpis", "planner", "fidelity", "sweep_time"}
 
 
 @pytest.fixture(scope="module")

@@ -126,6 +126,14 @@ def test_run_folder_is_complete(smoke):
         # every node reports its own cgroup's CPU time; the remote only when it took part
         assert s["local_cpu_s"] is not None and s["local_throttled_periods"] is not None, s
         assert (s["remote_cpu_s"] is not None) == (s["split"] < n), s
+    from testbed.results import PHASES
+    for r in summary:  # every second of a configuration is in one phase
+        phases = sum(r[f"phase_{ph}_s"] for ph in PHASES)
+        assert phases == pytest.approx(r["wall_s"], rel=0.01), r
+        assert r["phase_sampling_s"] > 0 and r["phase_other_s"] < 0.25 * r["wall_s"], r
+    # parts are written per configuration and removed at the end; the manifest stays complete
+    assert not (run.path / "parts").exists()
+    assert {e["k"] for e in run.manifest()["splits"]} == set(splits)
     cpus = env["cpu_assignment"]
     if len(cpus["host_cpus"]) >= 2:  # the UE node has a core nobody else is pinned to
         assert cpus["local"] and not set(cpus["local"]) & set(cpus["remote"] + cpus["orchestrator"]), cpus

@@ -90,6 +90,9 @@ def make_run(parent: Path, name: str = "synthetic-run", samples: int = 8, seed: 
                        "uplink_rate_bps": up_r, "uplink_delay_s": up_d, "uplink_loss_pct": 0.0,
                        "downlink_rate_bps": down_r, "downlink_delay_s": down_d, "downlink_loss_pct": 0.0,
                        "warmup": 1, "head_file_bytes": 1000 * k or None, "tail_file_bytes": 1000 * (N - k) or None,
-                       "delivery_s": (1000 * k * 8 / down_r + down_d) if k else None, "wall_s": 0.5}
+                       "delivery_s": (1000 * k * 8 / down_r + down_d) if k else None, "wall_s": 0.5,
+                       # phases that add up to wall_s, as the sweep's PhaseClock writes them
+                       "phase_delivery_s": 0.1, "phase_sampling_s": 0.3, "phase_warmup_s": 0.05,
+                       "phase_tail_load_s": 0.03, "phase_other_s": 0.02}
             folder.append_configuration(ConfigurationResult(prof, k, rows, summary, parts, repeat=repeat))
     return folder.path

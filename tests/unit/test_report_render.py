@@ -19,7 +19,7 @@ from tests.unit.report_synthetic_run import make_run
 
 pytestmark = pytest.mark.unit
 
-FIGURES = {"e2e", "stacked", "intermediate_bytes", "layers", "parts", "kpis", "planner"}
+FIGURES = {"e2e", "stacked", "intermediate_bytes", "layers", "parts", "kpis", "planner", "fidelity", "sweep_time"}
 
 
 @pytest.fixture(scope="module")
