@@ -257,7 +257,10 @@ class Agent:
                     keep_alive(conn)  # the holder idles by design: no read timeout
                 header, blobs = self._execute(op, args, frame.payload)
                 del frame  # the payload can be large: do not keep it across the reply
-                P.send_frame(conn, header, blobs)
+                try:
+                    P.send_frame(conn, header, blobs)
+                except P.FrameError as e:  # nothing was sent: say why instead of vanishing
+                    P.send_frame(conn, P.error_header(f"{op}: reply cannot be framed: {e}"))
                 if op == "shutdown":
                     self.stop.set()
                     return
@@ -275,7 +278,7 @@ class Agent:
         """Run one operation; every failure becomes an error header."""
         try:
             result, blobs = self.dispatch(op, args, payload)
-            return P.ok_header(result), blobs
+            return P.ok_reply(result, blobs)  # a large result goes in the payload
         except (StepError, P.FrameError, KeyError, ValueError, OSError) as e:
             return P.error_header(f"{op}: {e}"), []
         except Exception as e:  # a bug or a runtime failure: report, keep serving

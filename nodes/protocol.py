@@ -291,17 +291,23 @@ def parse_header(hbytes: Buffer) -> dict[str, Any]:
     Infinity (which Python's json accepts and the standard does not), and nesting
     deep enough to exhaust the parser's recursion (RecursionError).
     """
-    try:
-        header = json.loads(bytes(hbytes).decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise FrameError(f"header is not JSON: {e}") from e
-    except RecursionError as e:
-        raise FrameError(f"header nests deeper than {MAX_HEADER_DEPTH} levels") from e
+    header = parse_json(hbytes, "header")
     if not isinstance(header, dict):
         raise FrameError("header is not a JSON object")
-    if _depth(header) > MAX_HEADER_DEPTH:
-        raise FrameError(f"header nests deeper than {MAX_HEADER_DEPTH} levels")
     return header
+
+
+def parse_json(data: Buffer, what: str = "header") -> Any:
+    """Strict, bounded-depth JSON (see ``parse_header``); FrameError on anything else."""
+    try:
+        value = json.loads(bytes(data).decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FrameError(f"{what} is not JSON: {e}") from e
+    except RecursionError as e:
+        raise FrameError(f"{what} nests deeper than {MAX_HEADER_DEPTH} levels") from e
+    if _depth(value) > MAX_HEADER_DEPTH:
+        raise FrameError(f"{what} nests deeper than {MAX_HEADER_DEPTH} levels")
+    return value
 
 
 def _depth(obj: Any) -> int:
@@ -577,6 +583,36 @@ def _announced_payload(op: str, args: Mapping[str, Any]) -> int | None:
 
 def ok_header(result: Any = None) -> dict[str, Any]:
     return {"ok": True, "result": result}
+
+
+#: A result whose JSON is larger than this travels in the payload (``ok_reply``).
+INLINE_RESULT_BYTES = MAX_HEADER_BYTES // 2
+
+
+def ok_reply(result: Any, buffers: Sequence[Buffer] = ()) -> tuple[dict[str, Any], list[Buffer]]:
+    """Header and payload of a successful reply.
+
+    A result too large for a header (2,000 sample rows of ``run`` are ~1 MB of JSON)
+    travels as JSON in the payload instead, announced by ``result_bytes``; a reply
+    that already carries buffers must keep its result small. Raises ValueError or
+    TypeError when the result is not JSON (NaN included), FrameError when too large.
+    """
+    text = json.dumps(result, separators=(",", ":"), allow_nan=False).encode()
+    if len(text) <= INLINE_RESULT_BYTES:
+        return ok_header(result), list(buffers)
+    if buffers or len(text) > MAX_PAYLOAD_BYTES:
+        raise FrameError(f"reply of {len(text)} bytes of JSON is too large")
+    return {"ok": True, "result_bytes": len(text)}, [text]
+
+
+def reply_result(frame: Frame) -> tuple[Any, bytearray]:
+    """(result, payload) of an ok reply, wherever the result travelled (``ok_reply``)."""
+    n = frame.header.get("result_bytes")
+    if n is None:
+        return frame.header.get("result"), frame.payload
+    if not _is_int(n) or n != len(frame.payload):
+        raise FrameError(f"reply announces {shorten(n)} result bytes, carries {len(frame.payload)}")
+    return parse_json(frame.payload, "result"), bytearray()
 
 
 def error_header(message: str, kind: str = "node") -> dict[str, Any]:

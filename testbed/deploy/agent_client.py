@@ -107,7 +107,10 @@ class AgentClient:
             frame = self._exchange(op, buffers, timeout, args)
         h = frame.header
         if h.get("ok") is True:
-            return h.get("result"), frame.payload
+            try:
+                return P.reply_result(frame)  # the result may travel in the payload
+            except P.FrameError as e:
+                raise ProtocolError(f"node {self.node_name}: {op}: {e}") from e
         message = str(h.get("error", "unspecified error"))
         if h.get("kind") == "protocol":
             raise ProtocolError(f"node {self.node_name}: {message}")

@@ -361,3 +361,15 @@ def test_dag_every_split_bitwise_equal(agents, dag):
         for name in ref:
             np.testing.assert_array_equal(out[name], ref[name], err_msg=f"k={split['k']} {name}")
         assert rows[0]["cut_bytes_raw"] == sum(c["bytes"] for c in split["cut"]), split["k"]
+
+
+def test_many_samples_in_one_run(agents, model):
+    """One run of 600 samples: the reply's rows (~300 KB of JSON) are far past the
+    header bound and travel in the payload. Before, the agent could not frame the
+    reply and dropped the connection (any run above ~150 samples)."""
+    local, remote, _ = agents
+    path, parts, manifest = model
+    load_split(local, remote, parts, manifest["splits"][2])
+    rows = local.client.run(600, inputs={"image": image()}, model_outputs=OUTPUT_NAMES)
+    assert [r["sample"] for r in rows] == list(range(600))
+    assert local.client.health()["name"] == "local"

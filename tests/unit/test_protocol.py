@@ -429,3 +429,35 @@ def test_png_claiming_a_huge_image_is_refused_before_decoding():
             "nbytes": len(png)}
     with pytest.raises(P.FrameError, match="does not fit"):
         P.decode_tensors([desc], bytearray(png), P.codec_registry([PNG]))
+
+
+def test_large_results_travel_in_the_payload(pair):
+    """2,000 sample rows are ~1 MB of JSON: far past the header bound. Before, the agent
+    failed to frame the reply and dropped the connection."""
+    a, b = pair
+    rows = [{"sample": i, "e2e_s": 0.01 * i, "clock": "shared", "codec": "raw"}
+            for i in range(2000)]
+    header, buffers = P.ok_reply({"samples": rows})
+    assert "result" not in header and header["result_bytes"] > P.MAX_HEADER_BYTES
+    import threading
+    t = threading.Thread(target=P.send_frame, args=(a, header, buffers))
+    t.start()
+    frame = P.recv_frame(b)
+    t.join(5)
+    result, payload = P.reply_result(frame)
+    assert result == {"samples": rows} and payload == bytearray()
+    small_header, small_buffers = P.ok_reply({"x": 1}, [b"abc"])
+    assert small_header == {"ok": True, "result": {"x": 1}} and small_buffers == [b"abc"]
+
+
+def test_reply_result_refuses_lies():
+    frame = P.Frame({"ok": True, "result_bytes": 10}, bytearray(b"{}"), 0, 0, 0)
+    with pytest.raises(P.FrameError, match="result bytes"):
+        P.reply_result(frame)
+    frame = P.Frame({"ok": True, "result_bytes": 3}, bytearray(b"[[["), 0, 0, 0)
+    with pytest.raises(P.FrameError, match="not JSON"):
+        P.reply_result(frame)
+    with pytest.raises(ValueError):
+        P.ok_reply({"x": float("nan")})
+    with pytest.raises(P.FrameError, match="too large"):
+        P.ok_reply(["x" * 100] * 1000, [b"blob"])
