@@ -45,6 +45,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -251,7 +252,7 @@ class Agent:
                 if ctx is not None:
                     ctx.authenticated()
                 op, args = P.parse_request(frame.header, self.token)
-                if op == "lease" and not holding:
+                if op == "lease" and not args and not holding:
                     holding = True
                     self.lease.take()
                     keep_alive(conn)  # the holder idles by design: no read timeout
@@ -279,7 +280,10 @@ class Agent:
         try:
             result, blobs = self.dispatch(op, args, payload)
             return P.ok_reply(result, blobs)  # a large result goes in the payload
-        except (StepError, P.FrameError, KeyError, ValueError, OSError) as e:
+        except (StepError, P.FrameError, KeyError, ValueError, OSError, RuntimeError,
+                subprocess.SubprocessError) as e:
+            # expected failures (bad input, a part LiteRT refuses, a KPI child that
+            # failed or timed out): one line back, no traceback in the log
             return P.error_header(f"{op}: {e}"), []
         except Exception as e:  # a bug or a runtime failure: report, keep serving
             log.exception("control: %s failed", op)

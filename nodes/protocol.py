@@ -5,27 +5,59 @@ A frame is ``PREFIX | header | payload``:
 * ``PREFIX`` is fixed-size (``!4sIQ``): a 4-byte magic, the header length and the
   payload length. Both lengths are checked against bounds *before* anything is
   allocated, so a garbage or hostile prefix cannot make a peer allocate gigabytes.
-* ``header`` is UTF-8 JSON, one object, at most ``MAX_HEADER_BYTES``. JSON rather than a
-  binary struct because it is small next to the tensors, self-describing, and leaves room
-  for new fields (codec parameters, timestamps) without a version bump. Never pickle.
+* ``header`` is UTF-8 JSON, one object, at most ``MAX_HEADER_BYTES`` and nested at most
+  ``MAX_HEADER_DEPTH`` deep; NaN/Infinity are refused. JSON rather than a binary struct
+  because it is small next to the tensors, self-describing, and leaves room for new
+  fields (codec parameters, timestamps) without a version bump. Never pickle.
 * ``payload`` is opaque bytes: on the data plane the concatenated tensor buffers, on the
   control plane a part file, an input, one-layer models...
 
+**Admission** — what a frame may carry is decided from its header, before the payload
+is allocated or read (``recv_frame(admit=...)``):
+
+* control requests (``admit_request``): the run token first; then only ``load_part``,
+  ``stage_part`` (a part, up to ``MAX_PAYLOAD_BYTES``), ``set_inputs`` and
+  ``profile_layers`` (exactly the sizes their arguments announce) carry a payload;
+  every other request carries none;
+* data frames (``admit_data_frame``): ``tensors``/``result`` carry exactly what their
+  descriptors add up to, ``part`` a model part; ``hello``, ``challenge``, ``auth``,
+  ``welcome``, ``ping``, ``pong``, ``begin``, ``ready``, ``fetch``, ``error`` carry none.
+
 Tensors travel as descriptors in the header (``name, dtype, shape, codec, nbytes`` plus
-codec ``params``) and their bytes back to back in the payload. ``send_frame`` hands the
-numpy buffers to ``sendmsg`` without copying them; ``recv_frame`` reads the payload with
-``recv_into`` into one buffer and ``decode_tensors`` views it with ``np.frombuffer``, so
-the raw codec is zero-copy on both sides.
+codec ``params``; at most ``MAX_DIMS`` dimensions of at most ``MAX_DIM`` each) and their
+bytes back to back in the payload. ``send_frame`` hands the numpy buffers to ``sendmsg``
+without copying them; ``recv_frame`` reads the payload with ``recv_into`` into one
+buffer and ``decode_tensors`` views it with ``np.frombuffer``, so the raw codec is
+zero-copy on both sides.
 
-Control requests are frames whose header has ``op`` and ``token``; replies have
-``ok`` and either ``result`` or ``error``. ``check_token`` refuses a request without the
-run's token. Anything that does not parse raises ``FrameError``; a server answers with an
-error frame, drops that connection and keeps serving.
+**Control plane**: requests are frames whose header has ``op``, ``token`` and ``args``;
+replies have ``ok`` and either ``result`` or ``error`` (with ``kind``: ``protocol`` for a
+refused frame, ``busy`` for the connection cap, ``node`` for a failed operation). A
+result too large for a header (``run``'s sample rows) travels as JSON in the payload,
+announced by ``result_bytes`` (``ok_reply`` / ``reply_result``). A token is 1..256
+printable ASCII characters (``valid_token``); anything else is a refusal, not a crash.
 
-This module owns framing, bounds and the raw codec. Other codecs (PNG/JPEG for the k=0
-input) live in ``nodes.codecs``; the agent's behaviour lives in ``nodes.agent``; the
-orchestrator's client in ``testbed.deploy.agent_client`` (which maps ``FrameError`` to
-``testbed.errors.ProtocolError``). It imports only numpy and the standard library.
+**Data plane**: a connection starts with a mutual challenge-response, and the token
+itself never crosses the link (``data_handshake_local`` / ``data_handshake_remote``)::
+
+    local -> remote  hello     {nonce_l}
+    remote -> local  challenge {nonce_r, proof = HMAC(token, "remote" | nonce_l | nonce_r)}
+    local -> remote  auth      {proof = HMAC(token, "local" | nonce_l | nonce_r)}
+    remote -> local  welcome   {node, boot_id, timens}
+
+The remote proves first, so the local sends nothing derived from the token to a peer
+that has not shown it knows it; side labels keep one proof from passing for the other.
+
+Anything that does not parse raises ``FrameError``; a server answers with an error
+frame, drops that connection and keeps serving. Deadlines and caps on connections are
+``nodes.serving``'s (the constants they use, ``*_PREAUTH_S`` and ``CONTROL_IDLE_S``, are
+here because the client must know them too).
+
+This module owns framing, bounds, admission, the handshake and the raw codec. Other
+codecs (PNG/JPEG for the k=0 input) live in ``nodes.codecs``; the agent's behaviour
+lives in ``nodes.agent``; the orchestrator's client in ``testbed.deploy.agent_client``
+(which maps ``FrameError`` to ``testbed.errors.ProtocolError``). It imports only numpy
+and the standard library.
 """
 
 from __future__ import annotations
