@@ -270,8 +270,9 @@ class Agent:
         finally:
             if holding:
                 self.lease.drop()
-                log.warning("control: the lease holder %s is gone; exiting in %s s unless "
-                            "a new lease is taken", serving.peer_name(conn), self.lease.grace_s)
+                if self.lease.grace_s is not None and not self.stop.is_set():
+                    log.warning("control: the lease holder is gone; exiting in %g s unless "
+                                "a new lease is taken", self.lease.grace_s)
             conn.close()
 
     def _execute(self, op: str, args: dict[str, Any], payload: bytearray,

@@ -300,13 +300,14 @@ def pack_header(header: Mapping[str, Any], payload_nbytes: int) -> bytes:
     return PREFIX.pack(MAGIC, len(hbytes), payload_nbytes) + hbytes
 
 
-def unpack_prefix(prefix: Buffer, max_payload: int = MAX_PAYLOAD_BYTES) -> tuple[int, int]:
+def unpack_prefix(prefix: Buffer, max_payload: int = MAX_PAYLOAD_BYTES,
+                  max_header: int = MAX_HEADER_BYTES) -> tuple[int, int]:
     """(header length, payload length) from a PREFIX, refusing bad magic and bounds."""
     magic, hlen, plen = PREFIX.unpack(prefix)
     if magic != MAGIC:
         raise FrameError(f"bad magic {bytes(magic)!r}: not a testbed frame")
-    if not 2 <= hlen <= MAX_HEADER_BYTES:
-        raise FrameError(f"header length {hlen} outside 2..{MAX_HEADER_BYTES}")
+    if not 2 <= hlen <= max_header:
+        raise FrameError(f"header length {hlen} outside 2..{max_header}")
     if plen > max_payload:
         raise FrameError(f"payload length {plen} exceeds {max_payload}")
     return hlen, plen
@@ -470,7 +471,8 @@ Admit = Callable[[dict[str, Any], int], None]
 def recv_frame(sock: socket.socket, max_payload: int = MAX_PAYLOAD_BYTES,
                clock: Callable[[], int] | None = None,
                before_payload: Callable[[dict[str, Any]], None] | None = None,
-               kernel_stamps: bool = False, admit: Admit | None = None) -> Frame:
+               kernel_stamps: bool = False, admit: Admit | None = None,
+               max_header: int = MAX_HEADER_BYTES) -> Frame:
     """Read one frame. Raises PeerClosed on EOF before a frame, FrameError on garbage.
 
     ``clock`` (default ``time.monotonic_ns``) stamps the moment the last byte was
@@ -492,7 +494,7 @@ def recv_frame(sock: socket.socket, max_payload: int = MAX_PAYLOAD_BYTES,
         raise PeerClosed("peer closed")
     t_first = clock()
     stamp = recv(sock, pv[first:])
-    hlen, plen = unpack_prefix(prefix, max_payload)
+    hlen, plen = unpack_prefix(prefix, max_payload, max_header)
     hbytes = bytearray(hlen)
     stamp = recv(sock, memoryview(hbytes)) or stamp
     header = parse_header(hbytes)
@@ -533,7 +535,7 @@ def admit_data_frame(header: Mapping[str, Any], plen: int) -> None:
         if declared != plen:
             raise FrameError(f"{kind} frame: descriptors add up to {declared} bytes, "
                              f"payload declares {plen}")
-    elif kind != "part":
+    elif kind not in DATA_PAYLOAD_KINDS:
         no_payload(header, plen)
 
 
@@ -668,6 +670,8 @@ def split_blobs(payload: Buffer, sizes: Any) -> list[memoryview]:
 # --------------------------------------------------------------------------- data-link handshake
 
 NONCE_BYTES = 32
+#: Handshake frames are tiny; a stranger on the data port gets no more header than this.
+HANDSHAKE_HEADER_BYTES = 4096
 _MAC_LABEL = b"splitbed data link v1 "
 
 
@@ -680,7 +684,7 @@ def _proof(token: str, side: bytes, nonce_local: bytes, nonce_remote: bytes) -> 
 def _nonce(header: Mapping[str, Any]) -> bytes:
     text = header.get("nonce")
     if not isinstance(text, str) or len(text) != 2 * NONCE_BYTES:
-        raise FrameError(f"'{header.get('kind')}' needs a {NONCE_BYTES}-byte hex nonce")
+        raise FrameError(f"{shorten(header.get('kind'))} needs a {NONCE_BYTES}-byte hex nonce")
     try:
         return bytes.fromhex(text)
     except ValueError as e:
@@ -689,7 +693,7 @@ def _nonce(header: Mapping[str, Any]) -> bytes:
 
 def _expect(sock: socket.socket, kind: str) -> dict[str, Any]:
     """The next handshake frame; it must be ``kind`` and carry no payload."""
-    header = recv_frame(sock, admit=no_payload).header
+    header = recv_frame(sock, admit=no_payload, max_header=HANDSHAKE_HEADER_BYTES).header
     got = header.get("kind")
     if got == "error":
         raise FrameError(f"peer refused the handshake: {shorten(header.get('error'), 200)}")
@@ -727,7 +731,7 @@ def data_handshake_remote(sock: socket.socket, token: str, welcome: Mapping[str,
     fields). Every handshake frame carries no payload. Raises FrameError on a wrong
     proof or a frame out of turn; the caller answers with an error and closes.
     """
-    hello = recv_frame(sock, admit=no_payload).header
+    hello = recv_frame(sock, admit=no_payload, max_header=HANDSHAKE_HEADER_BYTES).header
     if hello.get("kind") != "hello":
         raise FrameError(f"first data frame must be 'hello', not {shorten(hello.get('kind'))}")
     nonce_local = _nonce(hello)

@@ -461,3 +461,11 @@ def test_reply_result_refuses_lies():
         P.ok_reply({"x": float("nan")})
     with pytest.raises(P.FrameError, match="too large"):
         P.ok_reply(["x" * 100] * 1000, [b"blob"])
+
+
+def test_handshake_frames_have_a_small_header_bound(pair):
+    """A stranger on the data port gets at most 4 KiB of header parsed, not 64 KiB."""
+    a, b = pair
+    a.sendall(_hdr({"kind": "hello", "nonce": "00" * 32, "pad": "x" * 8000}))
+    with pytest.raises(P.FrameError, match="header length"):
+        P.data_handshake_remote(b, "s3cret", {"node": "remote"})
