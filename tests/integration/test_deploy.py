@@ -192,7 +192,9 @@ def test_two_nodes_limits_paths_and_teardown(backend, run_id, request, tmp_path)
         if backend == "docker":
             info = json.loads(subprocess.run(["docker", "inspect", dep.local.details["container"]],
                                              capture_output=True, text=True, check=True).stdout)[0]
-            assert info["HostConfig"]["NanoCpus"] == 500_000_000
+            # a CFS quota over the node's period (docker.py no longer uses NanoCpus)
+            host = info["HostConfig"]
+            assert host["CpuQuota"] / host["CpuPeriod"] == 0.5 and not host["NanoCpus"]
             assert info["HostConfig"]["Memory"] == GiB // 2
             assert info["Config"]["Labels"]["testbed.run"] == run_id
         _assert_locked_down(dep, backend, tmp_path)
