@@ -11,7 +11,9 @@ Exposed on the node's metrics address (control side, never the shaped link):
 
 The registry is passed in (never the global default) so tests build their own and read
 values with ``get_sample_value``. The orchestrator's sweep metrics live in
-``testbed/metrics.py``; this module only covers the agent process.
+``testbed/metrics.py``; this module only covers the agent process. The HTTP listener is
+``nodes.serving.MetricsServer`` (prometheus_client's WSGI app behind a connection cap
+and a per-connection deadline, so an idle or trickling client cannot pin threads).
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
+
+from nodes import serving
+
+#: Scrapers served at once, and how long one connection may take in all.
+METRICS_LIMITS = serving.Limits(max_conns=16, max_preauth=8, preauth_s=10.0)
 
 # 0.5 ms .. 20 s: PoseNet parts run from well under a millisecond (one layer) to
 # seconds (the whole model on one throttled CPU).
@@ -50,7 +57,10 @@ class AgentMetrics:
         self._inference.labels(node=self.node, part=part).observe(seconds)
 
 
-def serve(registry: CollectorRegistry, host: str, port: int) -> Any:
-    """Start the /metrics HTTP server in a daemon thread; returns the server (has .shutdown())."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+def serve(registry: CollectorRegistry, host: str, port: int,
+          limits: serving.Limits = METRICS_LIMITS) -> Any:
+    """Start the /metrics HTTP server in a daemon thread; returns the server (has
+    ``.shutdown()``, ``.server_close()`` and ``.server_port``)."""
+    server = serving.MetricsServer((host, port), make_wsgi_app(registry), limits)
+    serving.start(server)
     return server

@@ -19,6 +19,7 @@ This module owns only the two codecs; framing is in ``nodes.protocol``.
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,13 @@ def _make(fmt: str, channels: tuple[int, ...]) -> Codec:
     def decode(view: memoryview, desc: TensorDesc) -> np.ndarray:
         from PIL import Image
         with Image.open(io.BytesIO(view)) as im:
+            # Open reads the header only: check the pixel count against the
+            # descriptor before decoding, so a few bytes claiming a huge image
+            # (a decompression bomb) are refused, not decoded.
+            pixels = im.size[0] * im.size[1] * len(im.getbands())
+            if pixels != math.prod(desc.shape):
+                raise FrameError(f"{name} image of {im.size[0]}x{im.size[1]}x"
+                                 f"{len(im.getbands())} does not fit {list(desc.shape)}")
             q = np.asarray(im)
         if q.ndim == 2:
             q = q[:, :, None]

@@ -141,28 +141,24 @@ class RemoteState(Protocol):
 # --------------------------------------------------------------------------- remote side
 
 def serve_data_connection(conn: socket.socket, state: RemoteState) -> None:
-    """Serve one data connection until the peer closes it or sends garbage.
+    """Serve one authenticated data connection until the peer closes it or sends garbage.
 
-    The first frame must be ``hello`` with the run token. A frame that does not parse
-    gets an ``error`` frame back and the connection is closed; the agent keeps serving.
+    The caller (``nodes.agent``) has already run the data-link handshake
+    (``protocol.data_handshake_remote``). Every frame is admitted by
+    ``protocol.admit_data_frame`` before its payload is read. A frame that does not
+    parse gets an ``error`` frame back and the connection is closed; the agent keeps
+    serving.
     """
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     stamped = P.enable_kernel_stamps(conn)
-    greeted = False
     model_outputs: set[str] = set()
     cpu_mark = state.cpu.snapshot()  # the window of the next sample starts here
     try:
         while True:
-            frame = P.recv_frame(conn, kernel_stamps=stamped)
+            frame = P.recv_frame(conn, kernel_stamps=stamped, admit=P.admit_data_frame)
             h = frame.header
             kind = h.get("kind")
-            if not greeted:
-                if kind != "hello":
-                    raise P.FrameError("first data frame must be 'hello'")
-                P.check_token(h, state.token)
-                greeted = True
-                P.send_frame(conn, {"kind": "hello", "node": state.name, **clock_identity()})
-            elif kind == "ping":
+            if kind == "ping":
                 P.send_frame(conn, {"kind": "pong", "t": now()})
             elif kind == "begin":
                 mo = h.get("model_outputs") or []
@@ -269,15 +265,19 @@ class LocalLink:
         except OSError as e:
             raise StepError(f"cannot connect to peer data port {host}:{port}: {e}") from e
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:  # mutual proof of the token; the token itself never crosses the link
+            welcome = P.data_handshake_local(self.sock, token)
+        except (P.FrameError, OSError) as e:
+            self.close()
+            raise StepError(f"data link to {host}:{port} refused: {e}") from e
         self.stamped = P.enable_kernel_stamps(self.sock)
-        P.send_frame(self.sock, {"kind": "hello", "token": token, **clock_identity()})
-        reply = self.expect("hello")
-        self.peer_name = reply.header.get("node")
-        self.clock_shared = same_clock(clock_identity(), reply.header)
+        self.peer_name = welcome.get("node")
+        self.clock_shared = same_clock(clock_identity(), welcome)
         self.sock.settimeout(io_timeout)
 
     def expect(self, kind: str) -> P.Frame:
-        frame = P.recv_frame(self.sock, clock=now, kernel_stamps=self.stamped)
+        frame = P.recv_frame(self.sock, clock=now, kernel_stamps=self.stamped,
+                             admit=P.admit_data_frame)
         got = frame.header.get("kind")
         if got == "error":
             raise StepError(f"peer: {frame.header.get('error')}")

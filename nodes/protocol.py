@@ -5,36 +5,71 @@ A frame is ``PREFIX | header | payload``:
 * ``PREFIX`` is fixed-size (``!4sIQ``): a 4-byte magic, the header length and the
   payload length. Both lengths are checked against bounds *before* anything is
   allocated, so a garbage or hostile prefix cannot make a peer allocate gigabytes.
-* ``header`` is UTF-8 JSON, one object, at most ``MAX_HEADER_BYTES``. JSON rather than a
-  binary struct because it is small next to the tensors, self-describing, and leaves room
-  for new fields (codec parameters, timestamps) without a version bump. Never pickle.
+* ``header`` is UTF-8 JSON, one object, at most ``MAX_HEADER_BYTES`` and nested at most
+  ``MAX_HEADER_DEPTH`` deep; NaN/Infinity are refused. JSON rather than a binary struct
+  because it is small next to the tensors, self-describing, and leaves room for new
+  fields (codec parameters, timestamps) without a version bump. Never pickle.
 * ``payload`` is opaque bytes: on the data plane the concatenated tensor buffers, on the
   control plane a part file, an input, one-layer models...
 
+**Admission** — what a frame may carry is decided from its header, before the payload
+is allocated or read (``recv_frame(admit=...)``):
+
+* control requests (``admit_request``): the run token first; then only ``load_part``,
+  ``stage_part`` (a part, up to ``MAX_PAYLOAD_BYTES``), ``set_inputs`` and
+  ``profile_layers`` (exactly the sizes their arguments announce) carry a payload;
+  every other request carries none;
+* data frames (``admit_data_frame``): ``tensors``/``result`` carry exactly what their
+  descriptors add up to, ``part`` a model part; ``hello``, ``challenge``, ``auth``,
+  ``welcome``, ``ping``, ``pong``, ``begin``, ``ready``, ``fetch``, ``error`` carry none.
+
 Tensors travel as descriptors in the header (``name, dtype, shape, codec, nbytes`` plus
-codec ``params``) and their bytes back to back in the payload. ``send_frame`` hands the
-numpy buffers to ``sendmsg`` without copying them; ``recv_frame`` reads the payload with
-``recv_into`` into one buffer and ``decode_tensors`` views it with ``np.frombuffer``, so
-the raw codec is zero-copy on both sides.
+codec ``params``; at most ``MAX_DIMS`` dimensions of at most ``MAX_DIM`` each) and their
+bytes back to back in the payload. ``send_frame`` hands the numpy buffers to ``sendmsg``
+without copying them; ``recv_frame`` reads the payload with ``recv_into`` into one
+buffer and ``decode_tensors`` views it with ``np.frombuffer``, so the raw codec is
+zero-copy on both sides.
 
-Control requests are frames whose header has ``op`` and ``token``; replies have
-``ok`` and either ``result`` or ``error``. ``check_token`` refuses a request without the
-run's token. Anything that does not parse raises ``FrameError``; a server answers with an
-error frame, drops that connection and keeps serving.
+**Control plane**: requests are frames whose header has ``op``, ``token`` and ``args``;
+replies have ``ok`` and either ``result`` or ``error`` (with ``kind``: ``protocol`` for a
+refused frame, ``busy`` for the connection cap, ``node`` for a failed operation). A
+result too large for a header (``run``'s sample rows) travels as JSON in the payload,
+announced by ``result_bytes`` (``ok_reply`` / ``reply_result``). A token is 1..256
+printable ASCII characters (``valid_token``); anything else is a refusal, not a crash.
 
-This module owns framing, bounds and the raw codec. Other codecs (PNG/JPEG for the k=0
-input) live in ``nodes.codecs``; the agent's behaviour lives in ``nodes.agent``; the
-orchestrator's client in ``testbed.deploy.agent_client`` (which maps ``FrameError`` to
-``testbed.errors.ProtocolError``). It imports only numpy and the standard library.
+**Data plane**: a connection starts with a mutual challenge-response, and the token
+itself never crosses the link (``data_handshake_local`` / ``data_handshake_remote``)::
+
+    local -> remote  hello     {nonce_l}
+    remote -> local  challenge {nonce_r, proof = HMAC(token, "remote" | nonce_l | nonce_r)}
+    local -> remote  auth      {proof = HMAC(token, "local" | nonce_l | nonce_r)}
+    remote -> local  welcome   {node, boot_id, timens}
+
+The remote proves first, so the local sends nothing derived from the token to a peer
+that has not shown it knows it; side labels keep one proof from passing for the other.
+
+Anything that does not parse raises ``FrameError``; a server answers with an error
+frame, drops that connection and keeps serving. Deadlines and caps on connections are
+``nodes.serving``'s (the constants they use, ``*_PREAUTH_S`` and ``CONTROL_IDLE_S``, are
+here because the client must know them too).
+
+This module owns framing, bounds, admission, the handshake and the raw codec. Other
+codecs (PNG/JPEG for the k=0 input) live in ``nodes.codecs``; the agent's behaviour
+lives in ``nodes.agent``; the orchestrator's client in ``testbed.deploy.agent_client``
+(which maps ``FrameError`` to ``testbed.errors.ProtocolError``). It imports only numpy
+and the standard library.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import math
+import secrets
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -49,6 +84,31 @@ MAX_PAYLOAD_BYTES = 512 * 1024 * 1024
 MAX_TENSORS = 256
 MAX_NAME_CHARS = 512
 MAX_DIMS = 8
+#: Largest single dimension: TFLite and numpy index with signed 32/64-bit ints; a
+#: bigger one is garbage even when another dimension is 0 and the product looks small.
+MAX_DIM = 2**31 - 1
+#: Deepest nesting of arrays/objects a header may have. Real headers nest about 5 deep
+#: (set_inputs: args.sets[].tensors[].shape); json.loads would recurse ~1000 deep and
+#: raise RecursionError, so a deep header is refused with FrameError instead.
+MAX_HEADER_DEPTH = 32
+#: The run token: printable ASCII without spaces. Checked as such before it is encoded,
+#: so a lone surrogate in a header (legal JSON, not encodable) is a refusal, not a crash.
+MAX_TOKEN_CHARS = 256
+#: From accept until the first request is authenticated (control) or the data-link
+#: handshake is done (data): a peer that is slower than this is cut off, however it
+#: trickles its bytes in (the deadline is total, not per read). The data link's is
+#: longer because its handshake takes two round trips over the shaped link.
+CONTROL_PREAUTH_S = 10.0
+DATA_PREAUTH_S = 30.0
+#: An authenticated control connection waiting this long for its next request (or
+#: stalling this long mid-frame) is closed; ``AgentClient`` reconnects before it
+#: would hit this. The orchestrator's lease connection is exempt.
+CONTROL_IDLE_S = 300.0
+#: Control operations that may carry a payload; every other request carries none.
+PAYLOAD_OPS = frozenset({"load_part", "stage_part", "set_inputs", "profile_layers"})
+#: Data frames that may carry a payload: tensors/result (exactly their descriptors'
+#: byte counts) and part (a model part, up to MAX_PAYLOAD_BYTES).
+DATA_PAYLOAD_KINDS = frozenset({"tensors", "result", "part"})
 #: Tensor dtypes the data plane carries (numpy names, as TFLite parts produce them).
 DTYPES = frozenset({"float32", "float16", "float64", "int8", "uint8", "int16", "uint16",
                     "int32", "uint32", "int64", "uint64", "bool"})
@@ -101,9 +161,10 @@ class TensorDesc:
         if dtype not in DTYPES:
             raise FrameError(f"tensor {name!r}: unsupported dtype {dtype!r}")
         if (not isinstance(shape, list) or len(shape) > MAX_DIMS
-                or not all(_is_int(d) and d >= 0 for d in shape)):
-            raise FrameError(f"tensor {name!r}: shape must be at most {MAX_DIMS} non-negative ints")
-        if not isinstance(codec, str) or not codec:
+                or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape)):
+            raise FrameError(f"tensor {name!r}: shape must be at most {MAX_DIMS} ints "
+                             f"in 0..{MAX_DIM}")
+        if not isinstance(codec, str) or not codec or len(codec) > MAX_NAME_CHARS:
             raise FrameError(f"tensor {name!r}: codec missing")
         if not _is_int(nbytes) or not 0 <= nbytes <= MAX_PAYLOAD_BYTES:
             raise FrameError(f"tensor {name!r}: bad byte count {nbytes!r}")
@@ -239,27 +300,62 @@ def pack_header(header: Mapping[str, Any], payload_nbytes: int) -> bytes:
     return PREFIX.pack(MAGIC, len(hbytes), payload_nbytes) + hbytes
 
 
-def unpack_prefix(prefix: Buffer, max_payload: int = MAX_PAYLOAD_BYTES) -> tuple[int, int]:
+def unpack_prefix(prefix: Buffer, max_payload: int = MAX_PAYLOAD_BYTES,
+                  max_header: int = MAX_HEADER_BYTES) -> tuple[int, int]:
     """(header length, payload length) from a PREFIX, refusing bad magic and bounds."""
     magic, hlen, plen = PREFIX.unpack(prefix)
     if magic != MAGIC:
         raise FrameError(f"bad magic {bytes(magic)!r}: not a testbed frame")
-    if not 2 <= hlen <= MAX_HEADER_BYTES:
-        raise FrameError(f"header length {hlen} outside 2..{MAX_HEADER_BYTES}")
+    if not 2 <= hlen <= max_header:
+        raise FrameError(f"header length {hlen} outside 2..{max_header}")
     if plen > max_payload:
         raise FrameError(f"payload length {plen} exceeds {max_payload}")
     return hlen, plen
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # json.loads would accept NaN/Infinity
+
+
 def parse_header(hbytes: Buffer) -> dict[str, Any]:
-    """Decode the JSON header; it must be an object."""
-    try:
-        header = json.loads(bytes(hbytes).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise FrameError(f"header is not JSON: {e}") from e
+    """Decode the JSON header; it must be an object nested at most MAX_HEADER_DEPTH deep.
+
+    Every way the bytes can be wrong is a FrameError: bad UTF-8, bad JSON, NaN or
+    Infinity (which Python's json accepts and the standard does not), and nesting
+    deep enough to exhaust the parser's recursion (RecursionError).
+    """
+    header = parse_json(hbytes, "header")
     if not isinstance(header, dict):
         raise FrameError("header is not a JSON object")
     return header
+
+
+def parse_json(data: Buffer, what: str = "header") -> Any:
+    """Strict, bounded-depth JSON (see ``parse_header``); FrameError on anything else."""
+    try:
+        value = json.loads(bytes(data).decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FrameError(f"{what} is not JSON: {e}") from e
+    except RecursionError as e:
+        raise FrameError(f"{what} nests deeper than {MAX_HEADER_DEPTH} levels") from e
+    if _depth(value) > MAX_HEADER_DEPTH:
+        raise FrameError(f"{what} nests deeper than {MAX_HEADER_DEPTH} levels")
+    return value
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of parsed JSON, iteratively (no recursion to exhaust)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, dict):
+            node = node.values()
+        elif not isinstance(node, list):
+            continue
+        deepest = max(deepest, d)
+        if d <= MAX_HEADER_DEPTH:  # deeper is refused anyway: stop walking
+            stack.extend((child, d + 1) for child in node)
+    return deepest
 
 
 def send_frame(sock: socket.socket, header: Mapping[str, Any],
@@ -369,20 +465,26 @@ class Frame:
         return self.t_kernel_ns if self.t_kernel_ns is not None else self.t_last_ns
 
 
+Admit = Callable[[dict[str, Any], int], None]
+
+
 def recv_frame(sock: socket.socket, max_payload: int = MAX_PAYLOAD_BYTES,
                clock: Callable[[], int] | None = None,
                before_payload: Callable[[dict[str, Any]], None] | None = None,
-               kernel_stamps: bool = False) -> Frame:
+               kernel_stamps: bool = False, admit: Admit | None = None,
+               max_header: int = MAX_HEADER_BYTES) -> Frame:
     """Read one frame. Raises PeerClosed on EOF before a frame, FrameError on garbage.
 
     ``clock`` (default ``time.monotonic_ns``) stamps the moment the last byte was
     received — the uplink/downlink end point of the measurement contract.
-    ``before_payload(header)`` runs before the payload is allocated and read, so a
-    control server refuses a request without the token without buffering its payload.
+    ``admit(header, payload_length)`` (and the older ``before_payload(header)``) run
+    after the header and before the payload is allocated and read: that is where a
+    server checks the token and what this kind of frame may carry
+    (``admit_request``, ``admit_data_frame``, ``no_payload``), so a refused frame
+    costs at most its header, never its declared payload.
     ``kernel_stamps`` (socket prepared with ``enable_kernel_stamps``) also records
     the kernel's receive time of the last segment (``Frame.t_kernel_ns``).
     """
-    import time
     clock = clock or time.monotonic_ns
     recv = recv_exact_stamped if kernel_stamps else recv_exact_into
     prefix = bytearray(PREFIX.size)
@@ -392,12 +494,14 @@ def recv_frame(sock: socket.socket, max_payload: int = MAX_PAYLOAD_BYTES,
         raise PeerClosed("peer closed")
     t_first = clock()
     stamp = recv(sock, pv[first:])
-    hlen, plen = unpack_prefix(prefix, max_payload)
+    hlen, plen = unpack_prefix(prefix, max_payload, max_header)
     hbytes = bytearray(hlen)
     stamp = recv(sock, memoryview(hbytes)) or stamp
     header = parse_header(hbytes)
     if before_payload is not None:
         before_payload(header)
+    if admit is not None:
+        admit(header, plen)
     payload = bytearray(plen)
     stamp = recv(sock, memoryview(payload)) or stamp
     t_last = clock()
@@ -410,6 +514,38 @@ def recv_frame(sock: socket.socket, max_payload: int = MAX_PAYLOAD_BYTES,
     return Frame(header, payload, t_first, t_last, PREFIX.size + hlen + plen, t_kernel)
 
 
+def no_payload(header: Mapping[str, Any], plen: int) -> None:
+    """Admit rule of frames that never carry a payload (hello, ping, begin, fetch...)."""
+    if plen:
+        kind = header.get("kind", header.get("op"))
+        raise FrameError(f"a {shorten(kind)} frame carries no payload, "
+                         f"this one declares {plen} bytes")
+
+
+def admit_data_frame(header: Mapping[str, Any], plen: int) -> None:
+    """Admit rule of frames on an authenticated data link, both directions.
+
+    ``tensors``/``result`` carry exactly what their descriptors add up to (checked
+    here, before the payload is allocated); ``part`` carries a model part; every
+    other kind carries nothing.
+    """
+    kind = header.get("kind")
+    if kind in ("tensors", "result"):
+        declared = sum(d.nbytes for d in parse_descs(header.get("tensors")))
+        if declared != plen:
+            raise FrameError(f"{kind} frame: descriptors add up to {declared} bytes, "
+                             f"payload declares {plen}")
+    elif kind not in DATA_PAYLOAD_KINDS:
+        no_payload(header, plen)
+
+
+def shorten(value: Any, limit: int = 40) -> str:
+    """A bounded repr of a peer-supplied value for error messages (repr escapes
+    surrogates and control characters, so the message always encodes)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 # --------------------------------------------------------------------------- control plane
 
 def request_header(op: str, token: str, **args: Any) -> dict[str, Any]:
@@ -417,10 +553,21 @@ def request_header(op: str, token: str, **args: Any) -> dict[str, Any]:
     return {"op": op, "token": token, "args": args}
 
 
+def valid_token(token: Any) -> bool:
+    """A usable run token: 1..MAX_TOKEN_CHARS printable ASCII characters, no spaces."""
+    return (isinstance(token, str) and 0 < len(token) <= MAX_TOKEN_CHARS
+            and token.isascii() and token.isprintable() and " " not in token)
+
+
 def check_token(header: Mapping[str, Any], token: str) -> None:
-    """Refuse a request whose token is missing or wrong (constant-time compare)."""
+    """Refuse a request whose token is missing or wrong (constant-time compare).
+
+    The given token is checked to be a plausible token *before* it is encoded: a
+    lone surrogate (``"\\ud800"`` is legal JSON) would otherwise raise
+    UnicodeEncodeError instead of a refusal.
+    """
     given = header.get("token")
-    if not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode()):
+    if not valid_token(given) or not hmac.compare_digest(given.encode(), token.encode()):
         raise FrameError("request refused: missing or wrong run token")
 
 
@@ -433,8 +580,73 @@ def parse_request(header: Mapping[str, Any], token: str) -> tuple[str, dict[str,
     return op, args
 
 
+def admit_request(token: str) -> Admit:
+    """Admit rule of control requests: the token first, then what the op may carry.
+
+    Only ``PAYLOAD_OPS`` carry a payload; ``set_inputs`` and ``profile_layers``
+    announce its exact size in their arguments (``sets[].payload_bytes``, ``sizes``),
+    which must add up to the declared length. All of this happens before the payload
+    is allocated, so neither a stranger nor a confused client makes the agent buffer
+    bytes it would refuse anyway.
+    """
+    def admit(header: dict[str, Any], plen: int) -> None:
+        op, args = parse_request(header, token)
+        if op not in PAYLOAD_OPS:
+            no_payload(header, plen)
+            return
+        announced = _announced_payload(op, args)
+        if announced is not None and announced != plen:
+            raise FrameError(f"{op}: arguments announce {announced} payload bytes, "
+                             f"frame declares {plen}")
+    return admit
+
+
+def _announced_payload(op: str, args: Mapping[str, Any]) -> int | None:
+    if op == "profile_layers":
+        sizes = args.get("sizes")
+    elif op == "set_inputs":
+        sets = args.get("sets")
+        sizes = ([s.get("payload_bytes") if isinstance(s, dict) else None for s in sets]
+                 if isinstance(sets, list) else None)
+    else:
+        return None  # load_part / stage_part: a part, up to MAX_PAYLOAD_BYTES
+    if not isinstance(sizes, list) or not all(_is_int(n) and n >= 0 for n in sizes):
+        raise FrameError(f"{op}: payload sizes must be a list of non-negative ints")
+    return sum(sizes)
+
+
 def ok_header(result: Any = None) -> dict[str, Any]:
     return {"ok": True, "result": result}
+
+
+#: A result whose JSON is larger than this travels in the payload (``ok_reply``).
+INLINE_RESULT_BYTES = MAX_HEADER_BYTES // 2
+
+
+def ok_reply(result: Any, buffers: Sequence[Buffer] = ()) -> tuple[dict[str, Any], list[Buffer]]:
+    """Header and payload of a successful reply.
+
+    A result too large for a header (2,000 sample rows of ``run`` are ~1 MB of JSON)
+    travels as JSON in the payload instead, announced by ``result_bytes``; a reply
+    that already carries buffers must keep its result small. Raises ValueError or
+    TypeError when the result is not JSON (NaN included), FrameError when too large.
+    """
+    text = json.dumps(result, separators=(",", ":"), allow_nan=False).encode()
+    if len(text) <= INLINE_RESULT_BYTES:
+        return ok_header(result), list(buffers)
+    if buffers or len(text) > MAX_PAYLOAD_BYTES:
+        raise FrameError(f"reply of {len(text)} bytes of JSON is too large")
+    return {"ok": True, "result_bytes": len(text)}, [text]
+
+
+def reply_result(frame: Frame) -> tuple[Any, bytearray]:
+    """(result, payload) of an ok reply, wherever the result travelled (``ok_reply``)."""
+    n = frame.header.get("result_bytes")
+    if n is None:
+        return frame.header.get("result"), frame.payload
+    if not _is_int(n) or n != len(frame.payload):
+        raise FrameError(f"reply announces {shorten(n)} result bytes, carries {len(frame.payload)}")
+    return parse_json(frame.payload, "result"), bytearray()
 
 
 def error_header(message: str, kind: str = "node") -> dict[str, Any]:
@@ -453,3 +665,83 @@ def split_blobs(payload: Buffer, sizes: Any) -> list[memoryview]:
         out.append(view[off:off + s])
         off += s
     return out
+
+
+# --------------------------------------------------------------------------- data-link handshake
+
+NONCE_BYTES = 32
+#: Handshake frames are tiny; a stranger on the data port gets no more header than this.
+HANDSHAKE_HEADER_BYTES = 4096
+_MAC_LABEL = b"splitbed data link v1 "
+
+
+def _proof(token: str, side: bytes, nonce_local: bytes, nonce_remote: bytes) -> str:
+    # The side label keeps one side's proof from being replayed as the other's.
+    msg = _MAC_LABEL + side + b" " + nonce_local + nonce_remote
+    return hmac.new(token.encode(), msg, hashlib.sha256).hexdigest()
+
+
+def _nonce(header: Mapping[str, Any]) -> bytes:
+    text = header.get("nonce")
+    if not isinstance(text, str) or len(text) != 2 * NONCE_BYTES:
+        raise FrameError(f"{shorten(header.get('kind'))} needs a {NONCE_BYTES}-byte hex nonce")
+    try:
+        return bytes.fromhex(text)
+    except ValueError as e:
+        raise FrameError(f"nonce is not hex: {e}") from e
+
+
+def _expect(sock: socket.socket, kind: str) -> dict[str, Any]:
+    """The next handshake frame; it must be ``kind`` and carry no payload."""
+    header = recv_frame(sock, admit=no_payload, max_header=HANDSHAKE_HEADER_BYTES).header
+    got = header.get("kind")
+    if got == "error":
+        raise FrameError(f"peer refused the handshake: {shorten(header.get('error'), 200)}")
+    if got != kind:
+        raise FrameError(f"data-link handshake: expected {kind!r}, got {shorten(got)}")
+    return header
+
+
+def data_handshake_local(sock: socket.socket, token: str) -> dict[str, Any]:
+    """The local (connecting) side of the data-link handshake; returns the remote's
+    ``welcome`` header (its node name and clock identity).
+
+    The token itself never crosses the link: each side proves it knows it with an
+    HMAC over both sides' fresh nonces. The remote proves first, so nothing derived
+    from the token goes to a peer that has not shown it knows it. Raises FrameError
+    when the peer does not prove it, or breaks the exchange.
+    """
+    nonce_local = secrets.token_bytes(NONCE_BYTES)
+    send_frame(sock, {"kind": "hello", "nonce": nonce_local.hex()})
+    challenge = _expect(sock, "challenge")
+    nonce_remote = _nonce(challenge)
+    proof = challenge.get("proof")
+    if not isinstance(proof, str) or not hmac.compare_digest(
+            proof.encode("ascii", "replace"),
+            _proof(token, b"remote", nonce_local, nonce_remote).encode()):
+        raise FrameError("the peer did not prove it knows the run token; "
+                         "nothing was sent to it")
+    send_frame(sock, {"kind": "auth", "proof": _proof(token, b"local", nonce_local, nonce_remote)})
+    return _expect(sock, "welcome")
+
+
+def data_handshake_remote(sock: socket.socket, token: str, welcome: Mapping[str, Any]) -> None:
+    """The remote (accepting) side: answers ``hello`` with a challenge carrying its
+    own proof, checks the local's proof, then sends ``welcome`` (with ``welcome``'s
+    fields). Every handshake frame carries no payload. Raises FrameError on a wrong
+    proof or a frame out of turn; the caller answers with an error and closes.
+    """
+    hello = recv_frame(sock, admit=no_payload, max_header=HANDSHAKE_HEADER_BYTES).header
+    if hello.get("kind") != "hello":
+        raise FrameError(f"first data frame must be 'hello', not {shorten(hello.get('kind'))}")
+    nonce_local = _nonce(hello)
+    nonce_remote = secrets.token_bytes(NONCE_BYTES)
+    send_frame(sock, {"kind": "challenge", "nonce": nonce_remote.hex(),
+                      "proof": _proof(token, b"remote", nonce_local, nonce_remote)})
+    auth = _expect(sock, "auth")
+    proof = auth.get("proof")
+    if not isinstance(proof, str) or not hmac.compare_digest(
+            proof.encode("ascii", "replace"),
+            _proof(token, b"local", nonce_local, nonce_remote).encode()):
+        raise FrameError("data link refused: the peer did not prove it knows the run token")
+    send_frame(sock, {**welcome, "kind": "welcome"})

@@ -12,6 +12,13 @@ Signals: the sweep installs its own SIGINT/SIGTERM handlers. If nobody has
 ``deploy`` makes SIGTERM raise KeyboardInterrupt for its duration and restores the
 previous handler afterwards — unless someone replaced it meanwhile.
 
+Agents outlive nothing: with the real agent, ``deploy`` takes each node's lease
+(``agent_client.Lease``) as soon as it answers ``health`` and holds it until
+teardown; an agent whose lease holder is gone for ``lease_s`` seconds exits
+(``nodes.lease``), so after a SIGKILLed orchestrator the agents stop by themselves
+and only inert state (namespaces, veths, cgroups; stopped containers, networks) waits
+for ``cleanup``.
+
 ``cleanup(run_id=None)`` removes what a killed run left (all runs when None).
 Backends: ``testbed.deploy.docker`` and ``testbed.deploy.netns``. The link
 shaper's qdiscs live on the nodes' interfaces and go with them; teardown drops
@@ -38,6 +45,10 @@ __all__ = ["BACKENDS", "Deployment", "Node", "NodeSpec", "choose_backend", "clea
 log = logging.getLogger("testbed.deploy")
 
 BACKENDS = ("auto", "docker", "netns")
+#: Seconds an agent keeps running once nobody holds its lease (also the time from its
+#: start to the first lease). Long enough for a slow start of the other node, short
+#: enough that agents of a killed orchestrator are gone before anyone looks.
+LEASE_S = 15.0
 
 
 @dataclass
@@ -51,6 +62,7 @@ class Deployment:
     local: Node
     remote: Node
     health: dict[str, Any] = field(default_factory=dict)
+    leases: list[Any] = field(default_factory=list, repr=False)
 
     @property
     def nodes(self) -> list[Node]:
@@ -186,7 +198,7 @@ def _agent_client_available() -> bool:
 def deploy(run_id: str, local: NodeSpec, remote: NodeSpec, backend: str = "auto",
            token: str | None = None, *, image: str | None = None,
            agent_argv: Sequence[str] | None = None, ready_timeout_s: float = 90.0,
-           health: bool | None = None) -> Iterator[Deployment]:
+           health: bool | None = None, lease_s: float | None = LEASE_S) -> Iterator[Deployment]:
     """Start the local and remote nodes; tear them down on exit, whatever happens.
 
     Args:
@@ -202,6 +214,9 @@ def deploy(run_id: str, local: NodeSpec, remote: NodeSpec, backend: str = "auto"
             accepting connections, without it a ``health`` request.
         ready_timeout_s: per node, until its agent answers.
         health: force / skip the health probe (default: when the real agent is used).
+        lease_s: agents exit when no lease has been held for this long (see the module
+            docstring); only with the health probe (a stand-in program holds no lease).
+            None: agents run until teardown removes them.
 
     Raises:
         NodeError: a node could not be started (after tearing down what exists).
@@ -214,6 +229,8 @@ def deploy(run_id: str, local: NodeSpec, remote: NodeSpec, backend: str = "auto"
     specs = {"local": local, "remote": remote}
     if health is None:
         health = agent_argv is None and _agent_client_available()
+    lease_s = lease_s if health else None
+    leases: list[Any] = []
     with _sigterm_as_interrupt():
         try:
             if chosen == "docker":
@@ -222,22 +239,39 @@ def deploy(run_id: str, local: NodeSpec, remote: NodeSpec, backend: str = "auto"
 
                 image = image or ensure_node_image()
                 # Use the program as entrypoint, keeping the agent's arguments.
-                nodes, checks = dk.start(run_id, specs, token, image=image, entrypoint=agent_argv)
+                nodes, checks = dk.start(run_id, specs, token, image=image, entrypoint=agent_argv,
+                                         lease_s=lease_s)
             else:
                 from testbed.deploy import netns as ns
 
-                nodes, checks = ns.start(run_id, specs, token, agent_argv=agent_argv)
-            from testbed.deploy.ready import wait_ready
-
-            answers = {r: wait_ready(nodes[r], token, checks[r], timeout_s=ready_timeout_s,
-                                     health=health) for r in ROLES}
+                nodes, checks = ns.start(run_id, specs, token, agent_argv=agent_argv,
+                                         lease_s=lease_s)
+            answers = {r: _ready_and_leased(nodes[r], token, checks[r], ready_timeout_s,
+                                            health, lease_s, leases) for r in ROLES}
             yield Deployment(run_id=run_id, backend=chosen, reason=reason, token=token,
                              local=nodes["local"], remote=nodes["remote"],
-                             health={r: a for r, a in answers.items() if a is not None})
+                             health={r: a for r, a in answers.items() if a is not None},
+                             leases=leases)
         finally:
+            for lease in leases:
+                lease.close()
             with _signals_deferred():
                 removed = _teardown(run_id, chosen)
             log.info("teardown %s: removed %d objects", run_id, len(removed))
+
+
+def _ready_and_leased(node: Node, token: str, check: Any, timeout_s: float, health: bool,
+                      lease_s: float | None, leases: list[Any]) -> dict | None:
+    """Wait for one node, then take its lease at once: its grace runs from its start,
+    so it must not wait for the other node to come up too."""
+    from testbed.deploy.ready import wait_ready
+
+    answer = wait_ready(node, token, check, timeout_s=timeout_s, health=health)
+    if lease_s is not None:
+        from testbed.deploy.agent_client import Lease
+
+        leases.append(Lease(node.control_host, node.control_port, token, node.name))
+    return answer
 
 
 def cleanup(run_id: str | None = None) -> list[str]:

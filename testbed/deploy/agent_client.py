@@ -3,10 +3,18 @@
 One TCP connection to the agent's control address (never the shaped link), one request
 frame per call (``nodes.protocol``), each carrying the run token. Errors come back as:
 
-* ``ProtocolError`` — the agent refused the frame (bad token, garbage) or answered
-  something that does not parse;
-* ``NodeError(node=...)`` — the agent is unreachable, timed out, closed the connection,
-  or the operation failed on the node (the node's message is in the error).
+* ``ProtocolError`` — the agent refused the frame (bad token, garbage), answered
+  something that does not parse or does not have the expected shape, or the request
+  itself cannot be encoded (e.g. a token that is not printable ASCII);
+* ``NodeError(node=...)`` — the agent is unreachable, busy (connection cap), timed
+  out, closed the connection, or the operation failed on the node (the node's
+  message is in the error).
+
+Nothing else escapes: every failure of the socket or the framing is one of the two.
+The agent closes a control connection idle for ``protocol.CONTROL_IDLE_S``; the client
+reconnects before reusing a connection idle for half that, or one the agent closed.
+``Lease`` holds an agent's lease (``nodes.lease``): the agent exits when the process
+holding it is gone.
 
 Per-sample dicts returned by ``run`` carry the measurement contract's timings in
 seconds — ``head_s, encode_s, uplink_s, remote_decode_s, tail_s, remote_encode_s,
@@ -21,8 +29,10 @@ This module owns the client side only; the agent is ``nodes.agent``.
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
+import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -50,10 +60,17 @@ class AgentClient:
         self.node_name = node_name or f"{host}:{port}"
         self.timeout = timeout
         self._sock: socket.socket | None = None
+        self._last_used = 0.0
         self._lock = threading.Lock()
+        if not P.valid_token(token):
+            # Refused here rather than sent: the agent would refuse it anyway.
+            raise ProtocolError(f"node {self.node_name}: the run token must be 1..."
+                                f"{P.MAX_TOKEN_CHARS} printable ASCII characters without spaces")
 
     # ----------------------------------------------------------------- plumbing
     def _connect(self) -> socket.socket:
+        if self._sock is not None and self._stale(self._sock):
+            self._drop()
         if self._sock is None:
             try:
                 self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
@@ -62,6 +79,18 @@ class AgentClient:
                                 node=self.node_name) from e
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return self._sock
+
+    def _stale(self, sock: socket.socket) -> bool:
+        """True when the cached connection should not be reused: idle long enough that
+        the agent may close it any moment, or already closed (or reset) by the agent.
+        Between requests nothing is due from the agent, so anything readable means EOF."""
+        if time.monotonic() - self._last_used > P.CONTROL_IDLE_S / 2:
+            return True
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable)
+        except (OSError, ValueError):
+            return True
 
     def _drop(self) -> None:
         if self._sock is not None:
@@ -75,32 +104,68 @@ class AgentClient:
              **args: Any) -> tuple[Any, bytearray]:
         """One request/reply; returns (result, reply payload). Raises NodeError/ProtocolError."""
         with self._lock:
-            sock = self._connect()
-            sock.settimeout(timeout if timeout is not None else self.timeout)
-            try:
-                P.send_frame(sock, P.request_header(op, self.token, **args), buffers)
-                frame = P.recv_frame(sock)
-            except P.PeerClosed as e:
-                self._drop()
-                raise NodeError(f"{op}: agent closed the control connection", node=self.node_name) from e
-            except P.FrameError as e:
-                self._drop()
-                raise ProtocolError(f"node {self.node_name}: {op}: unreadable reply: {e}") from e
-            except socket.timeout as e:
-                self._drop()  # a late reply would desynchronise the connection
-                raise NodeError(f"{op}: no reply within {sock.gettimeout()} s",
-                                node=self.node_name) from e
-            except OSError as e:
-                self._drop()
-                raise NodeError(f"{op}: {e}", node=self.node_name) from e
+            frame = self._exchange(op, buffers, timeout, args)
         h = frame.header
         if h.get("ok") is True:
-            return h.get("result"), frame.payload
+            try:
+                return P.reply_result(frame)  # the result may travel in the payload
+            except P.FrameError as e:
+                raise ProtocolError(f"node {self.node_name}: {op}: {e}") from e
         message = str(h.get("error", "unspecified error"))
         if h.get("kind") == "protocol":
-            self._drop()  # the agent closes the connection after a refusal
             raise ProtocolError(f"node {self.node_name}: {message}")
         raise NodeError(message, node=self.node_name)
+
+    def _exchange(self, op: str, buffers: Sequence[Any], timeout: float | None,
+                  args: Mapping[str, Any]) -> P.Frame:
+        """Send one request, read one reply (under the lock); maps every failure."""
+        wait = timeout if timeout is not None else self.timeout
+        if wait is not None and not (isinstance(wait, (int, float)) and wait > 0):
+            raise ProtocolError(f"node {self.node_name}: {op}: reply timeout must be > 0 s "
+                                f"or None, got {wait!r}")
+        sock = self._connect()
+        sock.settimeout(wait)
+        try:
+            try:
+                P.send_frame(sock, P.request_header(op, self.token, **args), buffers)
+            except OSError:
+                # The agent may have refused the request before its payload and closed:
+                # its reason is worth more than "broken pipe".
+                refusal = self._read_refusal(sock)
+                if refusal is None:
+                    raise
+                frame = refusal
+            else:
+                frame = P.recv_frame(sock)
+        except P.PeerClosed as e:
+            self._drop()
+            raise NodeError(f"{op}: agent closed the control connection", node=self.node_name) from e
+        except P.FrameError as e:
+            self._drop()
+            raise ProtocolError(f"node {self.node_name}: {op}: {e}") from e
+        except socket.timeout as e:
+            self._drop()  # a late reply would desynchronise the connection
+            raise NodeError(f"{op}: no reply within {sock.gettimeout()} s",
+                            node=self.node_name) from e
+        except OSError as e:
+            self._drop()
+            raise NodeError(f"{op}: {e}", node=self.node_name) from e
+        except (TypeError, ValueError) as e:  # buffers that are not bytes-like
+            self._drop()
+            raise ProtocolError(f"node {self.node_name}: {op}: cannot encode request: {e}") from e
+        self._last_used = time.monotonic()
+        if frame.header.get("ok") is not True and frame.header.get("kind") != "node":
+            self._drop()  # after a refusal the agent closes the connection; start afresh
+        return frame
+
+    @staticmethod
+    def _read_refusal(sock: socket.socket) -> P.Frame | None:
+        try:
+            sock.settimeout(1.0)
+            frame = P.recv_frame(sock)
+        except (P.FrameError, OSError):
+            return None
+        return frame if frame.header.get("ok") is False else None
 
     def close(self) -> None:
         with self._lock:
@@ -113,35 +178,51 @@ class AgentClient:
         self.close()
 
     # ----------------------------------------------------------------- operations
+    def _field(self, result: Any, key: str, op: str, kind: type) -> Any:
+        """``result[key]`` when the reply has that shape, else ProtocolError."""
+        value = result.get(key) if isinstance(result, dict) else None
+        if not isinstance(value, kind):
+            raise ProtocolError(f"node {self.node_name}: {op}: reply lacks {key!r} "
+                                f"({kind.__name__})")
+        return value
+
+    def _object(self, op: str, timeout: float | None = None, buffers: Sequence[Any] = (),
+                **args: Any) -> dict[str, Any]:
+        """A call whose result must be a JSON object."""
+        result = self.call(op, buffers, timeout=timeout, **args)[0]
+        if not isinstance(result, dict):
+            raise ProtocolError(f"node {self.node_name}: {op}: reply is not an object")
+        return result
+
     def health(self, timeout: float | None = None) -> dict[str, Any]:
         """Name, pid, uptime, loaded parts (role -> sha256, bytes, inputs, outputs), peer."""
-        return self.call("health", timeout=timeout)[0]
+        return self._object("health", timeout=timeout)
 
     def load_part(self, role: str, data: bytes | None, sha256: str | None = None,
                   threads: int | None = None, timeout: float | None = None) -> dict[str, Any]:
         """Load ``data`` as the ``head``/``tail``/``full`` part; the agent refuses a
         sha256 mismatch. ``data=None`` unloads the role (k = 0 has no head, k = N no tail)."""
         if data is None:
-            return self.call("load_part", role=role, present=False, timeout=timeout)[0]
-        return self.call("load_part", [data], timeout=timeout, role=role, sha256=sha256,
-                         threads=threads)[0]
+            return self._object("load_part", timeout, role=role, present=False)
+        return self._object("load_part", timeout, [data], role=role, sha256=sha256,
+                            threads=threads)
 
     def connect_peer(self, host: str, port: int, timeout: float | None = None) -> dict[str, Any]:
         """Open this (local) agent's data connection to the remote's data address.
         Returns {"peer": name, "clock_shared": bool}."""
-        return self.call("connect_peer", host=host, port=int(port), timeout=timeout)[0]
+        return self._object("connect_peer", timeout, host=host, port=int(port))
 
     def stage_part(self, data: bytes, sha256: str, timeout: float | None = None) -> dict[str, Any]:
         """Hand the (remote) agent a part to deliver to its peer later."""
-        return self.call("stage_part", [data], sha256=sha256, timeout=timeout)[0]
+        return self._object("stage_part", timeout, [data], sha256=sha256)
 
     def fetch_part(self, sha256: str, role: str = "head", threads: int | None = None,
                    clock_shared: bool | None = None, timeout: float | None = 600.0,
                    ) -> dict[str, Any]:
         """(Local) pull a staged part from the peer over the shaped downlink and load it.
         Returns {"delivery_s", "bytes", "wire_bytes", "load_s", "request_to_loaded_s", "clock"}."""
-        return self.call("fetch_part", sha256=sha256, role=role, threads=threads,
-                         clock_shared=clock_shared, timeout=timeout)[0]
+        return self._object("fetch_part", timeout, sha256=sha256, role=role, threads=threads,
+                            clock_shared=clock_shared)
 
     def deliver_part(self, to_peer: "AgentClient", data: bytes, sha256: str, role: str = "head",
                      threads: int | None = None, clock_shared: bool | None = None,
@@ -159,12 +240,16 @@ class AgentClient:
         Pre-processing happens before this, so it is not timed."""
         sets = [inputs] if isinstance(inputs, Mapping) else list(inputs)
         meta, buffers = [], []
-        for s in sets:
-            descs, bufs, _ = P.encode_tensors({n: np.asarray(a) for n, a in s.items()},
-                                              P.codec_registry())
-            meta.append({"tensors": descs, "payload_bytes": sum(d["nbytes"] for d in descs)})
-            buffers.extend(bufs)
-        return self.call("set_inputs", buffers, sets=meta, timeout=timeout)[0]
+        try:
+            for s in sets:
+                descs, bufs, _ = P.encode_tensors({n: np.asarray(a) for n, a in s.items()},
+                                                  P.codec_registry())
+                meta.append({"tensors": descs,
+                             "payload_bytes": sum(d["nbytes"] for d in descs)})
+                buffers.extend(bufs)
+        except P.FrameError as e:
+            raise ProtocolError(f"node {self.node_name}: set_inputs: {e}") from e
+        return self._object("set_inputs", timeout, buffers, sets=meta)
 
     def run(self, samples: int, warmup: int = 0, *,
             inputs: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
@@ -201,16 +286,19 @@ class AgentClient:
                            codec=codec, input_encoding=input_encoding,
                            model_outputs=list(model_outputs), clock_shared=clock_shared,
                            max_seconds=max_seconds)[0]
-        if not isinstance(result, dict) or not isinstance(result.get("samples"), list):
-            raise ProtocolError(f"node {self.node_name}: run: reply without samples")
-        result.setdefault("phases", {})
+        rows = self._field(result, "samples", "run", list)
+        if not all(isinstance(r, dict) for r in rows):
+            raise ProtocolError(f"node {self.node_name}: run: a sample row is not an object")
+        if not isinstance(result.setdefault("phases", {}), dict):
+            raise ProtocolError(f"node {self.node_name}: run: 'phases' is not an object")
         return result
 
     def outputs(self, timeout: float | None = None) -> dict[str, np.ndarray]:
         """Final outputs (by name) of the last sample run on this (local) node."""
         result, payload = self.call("outputs", timeout=timeout)
         try:
-            arrays = P.decode_tensors(result["tensors"], payload, P.codec_registry())
+            descs = self._field(result, "tensors", "outputs", list)
+            arrays = P.decode_tensors(descs, payload, P.codec_registry())
         except (P.FrameError, KeyError, TypeError) as e:
             raise ProtocolError(f"node {self.node_name}: outputs: {e}") from e
         return {n: np.array(a) for n, a in arrays.items()}
@@ -220,12 +308,12 @@ class AgentClient:
         """benchmark_model KPIs of the loaded ``role`` part, measured in a fresh process on
         the node: init_s, first_s, warmup_mean_s, steady_mean_s, steady_std_s,
         steady_p50_s, steady_p90_s, init_memory_bytes, peak_memory_bytes."""
-        return self.call("kpis", role=role, runs=runs, warmup=warmup, threads=threads,
-                         timeout=timeout)[0]
+        return self._object("kpis", timeout, role=role, runs=runs, warmup=warmup,
+                            threads=threads)
 
     def warm(self, role: str, count: int, timeout: float | None = 600.0) -> dict[str, Any]:
         """Invoke the loaded ``role`` part ``count`` times on the node (no link involved)."""
-        return self.call("warm", role=role, count=int(count), timeout=timeout)[0]
+        return self._object("warm", timeout, role=role, count=int(count))
 
     def profile_layers(self, models: Sequence[bytes], runs: int = 20, warmup: int = 3,
                        threads: int | None = None, timeout: float | None = 1800.0,
@@ -234,7 +322,7 @@ class AgentClient:
         result = self.call("profile_layers", list(models), timeout=timeout,
                            sizes=[len(m) for m in models], runs=runs, warmup=warmup,
                            threads=threads)[0]
-        return result["layers"]
+        return self._field(result, "layers", "profile_layers", list)
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
         """Ask the agent to exit; an agent already gone is fine."""
@@ -244,3 +332,28 @@ class AgentClient:
             pass
         finally:
             self.close()
+
+
+class Lease:
+    """Holds one agent's lease (``nodes.lease``) for as long as this object is open.
+
+    A dedicated control connection that sends ``lease`` once and then stays open,
+    idle: the agent counts it as its orchestrator. Closing it (``close()``, or this
+    process dying, SIGKILL included) starts the agent's grace period, after which it
+    exits. Nothing needs to run in the background: the agent learns of the loss from
+    the connection closing (or from TCP keepalive if the host vanishes).
+    """
+
+    def __init__(self, host: str, port: int, token: str, node_name: str = "",
+                 timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self._client = AgentClient(host, port, token, node_name, timeout)
+        self.info = self._client.call("lease")[0]
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

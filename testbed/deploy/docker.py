@@ -1,8 +1,8 @@
 """The docker backend, and every Docker SDK call the testbed makes.
 
 Two containers (``local``, ``remote``) from the node image, each with a CPU quota
-(``--cpus``), a hard memory limit (``--memory``, no extra swap) and NET_ADMIN,
-attached to two bridge networks of the run:
+(``--cpus``), a hard memory limit (``--memory``, no extra swap) when asked, attached
+to two bridge networks of the run:
 
 - CONTROL (``testbed-<run>-ctl``): orchestrator <-> agents, never shaped. The host
   reaches each container at its address on this bridge, so no ports are published.
@@ -15,6 +15,15 @@ Both networks are ``internal`` (no route out of the host). Every container and
 network carries the label ``testbed.run=<run id>``; teardown and ``cleanup``
 remove by label, so they also catch what a half-finished deploy created.
 Building the image is ``testbed.deploy.image``'s decision; it calls in here.
+
+Containers are locked down (``_hardening``): the agent runs as an unprivileged user
+with every capability dropped and no-new-privileges — in particular without
+NET_ADMIN, so an agent cannot reshape its own link (the shaper needs none of it
+inside: it acts from the host) — with a pids limit and a bounded log. With
+``lease_s`` the agent exits once the orchestrator's lease connection is gone
+(``nodes.lease``); its container then stops and stays, exited, until teardown or
+``cleanup`` removes it with the networks (no auto-remove: a container that failed
+to start must keep its exit status and log for the error message).
 """
 
 from __future__ import annotations
@@ -124,29 +133,53 @@ def _create_network(client: docker.DockerClient, run_id: str, plane: str):
                         f"{e.explanation}") from e
 
 
-def agent_args(role: str, spec: NodeSpec, host: str = "0.0.0.0") -> list[str]:
+def agent_args(role: str, spec: NodeSpec, host: str = "0.0.0.0",
+               lease_s: float | None = None) -> list[str]:
     """Arguments of ``python -m nodes.agent`` for a node listening on ``host``."""
     args = ["--name", role,
             "--control-listen", f"{host}:{CONTROL_PORT}",
             "--data-listen", f"{host}:{DATA_PORT}",
             "--metrics-listen", f"{host}:{METRICS_PORT}",
             "--workdir", WORKDIR]
+    if lease_s is not None:
+        args += ["--lease-s", f"{lease_s:g}"]
     return args + (["--threads", str(spec.threads)] if spec.threads else [])
 
 
+#: uid:gid of the agent in the container (the image's USER too): not root.
+AGENT_USER = "10001:10001"
+#: Tasks (processes + threads) per node: the agent's connection threads are bounded by
+#: its caps (~60), LiteRT adds its interpreter threads, KPIs a fresh Python process.
+PIDS_LIMIT = 512
+
+
+def _hardening() -> dict:
+    """Container options that take privileges away (see the module docstring)."""
+    return {
+        "user": AGENT_USER,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges:true"],
+        "pids_limit": PIDS_LIMIT,
+        # json-file is Docker's default driver, unbounded by default: a node that
+        # logs without end must not fill the host's disk.
+        "log_config": {"type": "json-file", "config": {"max-size": "10m", "max-file": "2"}},
+    }
+
+
 def _create_container(client, run_id: str, role: str, spec: NodeSpec, image: str, token: str,
-                      ctl_net, data_net, entrypoint: Sequence[str] | None):
+                      ctl_net, data_net, entrypoint: Sequence[str] | None,
+                      lease_s: float | None = None):
     kwargs = dict(
         image=image, name=container_name(run_id, role), hostname=role, detach=True,
         # The agent binds all of the container's interfaces: which plane a
         # request uses is decided by the address the client dials (control IP
         # from the host, data IP from the peer), and the data network only
         # joins the two nodes of this run.
-        command=agent_args(role, spec),
+        command=agent_args(role, spec, lease_s=lease_s),
         environment={"TESTBED_TOKEN": token},
         labels=_labels(run_id, **{LABEL_NODE: role}),
-        cap_add=["NET_ADMIN"],
         network=ctl_net.name,
+        **_hardening(),
     )
     if entrypoint:
         kwargs["entrypoint"] = list(entrypoint)
@@ -242,10 +275,11 @@ def alive_check(client: docker.DockerClient, name: str) -> Callable[[], tuple[bo
 
 
 def start(run_id: str, specs: dict[str, NodeSpec], token: str, *, image: str,
-          entrypoint: Sequence[str] | None = None,
+          entrypoint: Sequence[str] | None = None, lease_s: float | None = None,
           client: docker.DockerClient | None = None) -> tuple[dict[str, Node], dict[str, Callable]]:
     """Create the run's networks and both containers; return Nodes and liveness checks.
 
+    ``lease_s``: the agents exit when nobody has held their lease that long.
     Does not clean up on failure: the caller tears down by label (what exists
     of it), which is what also happens after an interrupt.
     """
@@ -259,7 +293,7 @@ def start(run_id: str, specs: dict[str, NodeSpec], token: str, *, image: str,
     nodes, checks = {}, {}
     for role in ROLES:
         c = _create_container(client, run_id, role, specs[role], img, token, ctl_net, data_net,
-                              entrypoint)
+                              entrypoint, lease_s)
         nodes[role] = _node_from(c, run_id, role, img, image_ref)
         checks[role] = alive_check(client, c.name)
     return nodes, checks

@@ -9,7 +9,12 @@ Per run, per role (``local``, ``remote``):
   link the shaper acts on: ``Node.shaping = Target(dev="data0", netns=<name>)``;
 - the agent, ``python -m nodes.agent``, started in the namespace with the host's
   interpreter, inside a cgroup carrying the node's CPU / memory limits where the
-  host allows (see ``testbed.deploy.cgroups``).
+  host allows (see ``testbed.deploy.cgroups``), without any capability (util-linux
+  ``setpriv`` empties its bounding set and sets no-new-privileges, so the agent
+  cannot reshape its own link; it stays uid 0 because the host interpreter may live
+  where no other user can read it), and, with ``lease_s``, leased: it exits once the
+  orchestrator's lease connection has been gone that long (``nodes.lease``), so a
+  SIGKILLed orchestrator does not leave agents running until ``cleanup``.
 
 ``<tag>`` is 6 hex digits of sha1(run id): interface names are limited to 15
 characters, and the names must be derivable from the run id alone so that
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -39,6 +45,8 @@ from testbed.deploy.cpus import format_cpuset
 from testbed.deploy.node import (CONTROL_PORT, DATA_PORT, METRICS_PORT, ROLES, Node,
                                  NodeSpec, make_target)
 from testbed.errors import NodeError
+
+log = logging.getLogger("testbed.deploy")
 
 STATE_DIR = Path("/run/testbed/netns")
 REPO = Path(__file__).resolve().parents[2]
@@ -126,8 +134,20 @@ def _plumb(run_id: str, addrs: dict) -> None:
 _JOIN_CGROUPS = 'while [ "$1" != "--" ]; do echo $$ > "$1" || exit 97; shift; done; shift; exec "$@"'
 
 
+def _drop_privileges() -> list[str]:
+    """The command prefix that starts the agent with no capabilities at all (run after
+    ``nsenter``, which needs them). Empty when setpriv is missing: the agent
+    then runs as root, which the log says."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        log.warning("setpriv (util-linux) not found: netns agents keep root's capabilities")
+        return []
+    return [setpriv, "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--"]
+
+
 def _spawn(run_id: str, role: str, addrs: dict, group: cgroups.Group, spec: NodeSpec,
-           token: str, workdir: str, agent_argv: Sequence[str] | None) -> subprocess.Popen:
+           token: str, workdir: str, agent_argv: Sequence[str] | None,
+           lease_s: float | None = None) -> subprocess.Popen:
     ns = netns_name(run_id, role)
     a = addrs[role]
     args = ["--name", role,
@@ -135,6 +155,8 @@ def _spawn(run_id: str, role: str, addrs: dict, group: cgroups.Group, spec: Node
             "--data-listen", f"{a['data']}:{DATA_PORT}",
             "--metrics-listen", f"{a['ctl']}:{METRICS_PORT}",
             "--workdir", workdir]
+    if lease_s is not None:
+        args += ["--lease-s", f"{lease_s:g}"]
     if spec.threads:
         args += ["--threads", str(spec.threads)]
     program = list(agent_argv) if agent_argv else [sys.executable, "-m", "nodes.agent"]
@@ -142,7 +164,8 @@ def _spawn(run_id: str, role: str, addrs: dict, group: cgroups.Group, spec: Node
     # remount /sys in a new mount namespace, hiding /sys/fs/cgroup, where the
     # agent reads its own CPU counters.
     argv = ["sh", "-c", _JOIN_CGROUPS, "sh", *group.procs_files, "--",
-            "nsenter", f"--net={kernel.NETNS_DIR}/{ns}", "--", *program, *args]
+            "nsenter", f"--net={kernel.NETNS_DIR}/{ns}", "--", *_drop_privileges(),
+            *program, *args]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": workdir, "LANG": "C.UTF-8",
            "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "TESTBED_TOKEN": token}
     logf = open(os.path.join(workdir, "agent.log"), "ab")
@@ -156,7 +179,11 @@ def _spawn(run_id: str, role: str, addrs: dict, group: cgroups.Group, spec: Node
 
     try:
         # A session of its own: a Ctrl-C in the terminal reaches the
-        # orchestrator only, which then tears the nodes down in order.
+        # orchestrator only, which then tears the nodes down in order. The flip
+        # side, that nothing kills the agent when the orchestrator dies, is the
+        # lease's job. Not PR_SET_PDEATHSIG: it fires when the *thread* that
+        # forked exits (deploy() may run in a worker thread that ends early), and
+        # the docker backend has no such parent at all.
         return subprocess.Popen(argv, env=env, cwd=workdir, stdin=subprocess.DEVNULL,
                                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=pin if cpuset else None)
@@ -182,8 +209,11 @@ def _alive_check(proc: subprocess.Popen, workdir: str) -> Callable[[], tuple[boo
 
 
 def start(run_id: str, specs: dict[str, NodeSpec], token: str, *,
-          agent_argv: Sequence[str] | None = None) -> tuple[dict[str, Node], dict[str, Callable]]:
+          agent_argv: Sequence[str] | None = None, lease_s: float | None = None,
+          ) -> tuple[dict[str, Node], dict[str, Callable]]:
     """Create namespaces, veths, cgroups and agents; return Nodes and liveness checks.
+
+    ``lease_s``: the agents exit when nobody has held their lease that long.
 
     Does not clean up on failure: the caller calls ``remove_run``, which works
     from names and the state file whatever stage was reached.
@@ -202,7 +232,7 @@ def start(run_id: str, specs: dict[str, NodeSpec], token: str, *,
         workdir = tempfile.mkdtemp(prefix=f"testbed-{run_id}-{role}-")
         state["workdirs"].append(workdir)
         _save_state(run_id, state)
-        proc = _spawn(run_id, role, addrs, group, spec, token, workdir, agent_argv)
+        proc = _spawn(run_id, role, addrs, group, spec, token, workdir, agent_argv, lease_s)
         state["pids"].append(proc.pid)
         _save_state(run_id, state)
         ns = netns_name(run_id, role)

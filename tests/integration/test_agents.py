@@ -9,13 +9,11 @@ shaping here (that is the sweep's integration tests).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import secrets
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ import pytest
 from nodes import protocol as P
 from testbed.deploy.agent_client import AgentClient
 from testbed.errors import NodeError, ProtocolError
+from tests.integration.agentproc import AgentProc
 
 pytestmark = pytest.mark.integration
 
@@ -72,40 +71,6 @@ def reference(path: Path, image: np.ndarray) -> dict[str, np.ndarray]:
     it.set_tensor(it.get_input_details()[0]["index"], image)
     it.invoke()
     return {d["name"]: it.get_tensor(d["index"]) for d in it.get_output_details()}
-
-
-class AgentProc:
-    def __init__(self, name: str, workdir: Path, token: str):
-        env = {**os.environ, "TESTBED_TOKEN": token, "PYTHONPATH": str(REPO)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nodes.agent", "--name", name, "--control-listen", "127.0.0.1:0",
-             "--data-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--workdir",
-             str(workdir), "--threads", "1"],
-            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        ready = workdir / "agent.json"
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"agent {name} did not start: {self.proc.stderr.read()}")
-            time.sleep(0.05)
-        self.info = json.loads(ready.read_text())
-        self.client = AgentClient(*self.info["control"], token=token, node_name=name)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.client.shutdown()
-            except Exception:
-                pass
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream:
-                stream.close()
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +208,7 @@ def test_garbage_on_data_port_does_not_kill_agent(agents, model):
     local, remote, token = agents
     host, port = remote.info["data"]
     for junk in (b"GET / HTTP/1.1\r\n\r\n", os.urandom(4096),
-                 P.pack_header({"kind": "hello", "token": token}, 0)  # then a bad frame
+                 P.pack_header({"kind": "hello", "nonce": "00" * 32}, 0)  # then a bad frame
                  + P.PREFIX.pack(P.MAGIC, 5, 0) + b"{oops"):
         with socket.create_connection((host, port), timeout=5) as s:
             s.sendall(junk)
@@ -253,8 +218,13 @@ def test_garbage_on_data_port_does_not_kill_agent(agents, model):
                     pass
             except ConnectionResetError:
                 pass
-    with socket.create_connection((host, port), timeout=5) as s:  # wrong token
-        P.send_frame(s, {"kind": "hello", "token": "nope"})
+    with socket.create_connection((host, port), timeout=5) as s:  # the old token hello
+        P.send_frame(s, {"kind": "hello", "token": token})
+        assert "nonce" in P.recv_frame(s).header["error"]
+    with socket.create_connection((host, port), timeout=5) as s:  # a wrong proof
+        P.send_frame(s, {"kind": "hello", "nonce": "00" * 32})
+        assert P.recv_frame(s).header["kind"] == "challenge"
+        P.send_frame(s, {"kind": "auth", "proof": "0" * 64})
         assert "token" in P.recv_frame(s).header["error"]
     # the established link still works end to end
     path, parts, manifest = model
@@ -391,3 +361,15 @@ def test_dag_every_split_bitwise_equal(agents, dag):
         for name in ref:
             np.testing.assert_array_equal(out[name], ref[name], err_msg=f"k={split['k']} {name}")
         assert rows[0]["cut_bytes_raw"] == sum(c["bytes"] for c in split["cut"]), split["k"]
+
+
+def test_many_samples_in_one_run(agents, model):
+    """One run of 600 samples: the reply's rows (~300 KB of JSON) are far past the
+    header bound and travel in the payload. Before, the agent could not frame the
+    reply and dropped the connection (any run above ~150 samples)."""
+    local, remote, _ = agents
+    path, parts, manifest = model
+    load_split(local, remote, parts, manifest["splits"][2])
+    rows = local.client.run(600, inputs={"image": image()}, model_outputs=OUTPUT_NAMES)
+    assert [r["sample"] for r in rows] == list(range(600))
+    assert local.client.health()["name"] == "local"

@@ -131,10 +131,47 @@ def _in_netns(node, code: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=30)
 
 
+def _proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+def _assert_locked_down(dep, backend: str, tmp_path: Path) -> None:
+    """The agents hold no capability (so none can reshape its own link), containers
+    run unprivileged with a pids limit, and the shaper still shapes from the host."""
+    from testbed.deploy import docker as dk
+    from testbed.link.profile import Direction
+    from testbed.link.shaper import Shaper
+
+    for n in dep.nodes:
+        status = _proc_status(_agent_pid(n))
+        assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0, status
+        assert int(status["CapBnd"], 16) == 0 and status["NoNewPrivs"] == "1", status
+        if backend == "docker":
+            assert status["Uid"].split()[0] == dk.AGENT_USER.split(":")[0], status
+            info = json.loads(subprocess.run(["docker", "inspect", n.details["container"]],
+                                             capture_output=True, text=True, check=True).stdout)[0]
+            host = info["HostConfig"]
+            assert not host.get("CapAdd") and host["CapDrop"] == ["ALL"]
+            assert host["PidsLimit"] == dk.PIDS_LIMIT and host["Privileged"] is False
+            assert any("no-new-privileges" in o for o in host["SecurityOpt"])
+            assert info["Config"]["User"] == dk.AGENT_USER
+            assert int(_cgroup_file(_agent_pid(n), "pids", "pids.max")) == dk.PIDS_LIMIT
+    # The shaper acts from the host through the node's namespace: no capability needed
+    # inside. A rate on local's data interface reaches the kernel.
+    shaper = Shaper(dep.local.shaping, state_dir=tmp_path / "shaping")
+    try:
+        assert shaper.apply(Direction(rate_bps=5_000_000)) in ("tbf", "htb")
+        assert shaper.show()["qdiscs"]
+    finally:
+        shaper.clear()
+        shaper.close()
+
+
 # --- tests ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_two_nodes_limits_paths_and_teardown(backend, run_id, request):
+def test_two_nodes_limits_paths_and_teardown(backend, run_id, request, tmp_path):
     _prepare(backend, request)
     from pyroute2 import IPRoute
 
@@ -155,10 +192,12 @@ def test_two_nodes_limits_paths_and_teardown(backend, run_id, request):
         if backend == "docker":
             info = json.loads(subprocess.run(["docker", "inspect", dep.local.details["container"]],
                                              capture_output=True, text=True, check=True).stdout)[0]
-            assert info["HostConfig"]["NanoCpus"] == 500_000_000
+            # a CFS quota over the node's period (docker.py no longer uses NanoCpus)
+            host = info["HostConfig"]
+            assert host["CpuQuota"] / host["CpuPeriod"] == 0.5 and not host["NanoCpus"]
             assert info["HostConfig"]["Memory"] == GiB // 2
-            assert "NET_ADMIN" in info["HostConfig"]["CapAdd"]
             assert info["Config"]["Labels"]["testbed.run"] == run_id
+        _assert_locked_down(dep, backend, tmp_path)
 
         # Control (and metrics) from the host, over the unshaped path.
         for n in dep.nodes:
@@ -252,15 +291,17 @@ def test_keyboard_interrupt_in_body_tears_down(run_id):
 _ORCHESTRATOR = """
 import sys, time
 from testbed.deploy import NodeSpec, deploy
-with deploy(sys.argv[1], NodeSpec(cpus=1), NodeSpec(cpus=1), backend=sys.argv[2]):
+lease_s = float(sys.argv[3]) if len(sys.argv) > 3 else 15.0
+with deploy(sys.argv[1], NodeSpec(cpus=1), NodeSpec(cpus=1), backend=sys.argv[2],
+            lease_s=lease_s):
     print("UP", flush=True)
     time.sleep(120)
 """
 
 
-def _start_orchestrator(run_id: str, backend: str) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-c", _ORCHESTRATOR, run_id, backend], cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start_orchestrator(run_id: str, backend: str, lease_s: float = 15.0) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", _ORCHESTRATOR, run_id, backend, str(lease_s)],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = p.stdout.readline()
     if line.strip() != "UP":
         p.kill()
@@ -301,6 +342,50 @@ def test_cleanup_after_killed_run(backend, run_id, request):
         assert any(r.startswith("process ") for r in removed), removed
     _assert_nothing_left(run_id)
     assert cleanup(run_id) == []  # idempotent
+
+
+def _agents_running(run_id: str, backend: str) -> list[str]:
+    """Agents of the run still running, read with the system tools."""
+    if backend == "docker":
+        r = subprocess.run(["docker", "ps", "-q", "--filter", f"label=testbed.run={run_id}"],
+                           capture_output=True, text=True)
+        return r.stdout.split()
+    return [x for x in _leftovers(run_id) if x.startswith("process ")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_agents_do_not_outlive_a_sigkilled_orchestrator(backend, run_id, request):
+    """SIGKILL of the orchestrator: no teardown runs, yet the agents exit by themselves
+    once their lease has been gone for lease_s (the kernel closed the lease
+    connections); containers stop and wait, removable, for cleanup, which still
+    removes them and the networks (namespaces, veths, cgroups)."""
+    _prepare(backend, request)
+    lease_s = 2.0
+    p = _start_orchestrator(run_id, backend, lease_s)
+    assert len(_agents_running(run_id, backend)) == 2
+    time.sleep(lease_s + 1)
+    assert len(_agents_running(run_id, backend)) == 2  # held: the leases keep them alive
+    p.kill()
+    p.communicate(timeout=30)
+    t0 = time.monotonic()
+    while _agents_running(run_id, backend) and time.monotonic() - t0 < lease_s + 20:
+        time.sleep(0.2)
+    assert not _agents_running(run_id, backend), "agents outlived their orchestrator"
+    assert time.monotonic() - t0 >= lease_s * 0.5  # the grace, not a crash
+    if backend == "docker":
+        from nodes.lease import EXIT_LEASE_EXPIRED
+        for role in ("local", "remote"):
+            code = subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}",
+                                   f"testbed-{run_id}-{role}"], capture_output=True, text=True)
+            assert code.stdout.strip() == str(EXIT_LEASE_EXPIRED)
+    assert _leftovers(run_id), "inert state is left for cleanup"
+    removed = cleanup(run_id)
+    if backend == "docker":
+        assert sum(r.startswith("container ") for r in removed) == 2, removed
+        assert sum(r.startswith("network ") for r in removed) == 2, removed
+    else:
+        assert sum(r.startswith("netns ") for r in removed) == 2, removed
+    _assert_nothing_left(run_id)
 
 
 def test_cleanup_without_run_id_spares_live_runs(run_id, monkeypatch):

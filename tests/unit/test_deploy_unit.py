@@ -113,3 +113,34 @@ def test_owner_tag_tells_live_from_dead_processes():
     p.wait()
     assert not owner.alive(t)
     assert not owner.alive("") and not owner.alive("garbage") and not owner.alive("999999999:1")
+
+
+def test_agent_args_carry_the_lease_only_when_asked():
+    assert "--lease-s" not in agent_args("local", NodeSpec())
+    args = agent_args("local", NodeSpec(), lease_s=15.0)
+    assert args[args.index("--lease-s") + 1] == "15"
+
+
+def test_containers_are_locked_down():
+    from testbed.deploy import docker as dk
+    opts = dk._hardening()
+    assert "cap_add" not in opts and opts["cap_drop"] == ["ALL"]
+    assert opts["user"] == dk.AGENT_USER and not opts["user"].startswith("0")
+    assert opts["pids_limit"] == dk.PIDS_LIMIT > 0
+    assert any("no-new-privileges" in o for o in opts["security_opt"])
+    assert opts["log_config"]["config"]["max-size"]
+
+
+def test_dockerfile_runs_the_agent_unprivileged():
+    text = (image.DOCKER_DIR / "Dockerfile").read_text()
+    from testbed.deploy import docker as dk
+    assert f"USER {dk.AGENT_USER}" in text
+
+
+def test_netns_agents_start_without_capabilities(monkeypatch):
+    monkeypatch.setattr(netns.shutil, "which", lambda name: "/usr/bin/setpriv")
+    prefix = netns._drop_privileges()
+    assert prefix[0] == "/usr/bin/setpriv" and "--bounding-set=-all" in prefix
+    assert "--no-new-privs" in prefix and prefix[-1] == "--"
+    monkeypatch.setattr(netns.shutil, "which", lambda name: None)
+    assert netns._drop_privileges() == []  # missing setpriv: logged, not fatal
