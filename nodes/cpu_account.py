@@ -17,6 +17,12 @@ its own group as the root of the mount). Both are read once, at start:
 - cgroup v1: ``cpu.stat`` of the ``cpu`` hierarchy (``nr_throttled``,
   ``throttled_time`` in ns) and ``cpuacct.usage`` (ns) of the ``cpuacct`` one.
 
+Beside the group's counters, the run-queue wait of the calling thread
+(``/proc/thread-self/schedstat``): time it was ready to run but another task
+had the CPU. Throttling explains time lost to the node's own quota; the wait
+explains time lost to anything else sharing its cores (another node, the
+orchestrator, an unrelated process on the host).
+
 A counter that cannot be found is reported as None, never as 0: results must
 not claim "no throttling" where nothing was measured. Standard library only.
 """
@@ -34,6 +40,7 @@ class CpuSnapshot:
     usage_ns: int | None
     throttled_periods: int | None
     throttled_ns: int | None
+    wait_ns: int | None = None  # run-queue wait of the thread that took the snapshot
 
     def since(self, before: "CpuSnapshot") -> dict[str, float | int | None]:
         """Deltas from ``before`` to this snapshot, in result units (s, count)."""
@@ -42,12 +49,23 @@ class CpuSnapshot:
 
         usage = delta(self.usage_ns, before.usage_ns)
         throttled = delta(self.throttled_ns, before.throttled_ns)
+        wait = delta(self.wait_ns, before.wait_ns)
         return {"cpu_s": None if usage is None else usage / 1e9,
                 "throttled_periods": delta(self.throttled_periods, before.throttled_periods),
-                "throttled_s": None if throttled is None else throttled / 1e9}
+                "throttled_s": None if throttled is None else throttled / 1e9,
+                "runq_wait_s": None if wait is None else wait / 1e9}
 
 
-NO_SNAPSHOT = CpuSnapshot(None, None, None)
+NO_SNAPSHOT = CpuSnapshot(None, None, None, None)
+
+
+def thread_wait_ns() -> int | None:
+    """Run-queue wait of the calling thread so far (schedstat's second field), ns."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -83,15 +101,16 @@ class CpuAccount:
 
     def snapshot(self) -> CpuSnapshot:
         """Read the counters now (two small file reads; ~20 us)."""
+        wait = thread_wait_ns()
         if self.version == 2:
             fields = _read_fields(self.cpu_stat)
             usage = fields.get("usage_usec")
             throttled = fields.get("throttled_usec")
             return CpuSnapshot(None if usage is None else usage * 1000, fields.get("nr_throttled"),
-                               None if throttled is None else throttled * 1000)
+                               None if throttled is None else throttled * 1000, wait)
         fields = _read_fields(self.cpu_stat)
         usage = _read_int(self.cpuacct_usage)
-        return CpuSnapshot(usage, fields.get("nr_throttled"), fields.get("throttled_time"))
+        return CpuSnapshot(usage, fields.get("nr_throttled"), fields.get("throttled_time"), wait)
 
     def describe(self) -> dict[str, str | int | None]:
         return {"cgroup_version": self.version, "cpu_stat": str(self.cpu_stat) if self.cpu_stat else None,

@@ -455,7 +455,7 @@ def _remote_cpu(reported: Any) -> dict[str, Any]:
     """The remote's CPU deltas from the result header, each checked (None when absent)."""
     got = reported if isinstance(reported, dict) else {}
     out: dict[str, Any] = {}
-    for key in ("cpu_s", "throttled_periods", "throttled_s"):
+    for key in ("cpu_s", "throttled_periods", "throttled_s", "runq_wait_s"):
         v = got.get(key)
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
         out[f"remote_{key}"] = v if ok else None

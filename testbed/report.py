@@ -183,7 +183,8 @@ def fidelity_table(runs: Sequence[RunData]) -> Table:
                              "uplink_ideal_s", "uplink_p50_s", "uplink_over_ideal_p50", "downlink_ideal_s",
                              "downlink_p50_s", "downlink_over_ideal_p50", "delivery_ideal_s", "delivery_s",
                              "remote_rx_lag_p90_s", "local_rx_lag_p90_s", "local_throttled_samples",
-                             "remote_throttled_samples", "local_cpu_mean_s", "remote_cpu_mean_s", "count")},
+                             "remote_throttled_samples", "local_cpu_mean_s", "remote_cpu_mean_s",
+                             "local_runq_wait_p50_s", "remote_runq_wait_p50_s", "count")},
                          "delivery_over_ideal": (r["delivery_s"] / r["delivery_ideal_s"]
                                                  if r.get("delivery_s") and r.get("delivery_ideal_s") else None)})
     cols = [Column("run", "run"), Column("profile", "profile"), Column("split", "k", "int"),
@@ -198,6 +199,8 @@ def fidelity_table(runs: Sequence[RunData]) -> Table:
             Column("local_throttled_samples", "local throttled samples", "int"),
             Column("remote_throttled_samples", "remote throttled samples", "int"),
             Column("local_cpu_mean_s", "local CPU/sample", "ms"), Column("remote_cpu_mean_s", "remote CPU/sample", "ms"),
+            Column("local_runq_wait_p50_s", "local run-queue wait p50", "ms"),
+            Column("remote_runq_wait_p50_s", "remote run-queue wait p50", "ms"),
             Column("count", "samples", "int")]
     if len(runs) == 1:
         cols = cols[1:]
@@ -207,7 +210,8 @@ def fidelity_table(runs: Sequence[RunData]) -> Table:
                       "directions. A transfer after an idle period starts with a full token bucket, so small "
                       "transfers can come in slightly under 1. Receive lag = time between the kernel receiving "
                       "the last byte and the node's process reading it (scheduling, CPU quota). Throttled samples "
-                      "= samples during which the node's cgroup was CFS-throttled.")
+                      "= samples during which the node's cgroup was CFS-throttled; run-queue wait = time the node's measuring "
+                      "thread was ready but another task held its CPU.")
 
 
 def phase_table(runs: Sequence[RunData]) -> Table:

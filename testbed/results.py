@@ -61,9 +61,10 @@ PHASES = ("link", "split", "tail_load", "delivery", "head_load", "kpi", "warmup"
 CONFIG_KEY = ("repeat", "profile", "split")
 
 # Per node, over the sample: CPU time of the node's cgroup, CFS periods in which it
-# was throttled, time spent throttled (None: the counters were not readable).
+# was throttled, time spent throttled, and how long the node's measuring thread
+# waited for a CPU held by someone else (None: the counters were not readable).
 CPU_COLUMNS = tuple(f"{node}_{c}" for node in ("local", "remote")
-                    for c in ("cpu_s", "throttled_periods", "throttled_s"))
+                    for c in ("cpu_s", "throttled_periods", "throttled_s", "runq_wait_s"))
 
 SAMPLE_COLUMNS = (
     "repeat", "profile", "split", "sample", "input_index", "codec", "input_encoding",
@@ -85,6 +86,7 @@ SUMMARY_COLUMNS = (
     "e2e_p50_ci_low_s", "e2e_p50_ci_high_s", "e2e_p50_ci_level",
     "uplink_ideal_s", "downlink_ideal_s", "uplink_over_ideal_p50", "downlink_over_ideal_p50",
     "local_throttled_samples", "remote_throttled_samples", "local_cpu_mean_s", "remote_cpu_mean_s",
+    "local_runq_wait_p50_s", "remote_runq_wait_p50_s",
 )
 
 KPI_COLUMNS = (
@@ -215,6 +217,7 @@ def sample_statistics(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
                                             else None)
         cpu = [x[f"{node}_cpu_s"] for x in samples if x.get(f"{node}_cpu_s") is not None]
         row[f"{node}_cpu_mean_s"] = float(np.mean(cpu)) if cpu else None
+        row[f"{node}_runq_wait_p50_s"] = _median(x.get(f"{node}_runq_wait_s") for x in samples)
     return row
 
 

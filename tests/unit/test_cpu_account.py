@@ -58,9 +58,11 @@ def test_v2_counters_are_read_from_the_groups_cpu_stat(tmp_path):
     account = CpuAccount.find(proc)
     assert account.version == 2
     snap = account.snapshot()
-    assert snap == CpuSnapshot(usage_ns=1_500_000, throttled_periods=3, throttled_ns=2_500_000)
-    later = CpuSnapshot(usage_ns=4_500_000, throttled_periods=5, throttled_ns=12_500_000)
-    assert later.since(snap) == {"cpu_s": 0.003, "throttled_periods": 2, "throttled_s": 0.01}
+    assert (snap.usage_ns, snap.throttled_periods, snap.throttled_ns) == (1_500_000, 3, 2_500_000)
+    assert snap.wait_ns is not None  # this thread's schedstat
+    snap = CpuSnapshot(1_500_000, 3, 2_500_000, 1_000)
+    later = CpuSnapshot(usage_ns=4_500_000, throttled_periods=5, throttled_ns=12_500_000, wait_ns=501_000)
+    assert later.since(snap) == {"cpu_s": 0.003, "throttled_periods": 2, "throttled_s": 0.01, "runq_wait_s": 0.0005}
 
 
 def test_missing_counters_are_none_not_zero(tmp_path):
@@ -70,8 +72,9 @@ def test_missing_counters_are_none_not_zero(tmp_path):
     (proc / "mountinfo").write_text("")
     account = CpuAccount.find(proc)
     assert account.version is None
-    assert account.snapshot().since(account.snapshot()) == {"cpu_s": None, "throttled_periods": None,
-                                                            "throttled_s": None}
+    got = account.snapshot().since(account.snapshot())
+    assert {k: got[k] for k in ("cpu_s", "throttled_periods", "throttled_s")} == {
+        "cpu_s": None, "throttled_periods": None, "throttled_s": None}
 
 
 def _v1_cpu_dirs() -> tuple[Path, Path] | None:
@@ -117,3 +120,33 @@ def test_a_throttled_process_sees_its_own_throttling():
     assert got["throttled_periods"] >= 2 and got["throttled_s"] > 0.1, got
     # 10 % of 0.5 s of wall time: far below what an unthrottled spin would use
     assert 0 < got["cpu_s"] < 0.3, got
+
+
+def test_run_queue_wait_counts_time_another_task_held_the_cpu():
+    """A thread spinning on a CPU that another process also spins on waits for
+    it about half the time, and its snapshot says so; alone it barely waits."""
+    from nodes.cpu_account import thread_wait_ns
+
+    cpu = min(os.sched_getaffinity(0))
+    before_affinity = os.sched_getaffinity(0)
+
+    def spin(seconds: float) -> float:
+        before = thread_wait_ns()
+        t = time.monotonic()
+        while time.monotonic() - t < seconds:
+            pass
+        return (thread_wait_ns() - before) / 1e9
+
+    os.sched_setaffinity(0, {cpu})
+    try:
+        alone = spin(0.2)
+        hog = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+        try:
+            time.sleep(0.1)
+            shared = spin(0.4)
+        finally:
+            hog.kill()
+            hog.wait()
+    finally:
+        os.sched_setaffinity(0, before_affinity)
+    assert shared > 0.1 and shared > 5 * alone, (alone, shared)
