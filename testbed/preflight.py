@@ -74,103 +74,8 @@ class Check:
 
 
 # --------------------------------------------------------------------------- the estimate
-
-@dataclass(frozen=True)
-class LinkShape:
-    """One profile as the estimate sees it (base values; a trace's mean rate)."""
-
-    name: str
-    uplink_bps: float | None
-    uplink_delay_s: float
-    downlink_bps: float | None
-    downlink_delay_s: float
-
-
-@dataclass(frozen=True)
-class RunShape:
-    """The plan reduced to the numbers ``estimate_duration`` reads."""
-
-    backend: str                          # docker | netns
-    build_image: bool                     # docker: the node image must be built first
-    layer_macs: tuple[int, ...]           # per layer, in execution order
-    layer_param_bytes: tuple[int, ...]
-    cut_bytes: dict[int, int]             # split point -> bytes crossing the uplink
-    result_bytes: int                     # model outputs, crossing the downlink
-    links: tuple[LinkShape, ...]
-    splits: tuple[int, ...]
-    done: frozenset[tuple[str, int]]      # configurations a resumed run has already
-    warmup: int
-    samples: int
-    min_seconds: float
-    max_seconds: float
-    kpi_runs: int
-    layer_runs: int
-    local_parallelism: float              # min(cpus, threads) of the node
-    remote_parallelism: float
-
-    @property
-    def configurations(self) -> list[tuple[LinkShape, int]]:
-        return [(link, k) for link in self.links for k in self.splits if (link.name, k) not in self.done]
-
-
-# Constants of the model. Calibrated once against the flagship sweep
-# (experiments/posenet_sweep.yaml, docker, 2 cores: 12 min 43 s measured, README).
-MACS_PER_CPU_S = 1.0e10      # FP32 multiply-accumulates per second per CPU (XNNPACK, x86 core)
-SETUP_S = {"docker": 5.0, "netns": 3.0}    # deploy, health, connect, teardown
-IMAGE_BUILD_S = 240.0        # building the node image once (docker)
-LAYER_OVERHEAD_S = 0.02      # per layer per node: a one-layer model built, loaded, warmed
-PART_KPI_OVERHEAD_S = 0.3    # per part: a fresh worker process, interpreter init
-CONFIG_OVERHEAD_S = 0.2      # per configuration: loading parts, bookkeeping, append
-SAMPLE_OVERHEAD_S = 0.003    # per sample: control round trip, encode/decode, TCP ramp-up
-
-
-def _compute_s(macs: float, parallelism: float) -> float:
-    return macs / (MACS_PER_CPU_S * max(parallelism, 0.01))
-
-
-def _transfer_s(nbytes: float, bps: float | None, delay_s: float) -> float:
-    return (nbytes * 8 / bps if bps else 0.0) + delay_s
-
-
-def estimate_duration(shape: RunShape) -> float:
-    """Seconds a run of ``shape`` is expected to take (a simple model; replace at will).
-
-    setup (deploy; docker: + image build when missing)
-    + layer profiling: per node, per layer, (layer_runs + warmup) runs of its MACs + an overhead
-    + per configuration (profile x split not yet done):
-        head delivery (head parameter bytes over the downlink, + delay)
-        + KPIs once per part and split: (kpi_runs + warmup) inferences + a worker start
-        + warm-up, then samples: each sample = head compute + cut over the uplink
-          + tail compute + result over the downlink + an overhead; the samples are
-          stretched to min_seconds and cut at max_seconds (after at least one)
-        + an overhead.
-    Compute is MACs / (MACS_PER_CPU_S x min(cpus, threads)). Loss, jitter, slot
-    and TCP dynamics are not modelled; a time-varying profile counts its mean rate.
-    """
-    total = SETUP_S.get(shape.backend, SETUP_S["docker"]) + (IMAGE_BUILD_S if shape.build_image else 0.0)
-    for par in (shape.local_parallelism, shape.remote_parallelism):
-        total += sum(_compute_s(m, par) * (shape.layer_runs + max(1, shape.warmup)) + LAYER_OVERHEAD_S
-                     for m in shape.layer_macs)
-    kpis_done: set[int] = set()
-    for link, k in shape.configurations:
-        total += _configuration_s(shape, link, k, kpis=k not in kpis_done)
-        kpis_done.add(k)
-    return total
-
-
-def _configuration_s(shape: RunShape, link: LinkShape, k: int, kpis: bool) -> float:
-    n = len(shape.layer_macs)
-    compute = _compute_s(sum(shape.layer_macs[:k]), shape.local_parallelism) \
-        + _compute_s(sum(shape.layer_macs[k:]), shape.remote_parallelism)
-    crossing = 0.0 if k == n else (_transfer_s(shape.cut_bytes.get(k, 0), link.uplink_bps, link.uplink_delay_s)
-                                   + _transfer_s(shape.result_bytes, link.downlink_bps, link.downlink_delay_s))
-    per_sample = compute + crossing + SAMPLE_OVERHEAD_S
-    sampling = min(max(shape.samples * per_sample, shape.min_seconds), max(shape.max_seconds, per_sample))
-    head_bytes = sum(shape.layer_param_bytes[:k])
-    delivery = _transfer_s(head_bytes, link.downlink_bps, link.downlink_delay_s) if head_bytes else 0.0
-    kpi = compute * (shape.kpi_runs + max(1, shape.warmup)) + PART_KPI_OVERHEAD_S * ((k > 0) + (k < n)) \
-        if kpis else 0.0
-    return CONFIG_OVERHEAD_S + delivery + kpi + shape.warmup * per_sample + sampling
+# The duration model lives in testbed.estimate (shared with the sweep's start line and ETA).
+from testbed.estimate import LinkShape, RunShape, estimate_duration  # noqa: E402
 
 
 # --------------------------------------------------------------------------- helpers
@@ -559,23 +464,7 @@ def _disk_need(run: _Run, shape: RunShape | None) -> int:
 
 # --------------------------------------------------------------------------- shape and entry points
 
-def _mean_rate(prof: Any, direction: str) -> float | None:
-    steps = prof.schedule(direction)
-    rates = [d.rate_bps for _, d in steps if d.rate_bps]
-    return sum(rates) / len(rates) if rates else None
-
-
-def _delay(prof: Any, direction: str) -> float:
-    steps = prof.schedule(direction)
-    return steps[0][1].delay_s if steps else 0.0
-
-
-def _parallelism(cfg: Any) -> float:
-    cpus = cfg.cpus if cfg.cpus is not None else float(os.cpu_count() or 1)
-    return min(cpus, float(cfg.threads or 1))
-
-
-def _done(run: _Run) -> frozenset[tuple[str, int]]:
+def _done(run: _Run) -> frozenset[tuple[int, str, int]]:
     from testbed.results import RunFolder
 
     resume = run.opt("resume")
@@ -583,18 +472,21 @@ def _done(run: _Run) -> frozenset[tuple[str, int]]:
 
 
 def _shape(run: _Run, backend: str) -> RunShape:
-    g, exp = run.graph, run.exp
-    links = tuple(LinkShape(p.name, _mean_rate(p, "uplink"), _delay(p, "uplink"),
-                            _mean_rate(p, "downlink"), _delay(p, "downlink")) for p in run.profiles)
-    return RunShape(
-        backend=backend, build_image=backend == "docker" and _node_image_missing(),
-        layer_macs=tuple(layer.macs for layer in g.layers),
-        layer_param_bytes=tuple(layer.param_bytes for layer in g.layers),
-        cut_bytes={k: sum(t.bytes for t in g.cut(k)) for k in run.splits},
-        result_bytes=sum(t.bytes for t in g.outputs), links=links, splits=tuple(run.splits),
-        done=_done(run), warmup=exp.runs.warmup, samples=exp.runs.samples, min_seconds=exp.runs.min_seconds,
-        max_seconds=exp.runs.max_seconds, kpi_runs=exp.runs.kpi_runs, layer_runs=exp.runs.layer_runs,
-        local_parallelism=_parallelism(exp.nodes.local), remote_parallelism=_parallelism(exp.nodes.remote))
+    from testbed.deploy.cpus import plan_cpus
+    from testbed.estimate import host_macs_per_s, shape_for
+
+    exp = run.exp
+    cpus = plan_cpus(exp.nodes.local.cpus, exp.nodes.remote.cpus, mode=exp.nodes.pinning,
+                     local_set=exp.nodes.local.cpu_list, remote_set=exp.nodes.remote.cpu_list)
+    parallel = bool(cpus.local and cpus.remote and not set(cpus.local) & set(cpus.remote))
+    macs = sum(layer.macs for layer in run.graph.layers)
+    return shape_for(exp, run.graph, run.profiles, run.splits, backend=backend, done=_done(run),
+                     build_image=backend == "docker" and _node_image_missing(), parallel_nodes=parallel,
+                     macs_per_s=host_macs_per_s(run.model_path, macs) if run.model_path else DEFAULT_MACS,
+                     host_cpus=len(cpus.host))
+
+
+DEFAULT_MACS = 2e10
 
 
 def _summary(run: _Run, shape: RunShape | None) -> None:

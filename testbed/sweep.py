@@ -31,8 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from testbed.errors import ConfigError, Interrupted, TestbedError
 from testbed.experiment import Experiment, load_experiment, parse_host_port, resolved_dict
@@ -587,9 +586,58 @@ def _profile_layers(p: Plan, nodes: _Nodes, run: RunFolder, metrics: Any) -> Non
 # --------------------------------------------------------------------------- the run
 
 def _progress(console: Console, enabled: bool) -> Progress:
+    # The ETA is the estimate's (per-phase, corrected as phases are measured), not
+    # rich's extrapolation of configurations done: configurations differ by 100x.
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"),
                     console=console, disable=not enabled, transient=False)
+
+
+@dataclass
+class _Timing:
+    """The run's own estimate and what it really took, for the start line, the
+    ETA, and environment.json (the next run's estimate reads it)."""
+
+    eta: Any                              # testbed.estimate.Eta
+    source: str                           # "the plan" or the previous run it came from
+    started: float = field(default_factory=time.monotonic)
+    setup_s: float | None = None
+
+    def remaining_s(self) -> float:
+        return self.eta.remaining_s()
+
+
+def _estimate(p: Plan, run: RunFolder, options: SweepOptions, finished: set[tuple[int, str, int]],
+              backend: str, parallel: bool, layers: list[dict[str, Any]] | None = None) -> tuple[Any, str, float]:
+    """Per-configuration phase estimates for what is left: from a previous run of the
+    same experiment where it measured the configuration, else from the plan (with the
+    measured per-layer times once known). Returns (estimates, source, setup seconds)."""
+    from testbed import estimate as est
+
+    exp = p.experiment
+    shape = est.shape_for(exp, p.graph, p.profiles, p.splits, backend=backend, done=finished,
+                          parallel_nodes=parallel, macs_per_s=_macs_per_s(p), host_cpus=len(os.sched_getaffinity(0)))
+    if layers:
+        shape = est.with_layers(shape, layers)
+    estimates = est.plan_estimates(shape)
+    source = "the plan" + (" and this run's per-layer profile" if layers else "")
+    parent = options.output if options.output is not None else exp.resolve_path(exp.output)
+    previous = est.previous_run(run.path.parent if options.resume else parent, exp.name, p.model.get("sha256"),
+                                (run.config() or {}).get("nodes"), exclude=run.path)
+    if previous is not None:
+        estimates, matched = est.from_previous(estimates, previous)
+        if matched:
+            source = f"{previous.path.name} ({matched} of {len(estimates)} configurations measured there)"
+    setup = 0.0 if layers else est.setup_s(shape) + est.layer_profile_s(shape)
+    return estimates, source, setup
+
+
+def _macs_per_s(p: Plan) -> float:
+    from testbed.estimate import host_macs_per_s
+
+    if "macs_per_s" not in p.model:
+        p.model["macs_per_s"] = host_macs_per_s(p.model_path, sum(layer.macs for layer in p.graph.layers))
+    return float(p.model["macs_per_s"])
 
 
 def _open_run(p: Plan, options: SweepOptions) -> RunFolder:
@@ -719,6 +767,15 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
     console.print(f"run folder: {run.path}  ({total} configurations, {total - len(todo)} already done)")
     if not todo:
         return
+    from testbed.estimate import Eta, human
+
+    cpu_plan = _cpu_plan(exp)
+    disjoint = bool(cpu_plan.local and cpu_plan.remote and not set(cpu_plan.local) & set(cpu_plan.remote))
+    guess_backend = options.backend or exp.nodes.backend
+    estimates, source, setup = _estimate(p, run, options, finished, guess_backend if guess_backend != "auto"
+                                         else "docker", disjoint)
+    timing = _Timing(Eta(estimates), source)
+    console.print(f"estimate: about {human(setup + timing.remaining_s())} (from {source})")
     inputs = _inputs(p)
     p.n_inputs = len(inputs)
     run_id = secrets.token_hex(3)
@@ -726,7 +783,6 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
     backend = options.backend or exp.nodes.backend
     from testbed.deploy import deploy
 
-    cpu_plan = _cpu_plan(exp)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_pinned(cpu_plan.orchestrator))
         metrics, server = stack.enter_context(_metrics(exp, run.path.name, listen, console))
@@ -745,7 +801,6 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
         if old_env:
             env = {**old_env, "resumed": [*old_env.get("resumed", []), env]}
         run.write_environment(env)
-        disjoint = bool(cpu_plan.local and cpu_plan.remote and not set(cpu_plan.local) & set(cpu_plan.remote))
         nodes = _Nodes(dep, dep.local.client(token), dep.remote.client(token), parallel=disjoint)
         for client in (nodes.local, nodes.remote):
             stack.callback(client.close)
@@ -756,7 +811,23 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
         if not options.keep_parts:
             stack.callback(parts.remove)
         _profile_layers(p, nodes, run, metrics)
-        _sweep(p, nodes, link, run, todo, total, measured_kpis, metrics, console, options, parts)
+        timing.setup_s = time.monotonic() - timing.started
+        estimates, source, _ = _estimate(p, run, options, finished, dep.backend, disjoint, layers=run.layers())
+        timing.eta, timing.source = Eta(estimates), source
+        _sweep(p, nodes, link, run, todo, total, measured_kpis, metrics, console, options, parts, timing)
+        _record_timing(run, timing, env)
+
+
+def _record_timing(run: RunFolder, timing: _Timing, env: dict[str, Any]) -> None:
+    """What the run took, beside what was estimated, in environment.json."""
+    env = run.environment() or env
+    record = {"setup_s": timing.setup_s, "sweep_s": time.monotonic() - timing.started - (timing.setup_s or 0.0),
+              "total_s": time.monotonic() - timing.started, "estimate_source": timing.source}
+    if env.get("resumed"):
+        env["resumed"][-1]["timing"] = record
+    else:
+        env["timing"] = record
+    run.write_environment(env)
 
 
 def pending(configurations: list[Configuration], finished: set[tuple[int, str, int]]) -> list[Configuration]:
@@ -778,11 +849,13 @@ def _kpis_from(run: RunFolder) -> dict[tuple[int, str], dict[str, Any]]:
 
 def _sweep(p: Plan, nodes: _Nodes, link: _Link, run: RunFolder, todo: list[Configuration], total: int,
            measured_kpis: dict[tuple[int, str], dict[str, Any]], metrics: Any, console: Console,
-           options: SweepOptions, parts: _Parts) -> None:
+           options: SweepOptions, parts: _Parts, timing: _Timing) -> None:
+    from testbed.estimate import human
+
     done = total - len(todo)
     current_profile = None
     with _progress(console, options.progress) as bar:
-        task = bar.add_task("starting", total=total, completed=done)
+        task = bar.add_task("starting", total=total, completed=done, eta=human(timing.remaining_s()))
         metrics.set_progress(done, total)
         start = time.monotonic()
         for c in todo:
@@ -803,7 +876,7 @@ def _sweep(p: Plan, nodes: _Nodes, link: _Link, run: RunFolder, todo: list[Confi
                                      emulation=link.emulation[direction])
             where = f"repeat {c.repeat + 1}/{p.experiment.runs.repeat}  " if p.experiment.runs.repeat > 1 else ""
             bar.update(task, description=f"{where}{prof.name}  k={k}")
-            eta = bar.tasks[0].time_remaining
+            eta = timing.remaining_s()
             metrics.configuration_started(k, prof.name, total=total, done=done, eta_s=eta)
             result = _run_configuration(p, nodes, link, c, measured_kpis, metrics, clock, parts)
             with clock("write"):
@@ -811,11 +884,12 @@ def _sweep(p: Plan, nodes: _Nodes, link: _Link, run: RunFolder, todo: list[Confi
             result.summary.update(clock.close())
             run.commit(result)
             metrics.add_phases(prof.name, clock.seconds)
+            timing.eta.finished(c.key, clock.seconds)
             start = time.monotonic()
             done += 1
-            bar.update(task, completed=done)
+            bar.update(task, completed=done, eta=human(timing.remaining_s()))
             try:
-                metrics.configuration_done(k, prof.name, done=done, eta_s=bar.tasks[0].time_remaining)
+                metrics.configuration_done(k, prof.name, done=done, eta_s=timing.remaining_s())
             except TestbedError as e:  # a Pushgateway that is down must not stop a measurement
                 console.print(f"[yellow]warning:[/yellow] {e}")
         bar.update(task, description="done")

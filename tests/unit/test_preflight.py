@@ -1,4 +1,4 @@
-"""The checks before a run: every problem in the files, one line each; the duration estimate.
+"""The checks before a run: every problem in the files, one line each (the estimate: test_estimate.py).
 
 The machine stage (backend, kernel, ports, disk) needs root or a Docker daemon:
 tests/integration/test_check.py covers it. Here the files are wrong, so the
@@ -7,45 +7,13 @@ machine is never probed.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 from typer.testing import CliRunner
 
 from testbed.cli import app
-from testbed.preflight import LinkShape, PreflightError, RunShape, check, estimate_duration, require
+from testbed.preflight import PreflightError, check, require
 
 pytestmark = pytest.mark.unit
-
-
-def _shape(**changes) -> RunShape:
-    base = RunShape(backend="netns", build_image=False, layer_macs=(10**10,), layer_param_bytes=(1000,),
-                    cut_bytes={0: 1000, 1: 0}, result_bytes=500,
-                    links=(LinkShape("slow", 8000, 0.0, 8000, 0.0),), splits=(0, 1), done=frozenset(),
-                    warmup=0, samples=2, min_seconds=0.0, max_seconds=100.0, kpi_runs=1, layer_runs=1,
-                    local_parallelism=1.0, remote_parallelism=1.0)
-    return dataclasses.replace(base, **changes)
-
-
-def test_estimate_matches_the_documented_model_by_hand():
-    # setup 3 + layer profiling 2 x (1 s x 2 runs + 0.02)
-    # k=0: sample = tail 1 s + 1000 B up at 1 kB/s (1 s) + 500 B down (0.5 s) + 3 ms = 2.503 s; 2 samples;
-    #      + 0.2 per configuration; KPIs: tail 1 s x 2 runs + 0.3 worker
-    # k=1: sample = head 1 s + 3 ms; 2 samples; + 0.2; head delivery 1000 B at 1 kB/s = 1 s; KPIs 2 + 0.3
-    expected = 3 + 2 * 2.02 + (2 * 2.503 + 0.2 + 2.3) + (2 * 1.003 + 0.2 + 1.0 + 2.3)
-    assert estimate_duration(_shape()) == pytest.approx(expected)
-
-
-def test_estimate_follows_the_rate_the_caps_and_what_is_done():
-    slow, fast = _shape(), _shape(links=(LinkShape("fast", 8e9, 0.0, 8e9, 0.0),))
-    assert estimate_duration(fast) < estimate_duration(slow)
-    capped = estimate_duration(_shape(samples=1_000_000, max_seconds=10.0))
-    assert capped == pytest.approx(estimate_duration(_shape(samples=1_000_000, max_seconds=20.0)) - 20.0)
-    stretched = estimate_duration(_shape(min_seconds=30.0))
-    assert stretched > estimate_duration(_shape()) + 50
-    half = estimate_duration(_shape(done=frozenset({("slow", 0)})))
-    assert half < estimate_duration(_shape())
-    assert estimate_duration(_shape(build_image=True, backend="docker")) > estimate_duration(_shape()) + 200
 
 
 def _files(tmp_path):
