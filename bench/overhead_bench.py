@@ -102,7 +102,7 @@ def sweep_ratio(backend: str) -> None:
     import yaml
     from rich.console import Console
 
-    from testbed.results import RunFolder
+    from testbed.analysis.results import RunFolder
     from testbed.sweep import SweepOptions, run_experiment
 
     exp = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())

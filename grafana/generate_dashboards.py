@@ -7,7 +7,7 @@ per-split / per-layer bar charts). Edit here, run
 ``python grafana/generate_dashboards.py``, commit both;
 tests/unit/test_dashboards.py fails when the two disagree.
 
-Metric names come from testbed/metrics.py (orchestrator) and
+Metric names come from testbed/metrics/ (orchestrator) and
 nodes/agent_metrics.py (agents). Per-split panels read cumulative histogram
 buckets (no ``rate``): each configuration is measured once, so the whole run's
 buckets for a split and profile are exactly that configuration's samples, and

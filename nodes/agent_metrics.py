@@ -11,7 +11,7 @@ Exposed on the node's metrics address (control side, never the shaped link):
 
 The registry is passed in (never the global default) so tests build their own and read
 values with ``get_sample_value``. The orchestrator's sweep metrics live in
-``testbed/metrics.py``; this module only covers the agent process. The HTTP listener is
+``testbed.metrics``; this module only covers the agent process. The HTTP listener is
 ``nodes.serving.MetricsServer`` (prometheus_client's WSGI app behind a connection cap
 and a per-connection deadline, so an idle or trickling client cannot pin threads).
 """

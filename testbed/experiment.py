@@ -7,7 +7,7 @@ relative paths (model file, input folder, profile files, output folder) against
 the experiment file's folder. Link profiles themselves are parsed by
 ``testbed.link.profile``; models by ``testbed.model``; running is ``testbed.sweep``;
 checking the machine before a run (backend, kernel, ports, disk) is
-``testbed.preflight``.
+``testbed.sweep.preflight``.
 
 Numbers are bounded here so nothing downstream meets an absurd one: integers
 are real integers (``threads: true`` is refused), floats finite, split points
@@ -468,7 +468,7 @@ def load_experiment(path: str | Path, *, check_files: bool = True) -> Experiment
     """Read, validate and anchor an experiment file.
 
     ``check_files=False`` leaves the files it names (model, input images) to
-    the caller: ``testbed.preflight`` collects ``file_problems()`` with the rest.
+    the caller: ``testbed.sweep.preflight`` collects ``file_problems()`` with the rest.
 
     Raises:
         ConfigError: ``file:line: field: what was expected``.

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from testbed.results import read_csv
+from testbed.analysis.results import read_csv
 
 
 class _Parser(HTMLParser):

@@ -1,6 +1,6 @@
 """``testbed check``: what a run of an experiment would do, or every reason it cannot start.
 
-Thin: parses, calls ``testbed.preflight.check``, prints the facts (stdout) or
+Thin: parses, calls ``testbed.sweep.preflight.check``, prints the facts (stdout) or
 raises ``PreflightError`` whose problems ``testbed.cli`` prints one per line
 (stderr, exit 1). Creates nothing.
 """
@@ -30,7 +30,7 @@ def check(
 
     Example: testbed check experiments/posenet_sweep.yaml
     """
-    from testbed.preflight import PreflightError, RunOptions, check as preflight_check
+    from testbed.sweep.preflight import PreflightError, RunOptions, check as preflight_check
 
     result = preflight_check(experiment, RunOptions(resume=resume, metrics_listen=metrics_listen,
                                                     backend=backend, output=output))

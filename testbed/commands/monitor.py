@@ -1,4 +1,4 @@
-"""``testbed monitor up|down|status``: parse, call ``testbed.monitor``, print the URLs."""
+"""``testbed monitor up|down|status``: parse, call ``testbed.metrics.monitor``, print the URLs."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ _DIR = typer.Option(None, "--dir", metavar="DIR",
 
 
 def _print(status, console: Console) -> None:
-    from testbed.monitor import REPO
+    from testbed.metrics.monitor import REPO
 
     if not status.running:
         console.print(f"monitor: not running ({status.monitor_dir})")
@@ -52,7 +52,7 @@ def up(
     """
     from testbed.errors import ConfigError
     from testbed.metrics import parse_listen
-    from testbed.monitor import Monitor
+    from testbed.metrics.monitor import Monitor
     from testbed.units import parse_duration
 
     try:
@@ -75,7 +75,7 @@ def down(monitor_dir: Optional[Path] = _DIR) -> None:
 
     Example: testbed monitor down
     """
-    from testbed.monitor import Monitor
+    from testbed.metrics.monitor import Monitor
 
     stopped = Monitor(monitor_dir).down()
     Console(highlight=False).print("monitor: stopped" if stopped else "monitor: was not running")
@@ -87,6 +87,6 @@ def status(monitor_dir: Optional[Path] = _DIR) -> None:
 
     Example: testbed monitor status
     """
-    from testbed.monitor import Monitor
+    from testbed.metrics.monitor import Monitor
 
     _print(Monitor(monitor_dir).status(), Console(highlight=False))

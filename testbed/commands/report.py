@@ -1,4 +1,4 @@
-"""``testbed report`` and ``testbed plan``: thin wrappers over testbed.report and testbed.planner."""
+"""``testbed report`` and ``testbed plan``: thin wrappers over testbed.analysis.report and testbed.analysis.planner."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def report(
 
     Example: testbed report results/posenet-sweep-20261123-0940 --compare results/other-run
     """
-    from testbed.report import build_report
+    from testbed.analysis.report import build_report
 
     rep = build_report(run_dir, out, compare)
     con = Console(highlight=False)
@@ -57,7 +57,7 @@ def plan(
       testbed plan --run results/RUN --profile lte --uplink 5mbit --downlink 20mbit --delay 10ms
       testbed plan --layers results/RUN/layers.csv --profile ladder-10mbit
     """
-    from testbed import planner
+    from testbed.analysis import planner
 
     if (run is None) == (layers is None):
         raise ConfigError("give exactly one of --run RUN_DIR or --layers LAYERS_CSV", field="--run")
@@ -82,7 +82,7 @@ def plan(
 
 
 def _print_plan(predictions, judged, model, all_splits: bool) -> None:
-    from testbed import planner
+    from testbed.analysis import planner
 
     con = Console(highlight=False)
     con.print(f"[dim]{model.num_layers} layers; {model.source}[/dim]")
@@ -107,7 +107,7 @@ def _print_plan(predictions, judged, model, all_splits: bool) -> None:
 def _write_plan(out: Path, predictions) -> None:
     import csv
 
-    from testbed import report_plots
+    from testbed.analysis import plots as report_plots
 
     out.mkdir(parents=True, exist_ok=True)
     with (out / "plan.csv").open("w", newline="", encoding="utf-8") as f:

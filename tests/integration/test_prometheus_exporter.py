@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from testbed import dashboards
+from testbed.metrics import dashboards
 from testbed.metrics import SweepMetrics, serve
-from testbed.monitor import Monitor, publish_targets, remove_targets, start_prometheus, write_config
+from testbed.metrics.monitor import Monitor, publish_targets, remove_targets, start_prometheus, write_config
 
 pytestmark = pytest.mark.integration
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed import dashboards
-from testbed.monitor import start_prometheus, write_config
+from testbed.metrics import dashboards
+from testbed.metrics.monitor import start_prometheus, write_config
 
 pytestmark = pytest.mark.integration
 

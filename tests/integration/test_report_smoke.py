@@ -43,7 +43,7 @@ def smoke_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(smoke_run, tmp_path_factory):
-    from testbed.report import build_report
+    from testbed.analysis.report import build_report
 
     # Built from a copy: the report must need nothing but the folder's files.
     copy = tmp_path_factory.mktemp("copied") / smoke_run.name

@@ -76,7 +76,7 @@ def _assert_nothing_left(run_id: str) -> None:
 def smoke(request, tmp_path_factory):
     from rich.console import Console
 
-    from testbed.results import RunFolder
+    from testbed.analysis.results import RunFolder
     from testbed.sweep import SweepOptions, run_experiment
 
     _need_root()
@@ -126,7 +126,7 @@ def test_run_folder_is_complete(smoke):
         # every node reports its own cgroup's CPU time; the remote only when it took part
         assert s["local_cpu_s"] is not None and s["local_throttled_periods"] is not None, s
         assert (s["remote_cpu_s"] is not None) == (s["split"] < n), s
-    from testbed.results import PHASES
+    from testbed.analysis.results import PHASES
     for r in summary:  # every second of a configuration is in one phase
         phases = sum(r[f"phase_{ph}_s"] for ph in PHASES)
         assert phases == pytest.approx(r["wall_s"], rel=0.01), r
@@ -143,7 +143,7 @@ def test_run_folder_is_complete(smoke):
 
 def test_e2e_is_at_least_the_sum_of_its_parts(smoke):
     _, run, _ = smoke
-    from testbed.results import E2E_PARTS
+    from testbed.analysis.results import E2E_PARTS
 
     for s in run.samples():
         parts = sum(s[f"{t}_s"] or 0.0 for t in E2E_PARTS)
@@ -209,7 +209,7 @@ def test_a_throttled_node_says_so_per_sample(backend, tmp_path):
     node's own cgroup; the unthrottled run of the same model does not."""
     from rich.console import Console
 
-    from testbed.results import RunFolder
+    from testbed.analysis.results import RunFolder
     from testbed.sweep import SweepOptions, run_experiment
 
     _need_root()
@@ -337,7 +337,7 @@ def test_repeats_land_in_one_folder_in_the_recorded_order_and_resume(tmp_path):
 
     from rich.console import Console
 
-    from testbed.results import RunFolder
+    from testbed.analysis.results import RunFolder
     from testbed.sweep import Plan, SweepOptions, run_experiment
 
     _need_root()
@@ -375,7 +375,7 @@ def test_resume_measures_only_what_is_missing(smoke, tmp_path):
 
     from rich.console import Console
 
-    from testbed.results import RunFolder
+    from testbed.analysis.results import RunFolder
     from testbed.sweep import SweepOptions, run_experiment
 
     backend, run, _ = smoke

@@ -1,7 +1,7 @@
 """A small, self-consistent run folder made up for the report's rendering tests.
 
 Test data, not a stand-in for the sweep: it is written through the sweep's own
-writer (``testbed.results.RunFolder``), so its files have exactly the real
+writer (``testbed.analysis.results.RunFolder``), so its files have exactly the real
 columns, and its numbers obey the measurement contract (e2e = sum of its parts
 plus a little noise; uplink = bytes·8/rate + delay). The real end-to-end check
 is tests/integration/test_report_smoke.py, which reports on a smoke-experiment run.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from testbed.results import ConfigurationResult, RunFolder
+from testbed.analysis.results import ConfigurationResult, RunFolder
 
 N = 6
 LOCAL_S = [0.010, 0.020, 0.015, 0.025, 0.005, 0.010]

@@ -124,7 +124,8 @@ def test_a_throttled_process_sees_its_own_throttling():
 
 def test_run_queue_wait_counts_time_another_task_held_the_cpu():
     """A thread spinning on a CPU that another process also spins on waits for
-    it about half the time, and its snapshot says so; alone it barely waits."""
+    it about half the time, and its snapshot says so; without that process it
+    waits much less (only for whatever else the host runs there)."""
     from nodes.cpu_account import thread_wait_ns
 
     cpu = min(os.sched_getaffinity(0))
@@ -149,4 +150,6 @@ def test_run_queue_wait_counts_time_another_task_held_the_cpu():
             hog.wait()
     finally:
         os.sched_setaffinity(0, before_affinity)
-    assert shared > 0.1 and shared > 5 * alone, (alone, shared)
+    # As fractions of the spinning time: whatever else shares this CPU makes the
+    # thread wait in both windows; the hog must add a good part of its fair share.
+    assert shared / 0.4 > alone / 0.2 + 0.15, (alone, shared)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from testbed.dashboards import (
+from testbed.metrics.dashboards import (
     DASHBOARD_DIR, load_dashboards, queries, structure_problems, substitute, variable_queries,
 )
 from testbed.errors import TestbedError

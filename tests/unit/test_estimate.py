@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from testbed.estimate import (CONFIG_OVERHEAD_S, KPI_OVERHEAD_S, SAMPLE_OVERHEAD_S, Eta, LinkShape, RunShape,
+from testbed.sweep.estimate import (CONFIG_OVERHEAD_S, KPI_OVERHEAD_S, SAMPLE_OVERHEAD_S, Eta, LinkShape, RunShape,
                               configuration_phases, estimate_duration, from_previous, plan_estimates)
-from testbed.results import PHASES, wire_bytes
+from testbed.analysis.results import PHASES, wire_bytes
 
 pytestmark = pytest.mark.unit
 
@@ -59,7 +59,7 @@ def test_caps_rates_repeats_and_what_is_done():
 
 
 def test_a_previous_run_replaces_the_plan_where_it_measured(tmp_path):
-    from testbed.results import ConfigurationResult, RunFolder
+    from testbed.analysis.results import ConfigurationResult, RunFolder
 
     run = RunFolder.create(tmp_path, "prev")
     run.write_config({"name": "e"})

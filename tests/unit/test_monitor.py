@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from testbed.errors import TestbedError
-from testbed.monitor import (
+from testbed.metrics.monitor import (
     COMPOSE_FILE, Monitor, prometheus_config, publish_targets, remove_targets, write_config, write_targets,
 )
 

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from testbed import planner
+from testbed.analysis import planner
 from testbed.errors import ConfigError, TestbedError
-from testbed.planner import Link, ModelProfile, best, predict
+from testbed.analysis.planner import Link, ModelProfile, best, predict
 from tests.unit.report_synthetic_run import make_run
 
 pytestmark = pytest.mark.unit

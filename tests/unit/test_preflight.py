@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from testbed.cli import app
-from testbed.preflight import PreflightError, check, require
+from testbed.sweep.preflight import PreflightError, check, require
 
 pytestmark = pytest.mark.unit
 

@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from testbed.errors import TestbedError
-from testbed.report import build_report
-from testbed.results import read_csv
+from testbed.analysis.report import build_report
+from testbed.analysis.results import read_csv
 from tests.report_checks import check_report, check_tables_against_run
 from tests.unit.report_synthetic_run import make_run
 
@@ -117,7 +117,7 @@ def test_repeats_are_pooled_and_their_spread_shown(tmp_path):
     import csv
 
     from tests.unit.report_synthetic_run import N, PROFILES, make_run
-    from testbed.report import build_report
+    from testbed.analysis.report import build_report
 
     run = make_run(tmp_path, name="repeated", samples=5, repeats=2)
     report = build_report(run, tmp_path / "out")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from testbed.results import (
+from testbed.analysis.results import (
     SAMPLE_COLUMNS, SUMMARY_COLUMNS, ConfigurationResult, RunFolder, read_csv, summarize,
 )
 
@@ -62,7 +62,7 @@ def test_resume_sees_finished_configurations_and_drops_half_written_ones(tmp_pat
     run.append_configuration(_result("a", 0))
     run.append_configuration(_result("a", 1))
     # a run killed after writing samples of (a, 2) but before its summary row
-    import testbed.results as r
+    import testbed.analysis.results as r
     r._append(run.path / r.SAMPLES, r.SAMPLE_COLUMNS, [{**_sample(0, 0.1), "profile": "a", "split": 2}])
     r._append(run.path / r.PARTS, r.PART_COLUMNS, [{"profile": "a", "split": 2, "part": "head"}])
     again = RunFolder.open(run.path)
@@ -108,7 +108,7 @@ def test_median_ci_is_distribution_free_and_honest_about_its_level():
     skewed distribution about as often as it says."""
     import numpy as np
 
-    from testbed.results import median_ci
+    from testbed.analysis.results import median_ci
 
     assert median_ci([]) == (None, None, None)
     assert median_ci([3.0, 1.0, 2.0]) == (1.0, 3.0, 0.75)
@@ -125,7 +125,7 @@ def test_median_ci_is_distribution_free_and_honest_about_its_level():
 
 
 def test_wire_bytes_and_ideal_time_count_every_segments_headers():
-    from testbed.results import ideal_transfer_s, wire_bytes
+    from testbed.analysis.results import ideal_transfer_s, wire_bytes
 
     # 792,588 payload bytes in 1448-byte segments: 548 segments of 66 header bytes (52 TCP/IP + 14 Ethernet)
     assert wire_bytes(792_588, 1448, 1500) == 792_588 + 548 * 66
@@ -169,7 +169,7 @@ import resource, sys
 sys.path.insert(0, {root!r})
 from tests.unit.test_results import _result
 from testbed.errors import TestbedError
-from testbed.results import RunFolder
+from testbed.analysis.results import RunFolder
 limit = int(sys.argv[2])
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))   # Python ignores SIGXFSZ: writes fail with EFBIG
 run = RunFolder(sys.argv[1])
@@ -198,7 +198,7 @@ def _child(run_path, limit: int, mode: str):
 
 
 def _all_lines_complete(path) -> bool:
-    from testbed.results import _complete_length
+    from testbed.analysis.results import _complete_length
     data = path.read_bytes()
     return _complete_length(data) == len(data)
 
@@ -236,7 +236,7 @@ def test_a_torn_last_line_is_skipped_by_readers_and_dropped_on_open(tmp_path):
 
 
 def test_a_torn_header_or_short_row_counts_as_incomplete():
-    from testbed.results import _complete_length
+    from testbed.analysis.results import _complete_length
     assert _complete_length(b"profile,spl") == 0
     assert _complete_length(b"a,b\n1,2\n") == 8
     assert _complete_length(b"a,b\n1,2\n3") == 8

@@ -7,7 +7,7 @@ import time
 import pytest
 from rich.console import Console
 
-from testbed.sweep import _Signals
+from testbed.sweep.run import _Signals
 
 pytestmark = pytest.mark.unit
 

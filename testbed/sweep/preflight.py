@@ -74,8 +74,8 @@ class Check:
 
 
 # --------------------------------------------------------------------------- the estimate
-# The duration model lives in testbed.estimate (shared with the sweep's start line and ETA).
-from testbed.estimate import LinkShape, RunShape, estimate_duration  # noqa: E402
+# The duration model lives in testbed.sweep.estimate (shared with the sweep's start line and ETA).
+from testbed.sweep.estimate import LinkShape, RunShape, estimate_duration  # noqa: E402
 
 
 # --------------------------------------------------------------------------- helpers
@@ -159,7 +159,7 @@ def _options(run: _Run) -> None:
 
 def _resume(run: _Run, folder: Path) -> None:
     from testbed.config import check_regular_file, read_regular_file
-    from testbed.results import CONFIG, LAYERS, PARTS, SAMPLES, SUMMARY
+    from testbed.analysis.results import CONFIG, LAYERS, PARTS, SAMPLES, SUMMARY
 
     try:
         text = read_regular_file(folder / CONFIG, 64 << 20, "a run's config.yaml").decode("utf-8", "replace")
@@ -465,7 +465,7 @@ def _disk_need(run: _Run, shape: RunShape | None) -> int:
 # --------------------------------------------------------------------------- shape and entry points
 
 def _done(run: _Run) -> frozenset[tuple[int, str, int]]:
-    from testbed.results import RunFolder
+    from testbed.analysis.results import RunFolder
 
     resume = run.opt("resume")
     return frozenset(RunFolder(resume).finished()) if resume is not None else frozenset()
@@ -473,7 +473,7 @@ def _done(run: _Run) -> frozenset[tuple[int, str, int]]:
 
 def _shape(run: _Run, backend: str) -> RunShape:
     from testbed.deploy.cpus import plan_cpus
-    from testbed.estimate import host_macs_per_s, shape_for
+    from testbed.sweep.estimate import host_macs_per_s, shape_for
 
     exp = run.exp
     cpus = plan_cpus(exp.nodes.local.cpus, exp.nodes.remote.cpus, mode=exp.nodes.pinning,

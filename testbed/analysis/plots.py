@@ -3,8 +3,8 @@
 Every function takes the runs (the first is the primary run, the others are
 ``--compare`` overlays) and an output path, draws with matplotlib's Agg backend
 (no display needed) and returns the path, or None when the run holds nothing to
-draw for that figure. Reading is ``testbed.report_data``'s job; the HTML is
-``testbed.report``'s.
+draw for that figure. Reading is ``testbed.analysis.run_data``'s job; the HTML is
+``testbed.analysis.report``'s.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ matplotlib.use("Agg")  # before pyplot: no display on CI or in a container
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator  # noqa: E402
 
-from testbed.report_data import SA4, STACK, RunData  # noqa: E402
+from testbed.analysis.run_data import SA4, STACK, RunData  # noqa: E402
 
 DPI = 110
 LINESTYLES = ("-", "--", ":", "-.")
@@ -448,7 +448,7 @@ PHASE_COLORS = {
 
 def sweep_time(runs: Sequence[RunData], path: Path) -> Path | None:
     """Where the sweep's wall time went, per profile: stacked phases (primary run)."""
-    from testbed.results import PHASES
+    from testbed.analysis.results import PHASES
 
     run = runs[0]
     rows = run.repeat_rows

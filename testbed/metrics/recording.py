@@ -6,7 +6,7 @@ Grafana dashboards in ``grafana/dashboards/`` query exactly these), the
 server (``serve``) and the optional Pushgateway push of each configuration's
 summary. It leaves the agents' own ``/metrics`` to ``nodes/agent.py`` (names
 agreed in INTERFACES.md), the scrape configuration and the Prometheus process to
-``testbed.monitor``, and what to measure and when to ``testbed.sweep``.
+``testbed.metrics.monitor``, and what to measure and when to ``testbed.sweep``.
 
 Conventions (see CONVENTIONS.md "Metrics"):
 

@@ -1,9 +1,9 @@
 """A run folder read back for the report: typed rows plus the few derived facts
 every figure needs (profile order, split points, anchors, input size).
 
-Reads result files only, through ``testbed.results`` (which owns names and
+Reads result files only, through ``testbed.analysis.results`` (which owns names and
 columns), so a report can be rebuilt from a copied folder. Draws nothing
-(``testbed.report_plots``) and writes nothing (``testbed.report``).
+(``testbed.analysis.plots``) and writes nothing (``testbed.analysis.report``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import TestbedError
-from testbed.results import E2E_PARTS, SUMMARY, TIMINGS, RunFolder
+from testbed.analysis.results import E2E_PARTS, SUMMARY, TIMINGS, RunFolder
 
 # Names of the SA4 evaluation framework's metrics (TR 26.927 split-inference KPIs),
 # used as labels so the report reads in the framework's words.
@@ -69,7 +69,7 @@ class RunData:
         if not repeat_rows:
             raise TestbedError(f"{folder.path / SUMMARY}: no finished configuration")
         samples = folder.samples()
-        from testbed.results import pool_repeats
+        from testbed.analysis.results import pool_repeats
         summary = pool_repeats(repeat_rows, samples)
         config = {}
         try:

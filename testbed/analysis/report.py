@@ -4,8 +4,8 @@ Owns what the report says and how it is laid out: the tables (computed from the
 result files, written as CSV and shown in the HTML with the very same values),
 the order of sections, and the self-contained ``report.html`` (PNGs embedded as
 base64, inline CSS, no script, nothing fetched). Reads result files only (via
-``testbed.report_data``), so a report rebuilds from a copied folder. Figures are
-drawn by ``testbed.report_plots``; predictions come from ``testbed.planner``.
+``testbed.analysis.run_data``), so a report rebuilds from a copied folder. Figures are
+drawn by ``testbed.analysis.plots``; predictions come from ``testbed.analysis.planner``.
 
 Output folder (default ``RUN_DIR/report``)::
 
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from testbed import report_plots as plots
+from testbed.analysis import plots
 from testbed.errors import TestbedError
-from testbed.report_data import RunData
+from testbed.analysis.run_data import RunData
 from testbed.units import format_bytes, format_rate
 
 
@@ -216,7 +216,7 @@ def fidelity_table(runs: Sequence[RunData]) -> Table:
 
 def phase_table(runs: Sequence[RunData]) -> Table:
     """Per profile: wall time by phase, summed over the profile's configurations."""
-    from testbed.results import PHASES
+    from testbed.analysis.results import PHASES
 
     rows = []
     for run in runs:
@@ -504,7 +504,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None,
 
 def _planner_section(run: RunData, out: Path, sections: list[str], figures: dict[str, Path],
                      tables: list[Table], warnings: list[str]) -> Any:
-    from testbed import planner
+    from testbed.analysis import planner
 
     sections.append("<h2>Split-point planner</h2>")
     try:

@@ -12,7 +12,7 @@ results and raises ``Interrupted`` (exit 130).
 
 It leaves *how* to the parts: ``testbed.deploy`` (nodes and teardown),
 ``testbed.link`` (shapers), ``testbed.model`` (splitting), the agent client
-(protocol, timing inside the nodes), ``testbed.results`` (files) and
+(protocol, timing inside the nodes), ``testbed.analysis.results`` (files) and
 ``testbed.metrics`` (Prometheus).
 """
 
@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from testbed.errors import ConfigError, Interrupted, TestbedError
 from testbed.experiment import Experiment, load_experiment, parse_host_port, resolved_dict
-from testbed.results import PHASES, ConfigurationResult, RunFolder, ideal_transfer_s
+from testbed.analysis.results import PHASES, ConfigurationResult, RunFolder, ideal_transfer_s
 
 # Extra samples taken to reach min_seconds are asked for in batches sized from
 # the time per sample so far, at most this many per control round trip.
@@ -598,7 +598,7 @@ class _Timing:
     """The run's own estimate and what it really took, for the start line, the
     ETA, and environment.json (the next run's estimate reads it)."""
 
-    eta: Any                              # testbed.estimate.Eta
+    eta: Any                              # testbed.sweep.estimate.Eta
     source: str                           # "the plan" or the previous run it came from
     started: float = field(default_factory=time.monotonic)
     setup_s: float | None = None
@@ -612,7 +612,7 @@ def _estimate(p: Plan, run: RunFolder, options: SweepOptions, finished: set[tupl
     """Per-configuration phase estimates for what is left: from a previous run of the
     same experiment where it measured the configuration, else from the plan (with the
     measured per-layer times once known). Returns (estimates, source, setup seconds)."""
-    from testbed import estimate as est
+    from testbed.sweep import estimate as est
 
     exp = p.experiment
     shape = est.shape_for(exp, p.graph, p.profiles, p.splits, backend=backend, done=finished,
@@ -633,7 +633,7 @@ def _estimate(p: Plan, run: RunFolder, options: SweepOptions, finished: set[tupl
 
 
 def _macs_per_s(p: Plan) -> float:
-    from testbed.estimate import host_macs_per_s
+    from testbed.sweep.estimate import host_macs_per_s
 
     if "macs_per_s" not in p.model:
         p.model["macs_per_s"] = host_macs_per_s(p.model_path, sum(layer.macs for layer in p.graph.layers))
@@ -664,7 +664,7 @@ def _open_run(p: Plan, options: SweepOptions) -> RunFolder:
 
 def _publish_targets(exp: Experiment, run_name: str, metrics: Any, server: Any, dep: Any) -> Any:
     """Tell a ``testbed monitor`` Prometheus (if any) what to scrape; returns the undo."""
-    from testbed.monitor import publish_targets, remove_targets
+    from testbed.metrics.monitor import publish_targets, remove_targets
 
     agents = {n.name: f"{n.metrics_host}:{n.metrics_port}" for n in (dep.local, dep.remote)}
     try:
@@ -727,10 +727,10 @@ def run_experiment(path: str | Path, options: SweepOptions = SweepOptions(),
     run: RunFolder | None = None
     try:
         with signals:
-            # --- PREFLIGHT (testbed.preflight, owned by the input-hardening work): every check of
+            # --- PREFLIGHT (testbed.sweep.preflight, owned by the input-hardening work): every check of
             # `testbed check` -- files, model, split points, profiles, backend, kernel, ports, disk --
             # before anything is created; raises PreflightError listing every problem. Keep it first.
-            from testbed.preflight import require
+            from testbed.sweep.preflight import require
             require(path, options)
             # --- end PREFLIGHT
             exp = load_experiment(path)
@@ -767,7 +767,7 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
     console.print(f"run folder: {run.path}  ({total} configurations, {total - len(todo)} already done)")
     if not todo:
         return
-    from testbed.estimate import Eta, human
+    from testbed.sweep.estimate import Eta, human
 
     cpu_plan = _cpu_plan(exp)
     disjoint = bool(cpu_plan.local and cpu_plan.remote and not set(cpu_plan.local) & set(cpu_plan.remote))
@@ -837,7 +837,7 @@ def pending(configurations: list[Configuration], finished: set[tuple[int, str, i
 
 def _kpis_from(run: RunFolder) -> dict[tuple[int, str], dict[str, Any]]:
     """KPIs measured by an earlier session of a resumed run (measured once per part)."""
-    from testbed.results import KPI_COLUMNS
+    from testbed.analysis.results import KPI_COLUMNS
 
     out: dict[tuple[int, str], dict[str, Any]] = {}
     for row in run.parts():
@@ -850,7 +850,7 @@ def _kpis_from(run: RunFolder) -> dict[tuple[int, str], dict[str, Any]]:
 def _sweep(p: Plan, nodes: _Nodes, link: _Link, run: RunFolder, todo: list[Configuration], total: int,
            measured_kpis: dict[tuple[int, str], dict[str, Any]], metrics: Any, console: Console,
            options: SweepOptions, parts: _Parts, timing: _Timing) -> None:
-    from testbed.estimate import human
+    from testbed.sweep.estimate import human
 
     done = total - len(todo)
     current_profile = None

@@ -17,8 +17,8 @@ Owns the model (:func:`predict`, :func:`best`), building its inputs from result
 files (:func:`model_from_run`, :func:`model_from_files`), turning a profile
 (a run's summary row, a ``netem_profiles`` name or file, or ad-hoc rates) into a
 :class:`Link`, and judging the choice against a run's measurements
-(:func:`evaluate`). Reads result files only (via ``testbed.results``); never
-measures. Plots are ``testbed.report``'s.
+(:func:`evaluate`). Reads result files only (via ``testbed.analysis.results``); never
+measures. Plots are ``testbed.analysis.report``'s.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from testbed.errors import ConfigError, TestbedError
-from testbed.results import LAYERS, MANIFEST, RunFolder, read_csv
+from testbed.analysis.results import LAYERS, MANIFEST, RunFolder, read_csv
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ import yaml
 from testbed.errors import TestbedError
 
 JOB = "testbed"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker" / "monitoring-compose.yml"
 COMPOSE_PROJECT = "testbed-monitor"
 DEFAULT_LISTEN = "127.0.0.1:9090"

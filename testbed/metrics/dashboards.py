@@ -6,7 +6,7 @@ and target, a known schemaVersion), substituting template variables the way
 Grafana would, and running every panel query over Prometheus' HTTP API. This is
 how the dashboards are proven without a Grafana: tests (and anyone with a running
 monitor) call ``check_queries``. It leaves the dashboards' content to
-``grafana/generate_dashboards.py`` and the Prometheus process to ``testbed.monitor``.
+``grafana/generate_dashboards.py`` and the Prometheus process to ``testbed.metrics.monitor``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping
 
 from testbed.errors import TestbedError
 
-DASHBOARD_DIR = Path(__file__).resolve().parents[1] / "grafana" / "dashboards"
+DASHBOARD_DIR = Path(__file__).resolve().parents[2] / "grafana" / "dashboards"
 # Grafana 9.4 .. 11.x write these; older ones migrate, newer ones we have not seen.
 SCHEMA_VERSIONS = range(36, 42)
 # What Grafana substitutes for its built-in interval variables on a short range

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from testbed.results import PHASES, RunFolder, wire_bytes
+from testbed.analysis.results import PHASES, RunFolder, wire_bytes
 
 # Measured on the flagship (2-core host, docker): per-configuration costs that do
 # not scale with the model or the link.

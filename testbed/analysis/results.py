@@ -4,7 +4,7 @@ Owns the file names, the column names and units (documented in the README,
 "Result files"), appending after every configuration so an interrupted sweep
 keeps what it measured and ``--resume`` knows what is finished, and reading the
 files back with typed values (the report and the planner read only these).
-Measuring is ``testbed.sweep``'s job; plotting ``testbed.report``'s.
+Measuring is ``testbed.sweep``'s job; plotting ``testbed.analysis.report``'s.
 
 Layout of ``RUN_DIR``::
 
@@ -42,7 +42,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import yaml
 
-log = logging.getLogger("testbed.results")
+log = logging.getLogger("testbed.analysis.results")
 
 SAMPLES, SUMMARY, PARTS, LAYERS = "samples.csv", "summary.csv", "parts.csv", "layers.csv"
 ENVIRONMENT, CONFIG, MANIFEST = "environment.json", "config.yaml", "manifest.json"
