@@ -1,11 +1,12 @@
-"""Both directions of a link at once: what the sweep calls per configuration.
+"""Both directions of a link at once: the one link object the sweep drives.
 
 Owns: mapping a profile onto two shapers — uplink at the egress of the local
 node's data interface, downlink at the remote node's — checking *both*
-directions against the kernel before touching either, changing in place from
+directions against the kernel before touching either (``check`` does it for a
+whole list of profiles before a run measures anything), changing in place from
 one profile to the next, starting/stopping steppers for time-varying
-profiles, and clearing both. A direction the profile leaves out is unshaped
-(cleared).
+profiles, what each direction is emulated with now (``emulation``), and
+clearing both. A direction the profile leaves out is unshaped (cleared).
 
 Leaves to others: the qdiscs (``testbed.link.shaper``), the timing of steps
 (``testbed.link.stepper``), where the interfaces are (``testbed.deploy``).
@@ -20,8 +21,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+from testbed.errors import TestbedError
 from testbed.link.profile import DIRECTIONS, LinkProfile
 from testbed.link.shaper import Capabilities, Shaper
 from testbed.link.stepper import Stepper
@@ -44,6 +47,28 @@ class Link:
                         "downlink": Shaper(remote, arrangement=arrangement, state_dir=state_dir, capabilities=caps)}
         self._steppers: dict[str, Stepper] = {}
         self.profile: LinkProfile | None = None
+        # What results record per direction: tbf, htb, netem, tbf+netem, ... or none.
+        self.emulation: dict[str, str] = dict.fromkeys(DIRECTIONS, "none")
+
+    def capabilities(self) -> Capabilities:
+        """What this kernel can shape (probed once)."""
+        return self.shapers["uplink"].capabilities()
+
+    def check(self, profiles: list[LinkProfile]) -> None:
+        """Refuse, before anything is shaped or measured, a profile (any direction,
+        any trace step) this kernel cannot honour; the message names the profile,
+        the direction, what is missing and how to get it.
+
+        Raises:
+            ShapingError (or another TestbedError from the shaper's plan).
+        """
+        for prof in profiles:
+            for which, shaper in self.shapers.items():
+                for _, direction in prof.schedule(which):
+                    try:
+                        shaper.plan(direction)
+                    except TestbedError as e:
+                        raise type(e)(f"profile {prof.name!r} {which}: {e}") from None
 
     def apply(self, profile: LinkProfile) -> dict[str, str | None]:
         """Shape both directions as ``profile`` says (in place when already
@@ -69,12 +94,9 @@ class Link:
             else:
                 self._steppers[which] = Stepper(shaper, schedule, profile.period_s(), profile.name).start()
                 out[which] = shaper.emulation
+            self.emulation[which] = out[which] or "none"
         self.profile = profile
         return out
-
-    def step_report(self) -> dict[str, dict]:
-        """Timing of the running steppers (see ``Stepper.report``)."""
-        return {which: st.report() for which, st in self._steppers.items()}
 
     def _stop_steppers(self) -> None:
         for st in self._steppers.values():
@@ -87,6 +109,14 @@ class Link:
         for shaper in self.shapers.values():
             shaper.clear()
         self.profile = None
+
+    def teardown(self) -> None:
+        """Clear and close, swallowing every error: it runs while a run is torn
+        down, where the interfaces may already be gone with their nodes."""
+        for step in (self._stop_steppers, *(s.clear for s in self.shapers.values()),
+                     *(s.close for s in self.shapers.values())):
+            with contextlib.suppress(Exception):
+                step()
 
     def close(self) -> None:
         """Stop stepping and close sockets; shaping stays (call ``clear`` first)."""

@@ -7,7 +7,7 @@ import time
 import pytest
 from rich.console import Console
 
-from testbed.sweep.run import _Signals
+from testbed.sweep.signals import Signals as _Signals
 
 pytestmark = pytest.mark.unit
 
