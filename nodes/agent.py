@@ -58,6 +58,7 @@ from prometheus_client import CollectorRegistry
 from nodes import protocol as P
 from nodes import pipeline, serving
 from nodes.agent_metrics import METRICS_LIMITS, AgentMetrics, serve as serve_metrics
+from nodes.addresses import parse_host_port
 from nodes.cpu_account import CpuAccount
 from nodes.lease import EXIT_LEASE_EXPIRED, Lease, keep_alive
 from nodes.zygote import Zygote, ZygoteError
@@ -85,11 +86,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"{text!r}: expected HOST:PORT")
-    return host.strip("[]"), int(port)
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port), for argparse."""
+    return parse_host_port(text)
 
 
 # ------------------------------------------------------------------------- argument checks

@@ -265,12 +265,8 @@ def _point(value: int | str) -> int:
     return k
 
 
-def parse_host_port(text: str) -> tuple[str, int]:
-    """``'127.0.0.1:9400'`` → ('127.0.0.1', 9400). Port 0 means any free port."""
-    m = re.fullmatch(r"\[?([^\[\]\s\x00]{0,253}?)\]?:([0-9]{1,5})", text.strip())
-    if not m or int(m.group(2)) > 65535:
-        raise ValueError(f"expected HOST:PORT such as '127.0.0.1:9400', got {_shown(text)}")
-    return m.group(1) or "127.0.0.1", int(m.group(2))
+# HOST:PORT as everywhere in the testbed (one parser, shared with the agent).
+from nodes.addresses import parse_host_port  # noqa: E402
 
 
 SplitsField = Literal["all"] | str | int | list[int | str]

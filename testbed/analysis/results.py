@@ -42,6 +42,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import yaml
 
+from nodes.stats import describe
+
 log = logging.getLogger("testbed.analysis.results")
 
 SAMPLES, SUMMARY, PARTS, LAYERS = "samples.csv", "summary.csv", "parts.csv", "layers.csv"
@@ -110,18 +112,10 @@ _INTS = {"repeat", "split", "sample", "input_index", "count", "warmup", "layer",
          "local_throttled_samples", "remote_throttled_samples"}
 
 
-def summarize(values: Sequence[float]) -> dict[str, float | None]:
+def summarize(values: Sequence[float | None]) -> dict[str, float | None]:
     """mean, std (sample, ddof=1; 0 for one value), p10, p50, p90, p99
-    (linear interpolation). All None for no values; NaNs are ignored."""
-    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
-    if arr.size == 0:
-        return {s: None for s in STATS}
-    p10, p50, p90, p99 = np.percentile(arr, [10, 50, 90, 99])
-    return {
-        "mean": float(arr.mean()),
-        "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
-        "p10": float(p10), "p50": float(p50), "p90": float(p90), "p99": float(p99),
-    }
+    (linear interpolation): ``nodes.stats.describe``. All None for no values; NaNs are ignored."""
+    return describe(values)
 
 
 def median_ci(values: Sequence[float], level: float = 0.95) -> tuple[float | None, float | None, float | None]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import os
 import secrets
 import signal
 import threading
@@ -39,6 +38,7 @@ from typing import Any, Iterator, Sequence
 
 from testbed.deploy.node import ROLES, Node, NodeSpec, check_run_id
 from testbed.errors import ConfigError, NodeError
+from testbed.forksafe import owner_only
 
 __all__ = ["BACKENDS", "Deployment", "Node", "NodeSpec", "choose_backend", "cleanup", "deploy"]
 
@@ -100,14 +100,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     previous = signal.getsignal(signal.SIGTERM)
     mine = None
     if previous in (signal.SIG_DFL, None):
-        owner = os.getpid()
-
         def interrupt(signum, frame):  # noqa: ANN001 - signal API
-            if os.getpid() != owner:  # a forked child (pyroute2's): die as by default
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
             raise KeyboardInterrupt(f"signal {signum}")
-        mine = interrupt
+        mine = owner_only(interrupt)
         signal.signal(signal.SIGTERM, mine)
     try:
         yield
@@ -125,16 +120,13 @@ def _signals_deferred() -> Iterator[None]:
     pending: list[int] = []
     sigs = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.getsignal(s) for s in sigs}
-    owner = os.getpid()
 
     def hold(signum, frame):  # noqa: ANN001 - signal API
-        if os.getpid() != owner:  # a forked child (pyroute2's): die as by default
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
         pending.append(signum)
 
+    guarded = owner_only(hold)
     for s in sigs:
-        signal.signal(s, hold)
+        signal.signal(s, guarded)
     try:
         yield
     finally:

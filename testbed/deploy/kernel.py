@@ -12,7 +12,7 @@ import errno
 import os
 import time
 
-import pyroute2.config
+from testbed.forksafe import configure_pyroute2
 from pyroute2 import IPRoute, netns as _netns
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -20,13 +20,7 @@ from testbed.errors import NodeError
 
 NETNS_DIR = "/run/netns"
 
-# Trap: pyroute2 reaches another namespace through a forked child, which it
-# stops with SIGTERM. The child inherits Python-level signal handlers (the
-# sweep's, deploy's), so without this it would run the parent's handler,
-# survive, and go on executing the parent's code. This makes the child reset
-# SIGINT/SIGTERM to their defaults first (the flag's name says "mp" but pyroute2
-# honours it in fork mode too). Process-wide, on purpose.
-pyroute2.config.disable_mp_signal = True
+configure_pyroute2()  # its forked namespace helpers must not run our signal handlers
 
 
 def _ipr(ns: str | None = None) -> IPRoute:
@@ -66,11 +60,6 @@ def netns_inode(name: str) -> int | None:
         return os.stat(os.path.join(NETNS_DIR, name)).st_ino
     except FileNotFoundError:
         return None
-
-
-def link_exists(ifname: str, ns: str | None = None) -> bool:
-    with _ipr(ns) as ip:
-        return bool(ip.link_lookup(ifname=ifname))
 
 
 def links(ns: str | None = None) -> list[dict]:

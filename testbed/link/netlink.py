@@ -23,7 +23,7 @@ import struct
 import subprocess
 from typing import Any
 
-import pyroute2.config
+from testbed.forksafe import configure_pyroute2
 from pyroute2 import IPRoute, netns as pr_netns
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, nla
 from pyroute2.netlink.exceptions import NetlinkError
@@ -38,12 +38,7 @@ from testbed.link.target import Target
 
 TC_H_UNSPEC = 0
 
-# Trap (as in testbed.deploy.kernel): pyroute2 reaches another namespace
-# (Target netns= / pid=) through a forked child that it stops with SIGTERM; the
-# child inherits the parent's Python signal handlers (the sweep's), and would run
-# them and carry on executing the parent's code. This makes the child reset
-# SIGINT/SIGTERM to their defaults first. Process-wide, on purpose.
-pyroute2.config.disable_mp_signal = True
+configure_pyroute2()  # its forked namespace helpers must not run our signal handlers
 
 
 def handle(major: int, minor: int = 0) -> int:

@@ -37,124 +37,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from testbed.link.profile import Direction
+from testbed.link.profile import MTU_BYTES, U32_MAX, Direction, check, needs_netem
 
-MTU_BYTES = 1500
 NETEM_DEFAULT_LIMIT = 1000     # netem's own default (packets)
 RATE_QUEUE_PACKETS = 1000      # the leaf queue behind a rate limiter (= veth/ethernet txqueuelen)
 ASSUMED_LINE_RATE_BPS = 10**9  # sizes netem's queue when a direction sets no rate
 PASS_THROUGH_BPS = 32 * 10**9  # limiter rate when a direction sets no rate (netem does the rest); fits 32-bit bytes/s
 ARRANGEMENTS = ("auto", "htb", "tbf", "netem")
-U32_MAX = 2**32 - 1
-S32_MAX = 2**31 - 1
-
-# --- what the kernel (and the netlink messages we send) can carry -----------------
-# Checked by ``check`` at load time, so a profile that ``netem validate`` accepts
-# can be installed: before these, a 1e30tbit rate or a 2^40 limit failed while
-# pyroute2 packed the message, after the nodes were deployed.
-#
-# rate: tbf's ``tc_ratespec.rate`` is u32 bytes/s and pyroute2 0.9 sends no
-#   TCA_TBF_RATE64 (htb and netem have 64-bit attributes, tbf is the default).
-#   Floor: the kernel refuses a zero rate (qdisc_get_rtab) and the rate table
-#   pyroute2 computes holds u32 psched ticks (64 ns) per cell up to 2048 bytes:
-#   2048 B at 8 B/s is 4.0e9 ticks, at 7 B/s it overflows.
-MIN_RATE_BPS = 64
-MAX_RATE_BPS = U32_MAX * 8                 # 34.36 Gbit/s
-# delay: netem takes s64 ns (TCA_NETEM_LATENCY64) and adds it to the current
-#   time in ns, which overflows long before 2^63 ns; an hour is far beyond any
-#   network and keeps every sum (delay + jitter + slot) well inside.
-MAX_DELAY_S = 3600.0
-# jitter: netem_change caps it at INT_MAX ns ("capping jitter to the range
-#   acceptable by tabledist()"): more would be silently shortened.
-MAX_JITTER_S = S32_MAX / 1e9               # 2.147483647 s
-# limit: tbf's queue limit is u32 *bytes* (packets x 1500); pfifo and netem take u32 packets.
-MAX_LIMIT_PACKETS = U32_MAX // MTU_BYTES   # 2,863,311
-MAX_SLOT_COUNT = S32_MAX                   # tc_netem_slot.max_packets / max_bytes are s32
-MAX_GAP = U32_MAX                          # tc_netem_qopt.gap is u32
-MAX_OVERHEAD_BYTES = 1024                  # htb's tc_ratespec.overhead is u16: unsigned
-
-
-def _ranges(d: Direction) -> list[tuple[tuple[str, ...], str]]:
-    """Values outside what the kernel can take, with the accepted range."""
-    out: list[tuple[tuple[str, ...], str]] = []
-
-    def within(loc: tuple[str, ...], value: float | None, lo: float, hi: float, show, why: str) -> None:
-        if value is not None and not lo <= value <= hi:
-            out.append((loc, f"must be within {show(lo)} and {show(hi)} ({why}), got {show(value)}"))
-
-    within(("rate",), d.rate_bps, MIN_RATE_BPS, MAX_RATE_BPS, _rate,
-           "tbf takes a non-zero 32-bit bytes/s rate")
-    within(("delay",), d.delay_s, 0.0, MAX_DELAY_S, _seconds, "the testbed's bound on netem's delay")
-    within(("jitter",), d.jitter_s, 0.0, MAX_JITTER_S, _seconds, "netem caps jitter at 2^31-1 ns")
-    within(("limit",), d.limit_packets, 1, MAX_LIMIT_PACKETS, _count,
-           "tbf's queue limit is 32-bit bytes of 1500-byte packets")
-    within(("overhead",), d.overhead_bytes, 0, MAX_OVERHEAD_BYTES, _count,
-           "htb, which carries it, counts it unsigned")
-    if d.reorder is not None:
-        within(("reorder", "gap"), d.reorder.gap, 0, MAX_GAP, _count, "netem's gap is 32-bit")
-    if d.slot is not None:
-        within(("slot", "min_delay"), d.slot.min_delay_s, 0.0, MAX_DELAY_S, _seconds, "as delay")
-        within(("slot", "max_delay"), d.slot.max_delay_s, 0.0, MAX_DELAY_S, _seconds, "as delay")
-        within(("slot", "packets"), d.slot.packets, 0, MAX_SLOT_COUNT, _count, "netem's slot fields are signed 32-bit")
-        within(("slot", "bytes"), d.slot.bytes_, 0, MAX_SLOT_COUNT, _count, "netem's slot fields are signed 32-bit")
-    return out
-
-
-def _rate(bps: float) -> str:
-    return f"{bps:g}bit" if bps < 1000 else f"{bps / 1e3:g}kbit" if bps < 1e6 else f"{bps / 1e9:.10g}gbit"
-
-
-def _seconds(s: float) -> str:
-    return f"{s:.10g}s"
-
-
-def _count(n: float) -> str:
-    return f"{n:g}" if isinstance(n, float) else str(n)
-
 
 def u32(pct: float) -> int:
     """A percentage as netem's probability: 0 % → 0, 100 % → 2^32-1."""
     return min(U32_MAX, int(round(pct / 100.0 * U32_MAX)))
 
-
-def needs_netem(d: Direction) -> bool:
-    """True when ``d`` asks for more than a rate (and its overhead / queue)."""
-    return bool(d.delay_s or d.jitter_s or d.loss or d.duplicate or d.corrupt or d.reorder or d.slot
-                or d.distribution not in (None, "uniform") or d.delay_correlation_pct)
-
-
-def check(d: Direction) -> list[tuple[tuple[str, ...], str]]:
-    """Kernel ranges, then rules between fields. Returns ``[(field path (YAML
-    keys), message), ...]``; empty when fine."""
-    out = _ranges(d)
-    if d.jitter_s and not d.delay_s:
-        out.append((("jitter",), "jitter needs delay (netem draws each packet's delay as delay ± jitter)"))
-    if d.distribution is not None and not d.jitter_s:
-        out.append((("distribution",), "a delay distribution needs jitter (it shapes how delay varies)"))
-    if d.delay_correlation_pct and not d.jitter_s:
-        out.append((("delay_correlation",), "delay correlation needs jitter (and delay)"))
-    if d.loss is not None and d.loss.random_pct is not None:
-        if d.loss.correlation_pct and not d.loss.random_pct:
-            out.append((("loss", "correlation"), "loss correlation needs a non-zero random loss"))
-    elif d.loss is not None and d.loss.correlation_pct:
-        out.append((("loss", "correlation"), "correlation goes with random loss only; "
-                                             "gemodel and state models have their own transition probabilities"))
-    for name in ("duplicate", "corrupt"):
-        chance = getattr(d, name)
-        if chance is not None and chance.correlation_pct and not chance.percent_pct:
-            out.append(((name, "correlation"), f"{name} correlation needs a non-zero {name} percent"))
-    if d.reorder is not None:
-        if not d.delay_s:
-            out.append((("reorder",), "reordering needs delay (reordered packets are those sent without it)"))
-        elif (d.reorder.correlation_pct or d.reorder.gap) and not d.reorder.percent_pct:
-            out.append((("reorder", "percent"), "reorder correlation/gap need a non-zero reorder percent"))
-    if d.slot is not None and d.slot.max_delay_s is not None and d.slot.max_delay_s < d.slot.min_delay_s:
-        out.append((("slot", "max_delay"), "max_delay must not be below min_delay"))
-    if d.overhead_bytes and d.rate_bps is None:
-        out.append((("overhead",), "overhead adjusts a rate; give rate too"))
-    if d.limit_packets is not None and d.rate_bps is None and not needs_netem(d):
-        out.append((("limit",), "limit sizes the queue of a rate or a netem; give rate (or delay, loss, ...) too"))
-    return out
 
 
 @dataclass(frozen=True)

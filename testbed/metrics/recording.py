@@ -1,24 +1,10 @@
-"""The orchestrator's Prometheus metrics: definitions, the sweep-facing recorder, exposition.
+"""The recorder the sweep calls at each step: per-sample histograms, per-configuration
+summaries, the best split so far, progress and ETA, phase time.
 
-Owns every metric name the orchestrator exposes during ``testbed run`` (the
-Grafana dashboards in ``grafana/dashboards/`` query exactly these), the
-``SweepMetrics`` recorder the sweep calls at each step, the ``/metrics`` HTTP
-server (``serve``) and the optional Pushgateway push of each configuration's
-summary. It leaves the agents' own ``/metrics`` to ``nodes/agent.py`` (names
-agreed in INTERFACES.md), the scrape configuration and the Prometheus process to
-``testbed.metrics.monitor``, and what to measure and when to ``testbed.sweep``.
-
-Conventions (see CONVENTIONS.md "Metrics"):
-
-* The registry is always passed in; nothing here touches the global default.
-* Base units in names (``_seconds``, ``_bytes``, ``_ratio``), ``_total`` only on
-  counters. Link rates are exposed in bytes per second (Prometheus' base unit);
-  dashboards multiply by 8 for bit/s.
-* Labels are bounded: ``experiment``, ``run`` on every series; then ``split``,
-  ``profile``, ``node``, ``part``, ``layer``, ``direction`` where they mean
-  something. Never a per-sample label.
-* ``split`` and ``layer`` label values are plain decimal integers (``"7"``), the
-  same numbers as in the CSV files, so a query reads ``split="7"``.
+Owns turning sweep events into metric values (``definitions`` holds the
+names). Serving ``/metrics`` and pushing to a Pushgateway are ``exposition``'s;
+the agents' own metrics are ``nodes/agent_metrics.py``'s; the Prometheus process
+``testbed.metrics.monitor``'s.
 
 Example::
 
@@ -34,45 +20,18 @@ Example::
 from __future__ import annotations
 
 import math
-import socket
 import statistics
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from prometheus_client import CollectorRegistry, Gauge
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
-from prometheus_client.exposition import push_to_gateway
-
+from nodes.stats import quantile as _quantile
 from testbed.errors import TestbedError
-
-# Latency buckets, 0.1 ms .. 100 s, 6 per decade. A sweep spans sub-millisecond
-# layer-sized heads on the edge node up to whole images crossing a 1 Mbit/s link
-# (several seconds); histogram_quantile interpolates inside a bucket, so the
-# bucket ratio (at most 1.5) bounds its error on p50/p90.
-_STEPS = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
-LATENCY_BUCKETS: tuple[float, ...] = tuple(
-    round(step * 10.0 ** exp, 10) for exp in range(-4, 2) for step in _STEPS) + (100.0,)
-
-BASE_LABELS = ("experiment", "run")
-# Job of pushed summaries. Prometheus scrapes the Pushgateway with honor_labels,
-# so this job name (not "pushgateway") is what the series carry; it keeps them
-# apart from the live series of job "testbed".
-PUSH_JOB = "testbed-summary"
-DIRECTIONS = ("uplink", "downlink")
-
-# Per-sample timing keys (AgentClient.run / samples.csv) and where each stage ran.
-# (key, node, direction): encode/decode happen on the sending/receiving side of a direction.
-_CODEC_KEYS = (
-    ("encode_s", "local", "uplink"),
-    ("remote_decode_s", "remote", "uplink"),
-    ("remote_encode_s", "remote", "downlink"),
-    ("decode_s", "local", "downlink"),
-)
-
+from testbed.metrics.definitions import _CODEC_KEYS, DIRECTIONS, Definitions
+from testbed.metrics.exposition import push_summary
 
 def _label(value: object) -> str:
     """A label value; ints stay plain decimal (split 7 -> "7")."""
@@ -91,123 +50,6 @@ def _num(sample: Mapping[str, Any], key: str) -> float | None:
     return None if math.isnan(number) else number
 
 
-class _Definitions:
-    """Every orchestrator metric, registered on one registry.
-
-    Kept apart from ``SweepMetrics`` so the list of names reads in one place
-    (the dashboards and tests/unit/test_metrics.py follow it).
-    """
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        b = BASE_LABELS
-        cfg = b + ("split", "profile")
-
-        def hist(name: str, doc: str, labels: tuple[str, ...]) -> Histogram:
-            return Histogram(name, doc, labels, registry=registry, buckets=LATENCY_BUCKETS)
-
-        def gauge(name: str, doc: str, labels: tuple[str, ...]) -> Gauge:
-            return Gauge(name, doc, labels, registry=registry)
-
-        def counter(name: str, doc: str, labels: tuple[str, ...]) -> Counter:
-            # prometheus_client appends _total itself; pass the name without it.
-            return Counter(name.removesuffix("_total"), doc, labels, registry=registry)
-
-        # --- per-sample timings (histograms) ---
-        self.e2e = hist("testbed_e2e_seconds",
-                        "End-to-end latency per sample: start of head to final output available locally.", cfg)
-        self.inference = hist("testbed_inference_seconds",
-                              "Invoke time of a model part on a node, per sample (head on local, tail on remote).",
-                              cfg + ("node", "part"))
-        self.transfer = hist("testbed_transfer_seconds",
-                             "Time on the shaped link per sample: first byte out to last byte in, per direction.",
-                             cfg + ("direction",))
-        self.codec = hist("testbed_codec_seconds",
-                          "Encode (sending node) or decode (receiving node) of the data crossing the link.",
-                          cfg + ("node", "direction"))
-        # --- intermediate data ---
-        self.cut_raw = gauge("testbed_intermediate_raw_bytes",
-                             "Bytes of the cut tensors before the codec (last sample of the split).", b + ("split",))
-        self.cut_wire = gauge("testbed_intermediate_wire_bytes",
-                              "Bytes of the cut tensors on the wire after the codec (last sample of the split).",
-                              b + ("split",))
-        # --- achieved link: bytes and busy time of transfers whose size is known ---
-        self.link_bytes = counter("testbed_link_transferred_bytes_total",
-                                  "Payload bytes carried over the shaped link (samples and model delivery).",
-                                  cfg + ("direction",))
-        self.link_busy = counter("testbed_link_busy_seconds_total",
-                                 "Seconds spent carrying testbed_link_transferred_bytes_total (sum of transfer times).",
-                                 cfg + ("direction",))
-        self.link_transfers = counter("testbed_link_transfers_total",
-                                      "Transfers counted in testbed_link_transferred_bytes_total.",
-                                      cfg + ("direction",))
-        # --- configured link ---
-        link = b + ("profile", "direction")
-        self.link_rate = gauge("testbed_link_configured_rate_bytes_per_second",
-                               "Configured rate of the direction's shaper (bytes/s; x8 for bit/s).", link)
-        self.link_delay = gauge("testbed_link_configured_delay_seconds",
-                                "Configured one-way delay added by the direction's shaper.", link)
-        self.link_jitter = gauge("testbed_link_configured_jitter_seconds",
-                                 "Configured delay jitter of the direction's shaper.", link)
-        self.link_loss = gauge("testbed_link_configured_loss_ratio",
-                               "Configured packet loss of the direction's shaper (0..1).", link)
-        self.link_emulation = gauge("testbed_link_emulation_info",
-                                    "How the direction is emulated (tbf, htb, netem, htb+netem, none); value 1.",
-                                    link + ("emulation",))
-        # --- model delivery ---
-        self.delivery = gauge("testbed_model_delivery_seconds",
-                              "Time to deliver the head part from the remote to the local node over the shaped downlink.",
-                              cfg)
-        self.delivery_bytes = gauge("testbed_model_delivery_bytes", "Bytes of the delivered head part.", cfg)
-        # --- parts: file sizes and benchmark KPIs (fresh process per part per node) ---
-        part = b + ("split", "node", "part")
-        self.part_file = gauge("testbed_part_file_bytes", "Size of the part's .tflite file.", b + ("split", "part"))
-        self.part_init_mem = gauge("testbed_part_init_memory_bytes",
-                                   "Memory after loading the part (benchmark_model 'init memory').", part)
-        self.part_peak_mem = gauge("testbed_part_peak_memory_bytes",
-                                   "Peak memory while running the part (benchmark_model 'peak memory').", part)
-        self.part_init = gauge("testbed_part_init_seconds", "Interpreter creation + allocation time of the part.", part)
-        self.part_first = gauge("testbed_part_first_inference_seconds", "First inference of the part.", part)
-        self.part_warmup = gauge("testbed_part_warmup_mean_seconds", "Mean of the part's warm-up inferences.", part)
-        self.part_steady = gauge("testbed_part_steady_mean_seconds", "Steady-state mean inference of the part.", part)
-        self.part_steady_std = gauge("testbed_part_steady_stddev_seconds",
-                                     "Steady-state standard deviation of the part's inference.", part)
-        # --- per layer per node (summary gauges from the profiler) ---
-        layer = b + ("node", "layer")
-        self.layer_mean = gauge("testbed_layer_latency_mean_seconds", "Mean latency of the layer on the node.", layer)
-        self.layer_p50 = gauge("testbed_layer_latency_p50_seconds", "Median latency of the layer on the node.", layer)
-        self.layer_p90 = gauge("testbed_layer_latency_p90_seconds", "90th percentile latency of the layer.", layer)
-        self.layer_std = gauge("testbed_layer_latency_stddev_seconds", "Standard deviation of the layer's latency.",
-                               layer)
-        self.layer_out = gauge("testbed_layer_output_bytes", "Bytes of the layer's output tensors.", b + ("layer",))
-        self.layer_params = gauge("testbed_layer_params", "Parameter count of the layer.", b + ("layer",))
-        self.layer_macs = gauge("testbed_layer_macs", "Multiply-accumulate operations of the layer.", b + ("layer",))
-        # --- per configuration summary (exact, from the samples; also what is pushed) ---
-        self.cfg_samples = gauge("testbed_configuration_samples", "Samples measured in the configuration.", cfg)
-        self.cfg_mean = gauge("testbed_configuration_e2e_mean_seconds", "Mean e2e of the configuration.", cfg)
-        self.cfg_p50 = gauge("testbed_configuration_e2e_p50_seconds", "Median e2e of the configuration.", cfg)
-        self.cfg_p90 = gauge("testbed_configuration_e2e_p90_seconds", "90th percentile e2e of the configuration.", cfg)
-        self.best_split = gauge("testbed_best_split",
-                                "Split point with the lowest median e2e among the profile's finished configurations.",
-                                b + ("profile",))
-        self.best_e2e = gauge("testbed_best_split_e2e_p50_seconds", "Median e2e of testbed_best_split.",
-                              b + ("profile",))
-        # --- sweep progress ---
-        self.planned = gauge("testbed_sweep_configurations_planned", "Configurations in the sweep.", b)
-        self.completed = gauge("testbed_sweep_configurations_completed",
-                               "Configurations finished (including those skipped by --resume).", b)
-        self.current = gauge("testbed_sweep_current_configuration",
-                             "The configuration being measured (value 1; exactly one series while running).", cfg)
-        self.current_split = gauge("testbed_sweep_current_split", "Split point being measured.", b)
-        self.eta = gauge("testbed_sweep_eta_seconds", "Estimated seconds until the sweep finishes.", b)
-        self.started = gauge("testbed_sweep_start_time_seconds", "Unix time the sweep started.", b)
-        self.running = gauge("testbed_sweep_running", "1 while the sweep runs, 0 once it finished.", b)
-        self.phase = counter("testbed_sweep_phase_seconds_total",
-                             "Wall time of the sweep by phase (link, tail_load, delivery, head_load, kpi, warmup, "
-                             "sampling, write, other); the phases of a configuration add up to its wall time.",
-                             b + ("profile", "phase"))
-        self.push_failures = counter("testbed_pushgateway_failures_total",
-                                     "Configuration summaries the Pushgateway did not accept (after the first).", b)
-
 
 @dataclass(frozen=True)
 class ConfigurationSummary:
@@ -220,13 +62,6 @@ class ConfigurationSummary:
     e2e_p50_s: float | None
     e2e_p90_s: float | None
 
-
-def _quantile(values: list[float], q: float) -> float:
-    """Linear-interpolated quantile (numpy's default), values non-empty."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 class SweepMetrics:
@@ -250,7 +85,7 @@ class SweepMetrics:
                  pushgateway: str | None = None, clock=time.time) -> None:
         self.registry, self.experiment, self.run = registry, experiment, run
         self.pushgateway = pushgateway
-        self._m = _Definitions(registry)
+        self._m = Definitions(registry)
         self._base = {"experiment": experiment, "run": run}
         self._lock = threading.Lock()
         self._e2e: dict[tuple[str, str], list[float]] = {}  # (split, profile) -> e2e of the current configuration
@@ -507,148 +342,3 @@ def _remove(metric: Gauge, base: Mapping[str, str], *rest: str) -> None:
         pass
 
 
-def push_summary(gateway: str, experiment: str, run: str, summary: ConfigurationSummary,
-                 *, timeout: float = 10.0) -> None:
-    """Push one configuration's summary to a Pushgateway.
-
-    Uses its own small registry (never the run's, never the global default) and
-    the grouping key run/split/profile, so each configuration is its own group
-    and later pushes do not replace earlier ones.
-
-    Raises:
-        TestbedError: the gateway did not accept the push.
-    """
-    registry = CollectorRegistry()
-    labels = ("experiment",)
-    values = {
-        "testbed_configuration_samples": ("Samples measured in the configuration.", summary.samples),
-        "testbed_configuration_e2e_mean_seconds": ("Mean e2e of the configuration.", summary.e2e_mean_s),
-        "testbed_configuration_e2e_p50_seconds": ("Median e2e of the configuration.", summary.e2e_p50_s),
-        "testbed_configuration_e2e_p90_seconds": ("90th percentile e2e of the configuration.", summary.e2e_p90_s),
-    }
-    for name, (doc, value) in values.items():
-        if value is not None:
-            Gauge(name, doc, labels, registry=registry).labels(experiment=experiment).set(value)
-    try:
-        push_to_gateway(gateway, job=PUSH_JOB, registry=registry, timeout=timeout,
-                        grouping_key={"run": run, "split": str(summary.split), "profile": summary.profile})
-    except OSError as e:  # URLError is an OSError
-        raise TestbedError(f"pushgateway {gateway}: push failed: {e}") from e
-
-
-class _ScrapeLog:
-    """When scrapes of /metrics started and finished (for ``wait_for_scrape``)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self.starts: list[float] = []          # monotonic start times of completed scrapes (last few)
-        self.last_completed_start = -math.inf
-
-    def wrap(self, app):
-        def tracked(environ, start_response):
-            started = time.monotonic()
-            body = app(environ, start_response)
-            if environ.get("PATH_INFO", "/") in ("/", "/metrics"):
-                with self._cond:
-                    self.starts = (self.starts + [started])[-8:]
-                    self.last_completed_start = max(self.last_completed_start, started)
-                    self._cond.notify_all()
-            return body
-        return tracked
-
-    def wait_after(self, t0: float, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self.last_completed_start > t0, timeout)
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
-        """Scrapes every second would flood the sweep's console."""
-
-
-class MetricsServer:
-    """A running ``/metrics`` endpoint; ``close()`` stops it and frees the port."""
-
-    def __init__(self, httpd, thread: threading.Thread, scrapes: _ScrapeLog) -> None:
-        self._httpd, self._thread, self._scrapes = httpd, thread, scrapes
-        self.host, self.port = httpd.server_address[:2]
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
-
-    @property
-    def scrapes(self) -> int:
-        """Scrapes seen recently (at most 8 remembered); 0 = nobody scrapes this endpoint."""
-        return len(self._scrapes.starts)
-
-    def wait_for_scrape(self, timeout: float | None = None) -> bool:
-        """Block until a scrape that started after this call has been answered.
-
-        Call it once the last values are recorded and before the scraper is told
-        to stop (targets removed) or the server closes: otherwise the final state
-        of a run (its last configuration) never reaches Prometheus. Returns at
-        once (False) when nothing has scraped this endpoint. The default timeout
-        is twice the observed scrape interval (at least 2 s, at most 30 s).
-        """
-        starts = self._scrapes.starts
-        if not starts:
-            return False
-        if timeout is None:
-            gaps = [b - a for a, b in zip(starts, starts[1:])]
-            interval = statistics.median(gaps) if gaps else 5.0
-            timeout = min(30.0, max(2.0, 2 * interval + 0.5))
-        return self._scrapes.wait_after(time.monotonic(), timeout)
-
-    def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> "MetricsServer":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def serve(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 9400) -> MetricsServer:
-    """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread.
-
-    ``port=0`` picks a free port (read it back from ``.port``). The server notes
-    when it is scraped, so a sweep can wait for a final scrape before it ends
-    (``MetricsServer.wait_for_scrape``).
-
-    Raises:
-        TestbedError: the address cannot be bound (in use, not local).
-    """
-    scrapes = _ScrapeLog()
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-
-        class _Server(ThreadingMixIn, WSGIServer):
-            address_family = family
-            daemon_threads = True
-
-        httpd = make_server(host, port, scrapes.wrap(make_wsgi_app(registry)), _Server, handler_class=_QuietHandler)
-    except OSError as e:
-        raise TestbedError(f"metrics: cannot listen on {host}:{port}: {e.strerror or e}") from e
-    thread = threading.Thread(target=httpd.serve_forever, name=f"metrics {host}:{port}", daemon=True)
-    thread.start()
-    return MetricsServer(httpd, thread, scrapes)
-
-
-def parse_listen(text: str, default_port: int = 9400) -> tuple[str, int]:
-    """``"127.0.0.1:9400"`` / ``":9400"`` / ``"[::1]:9400"`` -> (host, port).
-
-    Raises:
-        ValueError: not host:port with a port in 0..65535.
-    """
-    host, sep, port = text.strip().rpartition(":")
-    if not sep:
-        host, port = text.strip(), str(default_port)
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT such as '127.0.0.1:9400', got {text!r}")
-    return host, int(port)

@@ -44,14 +44,13 @@ from testbed.errors import ModelError
 from testbed.model import surgery
 from testbed.model.verify import reference, verify_split
 from testbed.model.graph import ModelGraph
+from testbed.model.manifest import MANIFEST, SPLIT_KEYS as _SPLIT_KEYS, load_manifest
 
-MANIFEST = "manifest.json"
 # split --all warns above this many bytes (a 300-operator 6 MB model writes ~2 GB).
 WARN_BYTES = 1 << 30
 _PART = re.compile(r"^(head|tail)_\d{2,}\.tflite$")
 # materialize's scratch folder inside a split folder (ours: a crash may leave one).
 _SCRATCH = re.compile(r"^\.materialize-\d+-[A-Za-z0-9_]+\.tmp$")
-_SPLIT_KEYS = ("k", "head", "tail", "head_bytes", "tail_bytes", "head_sha256", "tail_sha256")
 
 
 def head_name(k: int) -> str:
@@ -390,27 +389,3 @@ def _replace(tmp: Path, out: Path) -> None:
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def load_manifest(directory: str | Path) -> dict:
-    """Read ``directory/manifest.json`` written by ``split_model`` or ``materialize``.
-
-    Raises:
-        ModelError: missing, not JSON, or lacking the keys consumers rely on.
-    """
-    path = Path(directory) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except OSError as e:
-        raise ModelError(f"cannot read manifest: {e.strerror or e}", path=str(path)) from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"manifest is not JSON ({e})", path=str(path)) from e
-    try:
-        for key in ("path", "sha256", "layers", "bytes"):
-            manifest["model"][key]
-        for split in manifest["splits"]:
-            for key in (*_SPLIT_KEYS, "cut"):
-                split[key]
-    except (KeyError, TypeError) as e:
-        raise ModelError(f"manifest lacks {e}", path=str(path)) from e
-    return manifest

@@ -33,6 +33,7 @@ import numpy as np
 from nodes import runtime
 from testbed.errors import ModelError
 from testbed.model.graph import ModelGraph
+from testbed.model.manifest import load_manifest
 
 try:
     RUNTIME = f"ai_edge_litert {version('ai-edge-litert')}"
@@ -164,7 +165,6 @@ def verify_parts(model: str | Path | ModelGraph, parts_dir: str | Path, ks: Iter
     Raises:
         ModelError: unreadable model or manifest, k not in the manifest, or a part fails.
     """
-    from testbed.model.splitter import load_manifest
     graph = model if isinstance(model, ModelGraph) else ModelGraph.from_file(model)
     manifest = load_manifest(parts_dir)
     by_k = {int(s["k"]): s for s in manifest["splits"]}

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from testbed.link.link import Link
     from testbed.link.profile import LinkProfile
     from testbed.metrics import SweepMetrics
-    from testbed.metrics.recording import MetricsServer
+    from testbed.metrics.exposition import MetricsServer
 
 __all__ = ["Configuration", "Plan", "SweepOptions", "pending", "run_experiment"]
 

@@ -9,12 +9,13 @@ the default action would instead of running the parent's shutdown.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from typing import Any
 
 from rich.console import Console
+
+from testbed.forksafe import owner_only
 
 
 class Signals:
@@ -24,16 +25,8 @@ class Signals:
     def __init__(self, console: Console) -> None:
         self.console, self.stopping = console, False
         self._old: dict[int, Any] = {}
-        self._pid = os.getpid()
 
     def _handler(self, signum: int, _frame: Any) -> None:
-        if os.getpid() != self._pid:
-            # A forked helper (pyroute2 runs netlink in other namespaces from a
-            # forked child and ends it with SIGTERM) inherited this handler: die
-            # as the default would, instead of running the sweep's shutdown path.
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
         if self.stopping:
             self.console.print("[yellow]still tearing down; please wait[/yellow]")
             return
@@ -43,8 +36,9 @@ class Signals:
     def __enter__(self) -> "Signals":
         if threading.current_thread() is not threading.main_thread():
             return self  # only the main thread may set handlers; Ctrl-C goes there anyway
+        handler = owner_only(self._handler)  # not in pyroute2's forked helpers
         for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handler)
+            self._old[sig] = signal.signal(sig, handler)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -9,7 +9,6 @@ netem kernel the refusal test checks the profile applies instead.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import threading
 import time

@@ -177,7 +177,8 @@ def test_uplink_time_matches_the_configured_rate(smoke):
     The receive lag, CPU throttling and CPU time of both nodes are printed on
     failure: they are what a slow sample would be explained by.
     """
-    from testbed.link.params import MAX_TIMER_SLACK_S, MTU_BYTES
+    from testbed.link.params import MAX_TIMER_SLACK_S
+    from testbed.link.profile import MTU_BYTES
 
     _, run, _ = smoke
     rate = {r["profile"]: r["uplink_rate_bps"] for r in run.summary()}

@@ -6,8 +6,8 @@ import pytest
 
 from testbed.link import distributions
 from testbed.link.netlink import _NetemTcmsg, encode_netem, netem_attrs
-from testbed.link.params import (NETEM_DEFAULT_LIMIT, PASS_THROUGH_BPS, U32_MAX, check, kernel_params,
-                                 needs_netem, netem_limit, u32)
+from testbed.link.params import NETEM_DEFAULT_LIMIT, PASS_THROUGH_BPS, kernel_params, netem_limit, u32
+from testbed.link.profile import U32_MAX, check, needs_netem
 from testbed.link.profile import Chance, Direction, FourState, GEModel, Loss, Reorder, Slot
 
 pytestmark = pytest.mark.unit
@@ -166,7 +166,8 @@ def test_gemodel_bytes_match_what_tc_sends():
 
 
 def test_burst_grows_with_the_kernels_timer_slack():
-    from testbed.link.params import MAX_TIMER_SLACK_S, MTU_BYTES, burst_bytes
+    from testbed.link.params import MAX_TIMER_SLACK_S, burst_bytes
+    from testbed.link.profile import MTU_BYTES
 
     assert burst_bytes(625_000) == 156 + MTU_BYTES                    # 5 Mbit/s, 0.25 ms default
     assert burst_bytes(625_000, 0.004) == 2_500 + MTU_BYTES           # rate/HZ at HZ=250
@@ -211,7 +212,8 @@ def _encode(kind: str, **kw) -> None:
 
 
 def _install_encodes(d: Direction, arrangement: str = "auto") -> None:
-    from testbed.link.params import MAX_TIMER_SLACK_S, MTU_BYTES, TIMER_SLACK_S
+    from testbed.link.params import MAX_TIMER_SLACK_S, TIMER_SLACK_S
+    from testbed.link.profile import MTU_BYTES
 
     for slack in (TIMER_SLACK_S, MAX_TIMER_SLACK_S):
         p = kernel_params(d, arrangement, slack)
@@ -226,7 +228,7 @@ def _install_encodes(d: Direction, arrangement: str = "auto") -> None:
 
 
 def test_the_extremes_of_every_range_encode():
-    from testbed.link.params import (MAX_DELAY_S, MAX_JITTER_S, MAX_LIMIT_PACKETS, MAX_RATE_BPS, MAX_SLOT_COUNT,
+    from testbed.link.profile import (MAX_DELAY_S, MAX_JITTER_S, MAX_LIMIT_PACKETS, MAX_RATE_BPS, MAX_SLOT_COUNT,
                                      MIN_RATE_BPS)
 
     for rate in (MIN_RATE_BPS, MAX_RATE_BPS):

@@ -244,7 +244,7 @@ def test_exposition_passes_promtool_check_metrics(rec):
 def test_pushgateway_first_failure_is_an_error_later_ones_are_counted(monkeypatch):
     """The first push goes to a closed port (real failure); then push_to_gateway is
     replaced to succeed and fail on demand. Real pushes: tests/integration."""
-    import testbed.metrics.recording as metrics
+    import testbed.metrics.exposition as metrics
 
     registry = CollectorRegistry()
     m = SweepMetrics(registry, "smoke", "r1", pushgateway="http://127.0.0.1:9")
