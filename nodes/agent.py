@@ -55,15 +55,16 @@ from typing import Any, Iterator
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from nodes import protocol as P
 from nodes import pipeline, serving
-from nodes.agent_metrics import METRICS_LIMITS, AgentMetrics, serve as serve_metrics
+from nodes import protocol as P
 from nodes.addresses import parse_host_port
+from nodes.agent_metrics import METRICS_LIMITS, AgentMetrics
+from nodes.agent_metrics import serve as serve_metrics
 from nodes.cpu_account import CpuAccount
 from nodes.lease import EXIT_LEASE_EXPIRED, Lease, keep_alive
-from nodes.zygote import Zygote, ZygoteError
 from nodes.part import Part, sha256_of
 from nodes.pipeline import RunSpec, StepError
+from nodes.zygote import Zygote, ZygoteError
 
 ROLES = ("head", "tail", "full")
 log = logging.getLogger("nodes.agent")

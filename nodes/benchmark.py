@@ -33,7 +33,6 @@ from nodes import runtime
 from nodes.stats import describe
 
 
-
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -196,6 +196,7 @@ def _describe(status: int) -> str:
 
 def main() -> int:
     import numpy  # noqa: F401 - the imports are what the zygote exists to hold
+
     from nodes import benchmark, runtime  # noqa: F401
     try:
         resident = resident_pages()

@@ -96,6 +96,9 @@ if [ "$mode" = run ]; then
   exec testbed run experiments/posenet_sweep.yaml
 fi
 
+log "ruff check (lint: pyflakes, pycodestyle, import order, bugbear)"
+.venv/bin/ruff check .
+
 # pytest exits 5 when it collected nothing: that is a failure here.
 set +e
 .venv/bin/python -m pytest tests -v --timeout=1800

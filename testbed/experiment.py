@@ -268,7 +268,6 @@ def _point(value: int | str) -> int:
 # HOST:PORT as everywhere in the testbed (one parser, shared with the agent).
 from nodes.addresses import parse_host_port  # noqa: E402
 
-
 SplitsField = Literal["all"] | str | int | list[int | str]
 
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from testbed.errors import ConfigError, TestbedError
 from testbed.analysis.results import LAYERS, MANIFEST, RunFolder, read_csv
+from testbed.errors import ConfigError, TestbedError
 
 
 @dataclass(frozen=True)

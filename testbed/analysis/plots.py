@@ -110,7 +110,7 @@ def e2e_vs_split(runs: Sequence[RunData], path: Path) -> Path | None:
                                            [max(0.0, b - v) for v, (_, b) in zip(p50, ci)]],
                             fmt="none", ecolor=c, elinewidth=0.8, capsize=2)
             drawn = True
-            for name, k in run.anchors.items():
+            for k in run.anchors.values():
                 if k in ks:
                     ax.plot([k], [p50[ks.index(k)]], marker="*", ms=13, color=c, markeredgecolor="black",
                             linestyle="none", zorder=5)

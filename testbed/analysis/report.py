@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from testbed.analysis import plots
-from testbed.errors import TestbedError
 from testbed.analysis.run_data import RunData
+from testbed.errors import TestbedError
 from testbed.units import format_bytes, format_rate
-
 
 # --- tables ----------------------------------------------------------------------
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.errors import TestbedError
 from testbed.analysis.results import E2E_PARTS, SUMMARY, TIMINGS, RunFolder
+from testbed.errors import TestbedError
 
 # Names of the SA4 evaluation framework's metrics (TR 26.927 split-inference KPIs),
 # used as labels so the report reads in the framework's words.

@@ -30,7 +30,8 @@ def check(
 
     Example: testbed check experiments/posenet_sweep.yaml
     """
-    from testbed.sweep.preflight import PreflightError, RunOptions, check as preflight_check
+    from testbed.sweep.preflight import PreflightError, RunOptions
+    from testbed.sweep.preflight import check as preflight_check
 
     result = preflight_check(experiment, RunOptions(resume=resume, metrics_listen=metrics_listen,
                                                     backend=backend, output=output))

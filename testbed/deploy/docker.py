@@ -32,14 +32,13 @@ import logging
 import time
 from typing import Callable, Sequence
 
-import docker
 from docker.errors import APIError, BuildError, DockerException, ImageNotFound, NotFound
 
+import docker
 from testbed.deploy import kernel, owner
 from testbed.deploy.cgroups import quota_us
 from testbed.deploy.cpus import format_cpuset
-from testbed.deploy.node import (CONTROL_PORT, DATA_PORT, METRICS_PORT, ROLES, Node,
-                                 NodeSpec, make_target)
+from testbed.deploy.node import CONTROL_PORT, DATA_PORT, METRICS_PORT, ROLES, Node, NodeSpec, make_target
 from testbed.errors import NodeError
 
 log = logging.getLogger("testbed.deploy")

@@ -12,11 +12,12 @@ import errno
 import os
 import time
 
-from testbed.forksafe import configure_pyroute2
-from pyroute2 import IPRoute, netns as _netns
+from pyroute2 import IPRoute
+from pyroute2 import netns as _netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from testbed.errors import NodeError
+from testbed.forksafe import configure_pyroute2
 
 NETNS_DIR = "/run/netns"
 

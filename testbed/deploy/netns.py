@@ -42,8 +42,7 @@ from typing import Callable, Sequence
 
 from testbed.deploy import cgroups, kernel, owner
 from testbed.deploy.cpus import format_cpuset
-from testbed.deploy.node import (CONTROL_PORT, DATA_PORT, METRICS_PORT, ROLES, Node,
-                                 NodeSpec, make_target)
+from testbed.deploy.node import CONTROL_PORT, DATA_PORT, METRICS_PORT, ROLES, Node, NodeSpec, make_target
 from testbed.errors import NodeError
 
 log = logging.getLogger("testbed.deploy")

@@ -23,8 +23,8 @@ import struct
 import subprocess
 from typing import Any
 
-from testbed.forksafe import configure_pyroute2
-from pyroute2 import IPRoute, netns as pr_netns
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, nla
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_NEWQDISC, TC_H_ROOT
@@ -32,6 +32,7 @@ from pyroute2.netlink.rtnl.tcmsg import tcmsg
 from pyroute2.netlink.rtnl.tcmsg.common import tick_in_usec
 
 from testbed.errors import ShapingError
+from testbed.forksafe import configure_pyroute2
 from testbed.link import distributions
 from testbed.link.params import NetemOptions
 from testbed.link.target import Target

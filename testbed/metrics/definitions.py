@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-
 # Latency buckets, 0.1 ms .. 100 s, 6 per decade. A sweep spans sub-millisecond
 # layer-sized heads on the edge node up to whole images crossing a 1 Mbit/s link
 # (several seconds); histogram_quantile interpolates inside a bucket, so the

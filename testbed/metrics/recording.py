@@ -33,6 +33,7 @@ from testbed.errors import TestbedError
 from testbed.metrics.definitions import _CODEC_KEYS, DIRECTIONS, Definitions
 from testbed.metrics.exposition import push_summary
 
+
 def _label(value: object) -> str:
     """A label value; ints stay plain decimal (split 7 -> "7")."""
     return str(value)

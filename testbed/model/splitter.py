@@ -42,9 +42,10 @@ import flatbuffers
 
 from testbed.errors import ModelError
 from testbed.model import surgery
-from testbed.model.verify import reference, verify_split
 from testbed.model.graph import ModelGraph
-from testbed.model.manifest import MANIFEST, SPLIT_KEYS as _SPLIT_KEYS, load_manifest
+from testbed.model.manifest import MANIFEST, load_manifest
+from testbed.model.manifest import SPLIT_KEYS as _SPLIT_KEYS
+from testbed.model.verify import reference, verify_split
 
 # split --all warns above this many bytes (a 300-operator 6 MB model writes ~2 GB).
 WARN_BYTES = 1 << 30

@@ -172,8 +172,8 @@ def host_macs_per_s(model_path: str | Path, macs: int, max_macs: float = 5e10) -
     if not macs or macs > max_macs:
         return DEFAULT_MACS_PER_S
     try:
-        from ai_edge_litert.interpreter import Interpreter
         import numpy as np
+        from ai_edge_litert.interpreter import Interpreter
 
         with _quiet_stderr():  # LiteRT announces its delegate once per process on fd 2
             interp = Interpreter(model_path=str(model_path), num_threads=1)

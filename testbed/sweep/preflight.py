@@ -77,7 +77,6 @@ class Check:
 # The duration model lives in testbed.sweep.estimate (shared with the sweep's start line and ETA).
 from testbed.sweep.estimate import LinkShape, RunShape, estimate_duration  # noqa: E402
 
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -158,8 +157,8 @@ def _options(run: _Run) -> None:
 
 
 def _resume(run: _Run, folder: Path) -> None:
-    from testbed.config import check_regular_file, read_regular_file
     from testbed.analysis.results import CONFIG, LAYERS, PARTS, SAMPLES, SUMMARY
+    from testbed.config import check_regular_file, read_regular_file
 
     try:
         text = read_regular_file(folder / CONFIG, 64 << 20, "a run's config.yaml").decode("utf-8", "replace")

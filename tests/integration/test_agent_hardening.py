@@ -10,10 +10,10 @@ the same test (a ratio), never with absolute numbers. The fuzz test of both port
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import secrets
 import socket
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -85,7 +85,7 @@ def test_declared_payloads_are_not_allocated_before_authentication(agent, token)
         s = socket.create_connection(agent.data if port == "data" else agent.control, timeout=5)
         s.sendall(frame + b"\0" * 65536)  # a little of the "payload", then nothing
         held.append((port, s))
-    for port, s in held:
+    for _port, s in held:
         reply = _reply(s)
         assert reply.get("ok") is False or reply.get("kind") == "error", reply
         assert "refused" in reply["error"]

@@ -13,9 +13,17 @@ import os
 
 import pytest
 
-from testbed.link.profile import (MAX_DELAY_S, MAX_JITTER_S, MAX_LIMIT_PACKETS, MAX_OVERHEAD_BYTES, MAX_RATE_BPS,
-                                 MAX_SLOT_COUNT, MIN_RATE_BPS)
-from testbed.link.profile import Direction, Slot
+from testbed.link.profile import (
+    MAX_DELAY_S,
+    MAX_JITTER_S,
+    MAX_LIMIT_PACKETS,
+    MAX_OVERHEAD_BYTES,
+    MAX_RATE_BPS,
+    MAX_SLOT_COUNT,
+    MIN_RATE_BPS,
+    Direction,
+    Slot,
+)
 from testbed.link.shaper import Shaper, detect_capabilities
 from testbed.link.target import Target
 from tests.integration.linknet import veth_pair

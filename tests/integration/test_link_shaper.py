@@ -97,7 +97,7 @@ def _warm_connection_times(pair, sizes: list[int]) -> dict[int, float]:
             time.sleep(0.3)                        # idle: the bucket refills
             got = 0
 
-            def receive() -> None:
+            def receive(size: int = size) -> None:
                 nonlocal got
                 while got < size:
                     got += len(conn.recv(1 << 20))

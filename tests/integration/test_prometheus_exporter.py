@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from testbed.metrics import dashboards
-from testbed.metrics import SweepMetrics, serve
+from testbed.metrics import SweepMetrics, dashboards, serve
 from testbed.metrics.monitor import Monitor, publish_targets, remove_targets, start_prometheus, write_config
 
 pytestmark = pytest.mark.integration
@@ -230,7 +229,7 @@ def test_every_dashboard_query_returns_data(live_run):
 
 def test_template_variables_list_this_run(live_run):
     url, run, _, _ = live_run
-    for name, d in dashboards.load_dashboards().items():
+    for _name, d in dashboards.load_dashboards().items():
         variables = dashboards.variable_queries(d)
         assert run in dashboards.label_values(url, variables["run"])
         assert dashboards.label_values(url, dashboards.substitute(variables["profile"], {"run": run})) == \

@@ -197,7 +197,7 @@ def test_every_dashboard_query_returns_data_after_the_run(scraped_run):
     at = _last_scrape(url, f'testbed_sweep_configurations_completed{{run="{run}"}}', scraped_run["start"],
                       scraped_run["end"])
     profiles = sorted({r["profile"] for r in _rows(scraped_run["run_dir"], "summary.csv")})
-    for name, d in dashboards.load_dashboards().items():
+    for _name, d in dashboards.load_dashboards().items():
         variables = dashboards.variable_queries(d)
         assert run in dashboards.label_values(url, variables["run"], at)
         assert dashboards.label_values(url, dashboards.substitute(variables["profile"], {"run": run}), at) == profiles

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nodes.cpu_account import CpuAccount, CpuSnapshot, Mount, parse_mountinfo, parse_proc_cgroup
-from nodes.cpu_account import _group_dir
+from nodes.cpu_account import CpuAccount, CpuSnapshot, Mount, _group_dir, parse_mountinfo, parse_proc_cgroup
 
 pytestmark = pytest.mark.unit
 

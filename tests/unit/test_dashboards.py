@@ -15,11 +15,16 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from testbed.metrics.dashboards import (
-    DASHBOARD_DIR, load_dashboards, queries, structure_problems, substitute, variable_queries,
-)
 from testbed.errors import TestbedError
 from testbed.metrics import SweepMetrics
+from testbed.metrics.dashboards import (
+    DASHBOARD_DIR,
+    load_dashboards,
+    queries,
+    structure_problems,
+    substitute,
+    variable_queries,
+)
 
 pytestmark = pytest.mark.unit
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from testbed.deploy import NodeSpec, choose_backend
-from testbed.deploy import image, netns
+from testbed.deploy import NodeSpec, choose_backend, image, netns
 from testbed.deploy.docker import agent_args
 from testbed.deploy.node import check_run_id
 from testbed.errors import ConfigError

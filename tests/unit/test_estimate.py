@@ -6,9 +6,19 @@ import dataclasses
 
 import pytest
 
-from testbed.sweep.estimate import (CONFIG_OVERHEAD_S, KPI_OVERHEAD_S, SAMPLE_OVERHEAD_S, Eta, LinkShape, RunShape,
-                              configuration_phases, estimate_duration, from_previous, plan_estimates)
 from testbed.analysis.results import PHASES, wire_bytes
+from testbed.sweep.estimate import (
+    CONFIG_OVERHEAD_S,
+    KPI_OVERHEAD_S,
+    SAMPLE_OVERHEAD_S,
+    Eta,
+    LinkShape,
+    RunShape,
+    configuration_phases,
+    estimate_duration,
+    from_previous,
+    plan_estimates,
+)
 
 pytestmark = pytest.mark.unit
 

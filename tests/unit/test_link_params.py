@@ -7,8 +7,7 @@ import pytest
 from testbed.link import distributions
 from testbed.link.netlink import _NetemTcmsg, encode_netem, netem_attrs
 from testbed.link.params import NETEM_DEFAULT_LIMIT, PASS_THROUGH_BPS, kernel_params, netem_limit, u32
-from testbed.link.profile import U32_MAX, check, needs_netem
-from testbed.link.profile import Chance, Direction, FourState, GEModel, Loss, Reorder, Slot
+from testbed.link.profile import U32_MAX, Chance, Direction, FourState, GEModel, Loss, Reorder, Slot, check, needs_netem
 
 pytestmark = pytest.mark.unit
 
@@ -228,8 +227,14 @@ def _install_encodes(d: Direction, arrangement: str = "auto") -> None:
 
 
 def test_the_extremes_of_every_range_encode():
-    from testbed.link.profile import (MAX_DELAY_S, MAX_JITTER_S, MAX_LIMIT_PACKETS, MAX_RATE_BPS, MAX_SLOT_COUNT,
-                                     MIN_RATE_BPS)
+    from testbed.link.profile import (
+        MAX_DELAY_S,
+        MAX_JITTER_S,
+        MAX_LIMIT_PACKETS,
+        MAX_RATE_BPS,
+        MAX_SLOT_COUNT,
+        MIN_RATE_BPS,
+    )
 
     for rate in (MIN_RATE_BPS, MAX_RATE_BPS):
         for arrangement in ("tbf", "htb", "netem"):

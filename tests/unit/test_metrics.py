@@ -182,7 +182,7 @@ def test_no_label_grows_with_samples(rec):
     m.observe_sample(3, "p", _sample(0.5))
     after = len(generate_latest(registry).splitlines())
     assert after > before  # series appear with the first sample...
-    for i in range(50):
+    for _ in range(50):
         m.observe_sample(3, "p", _sample(0.02))
     assert len(generate_latest(registry).splitlines()) == after  # ...and not with every sample
 

@@ -13,7 +13,13 @@ from typer.testing import CliRunner
 
 from testbed.errors import TestbedError
 from testbed.metrics.monitor import (
-    COMPOSE_FILE, Monitor, prometheus_config, publish_targets, remove_targets, write_config, write_targets,
+    COMPOSE_FILE,
+    Monitor,
+    prometheus_config,
+    publish_targets,
+    remove_targets,
+    write_config,
+    write_targets,
 )
 
 pytestmark = pytest.mark.unit

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from testbed.analysis import planner
-from testbed.errors import ConfigError, TestbedError
 from testbed.analysis.planner import Link, ModelProfile, best, predict
+from testbed.errors import ConfigError, TestbedError
 from tests.unit.report_synthetic_run import make_run
 
 pytestmark = pytest.mark.unit
@@ -101,8 +101,8 @@ def test_missing_inputs_are_one_clear_error(tmp_path):
     m = planner.model_from_files(run / "layers.csv", tmp_path / "elsewhere.json")
     assert m.num_layers == 6
     only_local = tmp_path / "local.csv"
-    only_local.write_text("\n".join(l for l in (run / "layers.csv").read_text().splitlines()
-                                    if not l.startswith("remote")) + "\n")
+    only_local.write_text("\n".join(line for line in (run / "layers.csv").read_text().splitlines()
+                                    if not line.startswith("remote")) + "\n")
     with pytest.raises(TestbedError, match="remote"):
         planner.model_from_files(only_local, tmp_path / "elsewhere.json")
     bad = tmp_path / "bad.json"

@@ -176,7 +176,7 @@ def test_png_and_jpeg_quantise_float_input():
     img = u8.astype(np.float32) / 127.5 - 1.0
     reg = P.codec_registry([PNG, JPEG])
     for codec, tol in (("png", 1.0 / 255), ("jpeg", 0.1)):
-        descs, bufs, _ = P.encode_tensors({"image": img}, reg, lambda n: codec)
+        descs, bufs, _ = P.encode_tensors({"image": img}, reg, lambda n, c=codec: c)
         assert descs[0]["params"]["lo"] == pytest.approx(-1.0)
         out = P.decode_tensors(descs, b"".join(bytes(b) for b in bufs), reg)["image"]
         assert out.dtype == np.float32 and out.shape == img.shape

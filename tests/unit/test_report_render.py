@@ -11,9 +11,9 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from testbed.errors import TestbedError
 from testbed.analysis.report import build_report
 from testbed.analysis.results import read_csv
+from testbed.errors import TestbedError
 from tests.report_checks import check_report, check_tables_against_run
 from tests.unit.report_synthetic_run import make_run
 
@@ -116,8 +116,8 @@ def test_repeats_are_pooled_and_their_spread_shown(tmp_path):
     table, and the fidelity table with measured ÷ ideal."""
     import csv
 
-    from tests.unit.report_synthetic_run import N, PROFILES, make_run
     from testbed.analysis.report import build_report
+    from tests.unit.report_synthetic_run import PROFILES, N, make_run
 
     run = make_run(tmp_path, name="repeated", samples=5, repeats=2)
     report = build_report(run, tmp_path / "out")

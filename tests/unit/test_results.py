@@ -3,7 +3,12 @@
 import pytest
 
 from testbed.analysis.results import (
-    SAMPLE_COLUMNS, SUMMARY_COLUMNS, ConfigurationResult, RunFolder, read_csv, summarize,
+    SAMPLE_COLUMNS,
+    SUMMARY_COLUMNS,
+    ConfigurationResult,
+    RunFolder,
+    read_csv,
+    summarize,
 )
 
 pytestmark = pytest.mark.unit

@@ -10,8 +10,18 @@ registry itself is ``zoo.registry``; the builder is ``zoo.posenet``.
 from __future__ import annotations
 
 from testbed.model.zoo.posenet import build_posenet
-from testbed.model.zoo.registry import (BUILTINS, OFFICIAL, Registry, add, build_builtin, builtin_path,
-                                        cache_dir, fetch, list_models, resolve)
+from testbed.model.zoo.registry import (
+                                        BUILTINS,
+                                        OFFICIAL,
+                                        Registry,
+                                        add,
+                                        build_builtin,
+                                        builtin_path,
+                                        cache_dir,
+                                        fetch,
+                                        list_models,
+                                        resolve,
+)
 
 __all__ = ["BUILTINS", "OFFICIAL", "Registry", "add", "build_builtin", "build_posenet", "builtin_path",
            "cache_dir", "fetch", "list_models", "resolve"]

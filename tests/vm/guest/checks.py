@@ -21,6 +21,10 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from testbed.link.profile import LinkProfile
 
 NS_A, NS_B = "tbvmA", "tbvmB"          # A = local (uplink sender), B = remote
 DEV_A, DEV_B = "tbvA", "tbvB"
@@ -150,7 +154,7 @@ _profiles = iter(range(10**6))
 
 
 def make_profile(uplink: dict | None = None, downlink: dict | None = None,
-                 trace: dict | None = None) -> "LinkProfile":
+                 trace: dict | None = None) -> LinkProfile:
     """A profile the way users write one (a file with human units), loaded
     through the project's own loader. JSON is YAML, so no writer is needed."""
     from testbed.link.profile import load_profile
@@ -228,7 +232,7 @@ def toggled(net: Net, link: Link, spec: dict, count: int, interval_s: float, win
     ping = json.loads(probe.communicate(timeout=120)[0])
     on = {"sent": [], "rtt": []}
     off = {"sent": [], "rtt": []}
-    for i, (op_start, op_end, state) in enumerate(spans):
+    for i, (_op_start, op_end, state) in enumerate(spans):
         nxt = spans[i + 1][0] if i + 1 < len(spans) else end
         lo, hi = op_end + settle_s, nxt - settle_s
         bucket = on if state else off
