@@ -11,6 +11,11 @@ Leaves to others: what to install (``testbed.link.params``, pure), the netlink
 calls themselves (``testbed.link.netlink``), time-varying traces
 (``testbed.link.stepper``).
 
+An ingress target (``Target(..., ingress=True)``: what an interface receives) is
+shaped with the same qdiscs at the egress of the IFB device the interface's
+ingress is redirected to (``netlink.ifb_attach``, done before the first qdisc);
+``clear`` removes the qdiscs, the redirect and the IFB device.
+
 Layout on the interface (handles are fixed so our qdiscs are recognisable)::
 
     arrangement tbf (default):  7462: tbf root ── (7462:1) ── 7463: pfifo (rate only)
@@ -127,7 +132,11 @@ class Shaper:
     def _link(self) -> netlink.Netlink:
         nl = getattr(self._local, "nl", None)
         if nl is None:
-            nl = self._local.nl = netlink.Netlink(self.target)
+            where = self.target
+            if where.ingress:
+                netlink.ifb_attach(where, where.ifb)
+                where = where.egress_of_ifb()
+            nl = self._local.nl = netlink.Netlink(where)
             self._all.append(nl)
         return nl
 
@@ -236,7 +245,11 @@ class Shaper:
         record. Returns True when a qdisc was removed. Leaves other roots alone."""
         with self._lock:
             self._layout = self._last = self._last_record = None
-            removed = self._remove_ours(self._link())
+            if self.target.ingress:
+                self.close()  # its socket is on the IFB, which goes now
+                removed = netlink.ifb_detach(self.target, self.target.ifb)
+            else:
+                removed = self._remove_ours(self._link())
             state.remove(self.target, self.state_dir)
             self.emulation = self.profile_name = None
             return removed

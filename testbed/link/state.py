@@ -34,7 +34,10 @@ def write(target: Target, folder: Path, record: dict[str, Any]) -> Path:
     """Atomically (re)write the record of ``target``."""
     folder.mkdir(parents=True, exist_ok=True)
     path = path_for(target, folder)
-    data = {"target": {"dev": target.dev, "netns": target.netns, "pid": target.pid},
+    where = {"dev": target.dev, "netns": target.netns, "pid": target.pid}
+    if target.ingress:
+        where["ingress"] = True
+    data = {"target": where,
             "netns_inode": target.namespace_inode(), **record}
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -64,7 +67,8 @@ def records(folder: Path) -> list[tuple[Target, dict[str, Any]]]:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             t = data["target"]
-            out.append((Target(t["dev"], netns=t.get("netns"), pid=t.get("pid")), data))
+            out.append((Target(t["dev"], netns=t.get("netns"), pid=t.get("pid"),
+                                      ingress=bool(t.get("ingress"))), data))
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return out
