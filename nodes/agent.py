@@ -6,7 +6,7 @@ Three listeners, one process:
 * **control** (TCP, the node's control address, never the shaped link): the
   orchestrator's requests, one frame each (``nodes.protocol``), every one carrying the
   run token, checked before the payload is read (``protocol.admit_request``).
-  Operations: ``health``, ``lease``, ``load_part``, ``stage_part``, ``fetch_part``,
+  Operations: ``health``, ``lease``, ``clock``, ``load_part``, ``stage_part``, ``fetch_part``,
   ``connect_peer``, ``disconnect_peer``, ``set_inputs``, ``run``, ``outputs``, ``kpis``,
   ``profile_layers``, ``shutdown``.
 * **data** (TCP, the node's data address, shaped): the peer agent's frames, after the
@@ -152,6 +152,11 @@ def _role(value: Any) -> str:
 
 def _threads(value: Any) -> int | None:
     return _opt_int(value, "threads", 1, MAX_THREADS)
+
+
+#: A clock offset handed in by the orchestrator: a year either way is far beyond any
+#: two CLOCK_MONOTONICs of machines that are up.
+MAX_OFFSET_NS = 365 * 24 * 3600 * 10**9
 
 
 class Agent:
@@ -304,6 +309,11 @@ class Agent:
         """Hold the agent's lease on this connection (see ``nodes.lease``)."""
         return {"grace_s": self.lease.grace_s, "holders": self.lease.holders}, []
 
+    def op_clock(self, payload: bytearray) -> tuple[Any, list[Any]]:
+        """This node's CLOCK_MONOTONIC now (ns): one NTP-style exchange for the
+        orchestrator's clock-offset estimate (``testbed.sweep.clock``)."""
+        return {"t_ns": pipeline.now()}, []
+
     def op_health(self, payload: bytearray) -> tuple[Any, list[Any]]:
         return {"name": self.name, "pid": os.getpid(),
                 "uptime_s": time.monotonic() - self.started,
@@ -360,14 +370,15 @@ class Agent:
 
     def op_fetch_part(self, payload: bytearray, sha256: str, role: str = "head",
                       threads: int | None = None, clock_shared: bool | None = None,
-                      ) -> tuple[Any, list[Any]]:
+                      clock_offset_ns: int | None = None) -> tuple[Any, list[Any]]:
         """Pull a staged part from the peer over the shaped downlink, time it, load it."""
         sha256, role, threads = _sha256(sha256), _role(role), _threads(threads)
         clock_shared = _opt_bool(clock_shared, "clock_shared")
+        offset = _opt_int(clock_offset_ns, "clock_offset_ns", -MAX_OFFSET_NS, MAX_OFFSET_NS)
         with self._run_lock:
             link = self._need_link()
             with self._link_guard():
-                data, timing = pipeline.fetch_part(link, sha256, clock_shared)
+                data, timing = pipeline.fetch_part(link, sha256, clock_shared, offset)
         t0 = time.monotonic()
         self._install(role, data, sha256, threads)
         timing["load_s"] = time.monotonic() - t0
@@ -429,13 +440,14 @@ class Agent:
     def op_run(self, payload: bytearray, samples: int, warmup: int = 0, codec: str = "raw",
                input_encoding: str = "raw", model_outputs: list[str] | None = None,
                clock_shared: bool | None = None, max_seconds: float | None = None,
-               ) -> tuple[Any, list[Any]]:
+               clock_offset_ns: int | None = None) -> tuple[Any, list[Any]]:
         spec = RunSpec(_int(samples, "samples", 1, MAX_SAMPLES),
                        _int(warmup, "warmup", 0, MAX_SAMPLES), _text(codec, "codec"),
                        _text(input_encoding, "input_encoding"),
                        _names(model_outputs, "model_outputs"),
                        _opt_bool(clock_shared, "clock_shared"),
-                       _opt_seconds(max_seconds, "max_seconds", 30 * 24 * 3600.0))
+                       _opt_seconds(max_seconds, "max_seconds", 30 * 24 * 3600.0),
+                       _opt_int(clock_offset_ns, "clock_offset_ns", -MAX_OFFSET_NS, MAX_OFFSET_NS))
         with self._run_lock, self._link_guard():
             result = pipeline.run_samples(
                 self.link, self.parts.get("head"), self.inputs, spec,

@@ -40,7 +40,9 @@ one-way times are exact differences (``clock: shared``). That is detected at hel
 Otherwise the remote's clock offset is estimated NTP-style from the fastest of a few
 small ping round trips at the start of every run, one-way times are corrected with it
 and marked ``clock: derived`` (their sum is exact; the split assumes the ping's path
-delay is symmetric).
+delay is symmetric). The orchestrator may hand in an offset it measured itself
+(``RunSpec.offset_ns``, over the unshaped control plane, with a known uncertainty:
+``testbed.sweep.clock``); it is then used as given, the rows ``derived``.
 
 Which tensors cross: local sends ``head outputs + model inputs the tail reads`` (exactly
 the manifest's cut); the remote tells its tail's inputs in the ``ready`` frame. The
@@ -314,6 +316,7 @@ class RunSpec:
     model_outputs: Sequence[str] = ()
     clock_shared: bool | None = None
     max_seconds: float | None = None
+    offset_ns: int | None = None  # remote - local, measured by the orchestrator: use as given
 
 
 def plan_run(link: LocalLink | None, head: Part | None, input_names: Sequence[str],
@@ -340,7 +343,10 @@ def plan_run(link: LocalLink | None, head: Part | None, input_names: Sequence[st
         raise StepError(f"the remote tail needs {missing}, which neither the head outputs "
                         f"nor the inputs provide (have {cut})")
     shared = link.clock_shared if spec.clock_shared is None else spec.clock_shared
-    offset = 0 if shared else link.estimate_offset()
+    if spec.offset_ns is not None:
+        shared, offset = False, spec.offset_ns
+    else:
+        offset = 0 if shared else link.estimate_offset()
     inputs = set(input_names)
     choose = (lambda n: spec.input_encoding if n in inputs else spec.codec)
     up, down = link_facts(link.sock), ready.get("link") or {}
@@ -474,13 +480,17 @@ def _row(clock: str, **ns: int) -> dict[str, Any]:
 
 
 def fetch_part(link: LocalLink, sha256: str, clock_shared: bool | None = None,
-               ) -> tuple[bytes, dict[str, Any]]:
+               offset_ns: int | None = None) -> tuple[bytes, dict[str, Any]]:
     """Pull a staged part from the remote over the downlink; returns (bytes, timing).
 
     ``delivery_s`` runs from the remote's first byte out to the last byte in here.
+    ``offset_ns`` (remote - local, measured by the orchestrator) is used as given.
     """
     shared = link.clock_shared if clock_shared is None else clock_shared
-    offset = 0 if shared else link.estimate_offset()
+    if offset_ns is not None:
+        shared, offset = False, offset_ns
+    else:
+        offset = 0 if shared else link.estimate_offset()
     t_req = now()
     P.send_frame(link.sock, {"kind": "fetch", "sha256": sha256})
     frame = link.expect("part")

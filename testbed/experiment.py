@@ -25,6 +25,13 @@ Example::
       remote: {cpus: 2}
     network: [ladder-50mbit, ladder-10mbit]
     runs: {warmup: 2, samples: 10, min_seconds: 0, max_seconds: 10}
+
+A remote node on another machine (``backend: ssh``; see docs/ssh.md)::
+
+    nodes:
+      local:  {backend: netns, cpus: 1}
+      remote: {backend: ssh, host: edge.lab.example, user: bench, key: ~/.ssh/id_ed25519,
+               known_hosts: ~/.ssh/known_hosts, runtime: process}
 """
 
 from __future__ import annotations
@@ -111,6 +118,11 @@ class ModelSpec(Frozen):
         return spec
 
 
+#: NodeConfig keys that only a ``backend: ssh`` node takes.
+SSH_ONLY = ("host", "user", "port", "key", "known_hosts", "runtime", "shape_at", "wheels", "control_port",
+            "data_port", "metrics_port", "data_address", "engine_address", "remote_dir", "connect_timeout")
+
+
 class NodeConfig(Frozen):
     """Limits of one node. ``None`` means unlimited / the runtime's default.
 
@@ -122,12 +134,55 @@ class NodeConfig(Frozen):
     ``cpuset`` pins the node to host CPUs (``"2-3"``); by default the sweep
     decides (``nodes.pinning``, see ``testbed.deploy.cpus``)."""
 
-    backend: Literal["auto", "docker", "netns"] = "auto"
+    backend: Literal["auto", "docker", "netns", "ssh"] = "auto"
     cpus: Number | None = Field(default=None, ge=MIN_CPUS, le=MAX_CPUS)
     cpu_period: Seconds = 0.1
     memory: Bytes | None = Field(default=None, le=MAX_MEMORY_BYTES)
     threads: Int | None = Field(default=None, ge=1, le=64)
     cpuset: str | None = None
+    # backend: ssh only (testbed.deploy.ssh; docs/ssh.md)
+    host: str | None = Field(default=None, min_length=1, max_length=253, pattern=r"^[A-Za-z0-9_.:-]+$")
+    user: str | None = Field(default=None, min_length=1, max_length=32, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+    port: Int = Field(default=22, ge=1, le=65535)
+    key: PathText | None = None
+    known_hosts: PathText = "~/.ssh/known_hosts"
+    runtime: Literal["process", "docker"] = "process"
+    shape_at: Literal["local", "remote"] = "local"
+    wheels: Literal["auto", "index", "push"] = "auto"
+    control_port: Int = Field(default=7700, ge=1, le=65535)
+    data_port: Int = Field(default=7701, ge=1, le=65535)
+    metrics_port: Int = Field(default=7702, ge=1, le=65535)
+    data_address: str | None = Field(default=None, min_length=1, max_length=253, pattern=r"^[A-Za-z0-9_.:-]+$")
+    engine_address: str = Field(default="127.0.0.1", min_length=1, max_length=253, pattern=r"^[A-Za-z0-9_.:-]+$")
+    remote_dir: str = Field(default="~/.cache/testbed", min_length=1, max_length=255,
+                            pattern=r"^(~/)?[A-Za-z0-9_./-]+$")
+    connect_timeout: Seconds = Field(default=10.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _ssh_keys(self) -> "NodeConfig":
+        given = self.model_fields_set
+        if self.backend != "ssh":
+            stray = [k for k in SSH_ONLY if k in given]
+            if stray:
+                raise ValueError(f"{stray[0]} belongs to backend: ssh (this node's backend is {self.backend})")
+            return self
+        if self.host is None:
+            raise ValueError("backend ssh needs host: the machine to run the node on")
+        if self.key is None:
+            raise ValueError("backend ssh needs key: the private key file to log in with "
+                             "(keys from an ssh-agent are never used)")
+        ports = [self.control_port, self.data_port, self.metrics_port]
+        if len(set(ports)) != 3:
+            raise ValueError(f"control_port, data_port and metrics_port must differ, got {ports}")
+        if self.cpuset is not None:
+            raise ValueError("cpuset names CPUs of this host; an ssh node runs on another machine")
+        return self
+
+    @property
+    def ssh_user(self) -> str:
+        """The remote user: ``user``, else the name of whoever runs the testbed."""
+        import getpass
+        return self.user or getpass.getuser()
 
     @field_validator("cpu_period")
     @classmethod
@@ -177,14 +232,29 @@ class Nodes(Frozen):
     @model_validator(mode="after")
     def _same_backend(self) -> "Nodes":
         a, b = self.local.backend, self.remote.backend
+        if a == "ssh":
+            raise ValueError("the local node runs on this host: backend ssh is for the remote node")
+        if b == "ssh":
+            if a == "docker":
+                raise ValueError("with an ssh remote the local node runs in a network namespace: "
+                                 "use local backend netns (or auto)")
+            return self
         if a != b and "auto" not in (a, b):
             raise ValueError(f"local and remote must use the same backend (got {a} and {b})")
         return self
 
     @property
     def backend(self) -> str:
-        """The backend both nodes use (``auto`` when neither names one)."""
+        """The backend of the nodes on this host (``auto`` when none is named). With an
+        ssh remote that is the local node's: netns (``remote_ssh`` says the rest)."""
+        if self.remote_ssh:
+            return "netns"
         return next((b for b in (self.local.backend, self.remote.backend) if b != "auto"), "auto")
+
+    @property
+    def remote_ssh(self) -> bool:
+        """The remote node runs on another machine, reached over SSH."""
+        return self.remote.backend == "ssh"
 
 
 class Runs(Frozen):

@@ -16,6 +16,8 @@ Layout of ``RUN_DIR``::
                        a configuration is finished when its summary row exists
     parts.csv          per configuration, per part, per node: file bytes, delivery, KPIs
     layers.csv         per node, per layer: latency stats, output bytes, params, MACs
+    failures.csv       configurations that failed mid-way (e.g. an ssh connection dropped):
+                       repeat, profile, split, time, error; no summary row, so --resume redoes them
 
 Every time is in seconds, every size in bytes, rates in bit/s, loss in percent.
 
@@ -47,6 +49,8 @@ from nodes.stats import describe
 log = logging.getLogger("testbed.analysis.results")
 
 SAMPLES, SUMMARY, PARTS, LAYERS = "samples.csv", "summary.csv", "parts.csv", "layers.csv"
+FAILURES = "failures.csv"
+FAILURE_COLUMNS = ("repeat", "profile", "split", "time", "error")
 ENVIRONMENT, CONFIG, MANIFEST = "environment.json", "config.yaml", "manifest.json"
 
 # Per-sample timings in the order the measurement contract lists them.
@@ -75,7 +79,15 @@ SAMPLE_COLUMNS = (
     "cut_bytes_raw", "cut_bytes_wire", "result_bytes_wire",
     "uplink_ideal_s", "downlink_ideal_s", "uplink_over_ideal", "downlink_over_ideal",
     *CPU_COLUMNS,
+    "clock_offset_s", "clock_uncertainty_s",
 )
+
+# Where each direction was shaped, and the two nodes' clocks when they differ (an ssh
+# remote): the offset the one-way times were corrected with, the bound on their error,
+# the estimate after the configuration and the drift between the two.
+SHAPING_COLUMNS = ("uplink_shaped_at", "downlink_shaped_at")
+CLOCK_COLUMNS = ("clock_offset_s", "clock_uncertainty_s", "clock_offset_after_s", "clock_uncertainty_after_s",
+                 "clock_drift_s", "clock_drift_ppm")
 
 SUMMARY_COLUMNS = (
     "repeat", "profile", "split", "codec", "input_encoding", "emulation_uplink", "emulation_downlink", "clock",
@@ -89,6 +101,7 @@ SUMMARY_COLUMNS = (
     "uplink_ideal_s", "downlink_ideal_s", "uplink_over_ideal_p50", "downlink_over_ideal_p50",
     "local_throttled_samples", "remote_throttled_samples", "local_cpu_mean_s", "remote_cpu_mean_s",
     "local_runq_wait_p50_s", "remote_runq_wait_p50_s",
+    *SHAPING_COLUMNS, *CLOCK_COLUMNS,
 )
 
 KPI_COLUMNS = (
@@ -105,6 +118,7 @@ LAYER_COLUMNS = (
 )
 
 _TEXT = {"profile", "codec", "input_encoding", "emulation_uplink", "emulation_downlink", "clock",
+         "uplink_shaped_at", "downlink_shaped_at",
          "part", "node", "sha256", "kpi_profile", "op"}
 _INT_SUFFIX = ("_bytes", "_bytes_raw", "_bytes_wire")
 _INTS = {"repeat", "split", "sample", "input_index", "count", "warmup", "layer", "params", "macs", "runs",
@@ -442,6 +456,16 @@ class RunFolder:
         row = result.summary_row()
         _append(self.path / SUMMARY, SUMMARY_COLUMNS, [row])
         return row
+
+    def mark_failed(self, repeat: int, profile: str, split: int, error: str) -> None:
+        """Record a configuration that failed mid-way (it stays unfinished: no summary row)."""
+        import time as _time
+
+        _append(self.path / FAILURES, FAILURE_COLUMNS, [{"repeat": repeat, "profile": profile, "split": split,
+                                                          "time": _time.time(), "error": error}])
+
+    def failures(self) -> list[dict[str, Any]]:
+        return read_csv(self.path / FAILURES)
 
     def append_layers(self, rows: Iterable[dict[str, Any]]) -> None:
         _append(self.path / LAYERS, LAYER_COLUMNS, rows)

@@ -20,7 +20,11 @@ and only inert state (namespaces, veths, cgroups; stopped containers, networks) 
 for ``cleanup``.
 
 ``cleanup(run_id=None)`` removes what a killed run left (all runs when None).
-Backends: ``testbed.deploy.docker`` and ``testbed.deploy.netns``. The link
+Backends: ``testbed.deploy.docker`` and ``testbed.deploy.netns``; with ``ssh=``
+(an ``ssh.SshSpec``) the remote node runs on another machine (``testbed.deploy.ssh``)
+and only the local node here (a routed namespace, ``netns.start_local``); the
+remote's downlink is then shaped on the local node's ingress (an IFB device).
+Teardown and ``cleanup`` remove the remote side from the run's ssh state record. The link
 shaper's qdiscs live on the nodes' interfaces and go with them; teardown drops
 the link layer's records of them (``testbed.link.state``).
 """
@@ -63,6 +67,14 @@ class Deployment:
     remote: Node
     health: dict[str, Any] = field(default_factory=dict)
     leases: list[Any] = field(default_factory=list, repr=False)
+    remote_conn: Any = field(default=None, repr=False)  # sshconn.Connection of an ssh remote
+
+    def lost(self) -> str | None:
+        """Why the remote became unreachable (its ssh connection dropped), or None."""
+        conn = self.remote_conn
+        if conn is not None and not conn.alive():
+            return f"ssh connection to {conn.spec.name} dropped"
+        return None
 
     @property
     def nodes(self) -> list[Node]:
@@ -190,7 +202,8 @@ def _agent_client_available() -> bool:
 def deploy(run_id: str, local: NodeSpec, remote: NodeSpec, backend: str = "auto",
            token: str | None = None, *, image: str | None = None,
            agent_argv: Sequence[str] | None = None, ready_timeout_s: float = 90.0,
-           health: bool | None = None, lease_s: float | None = LEASE_S) -> Iterator[Deployment]:
+           health: bool | None = None, lease_s: float | None = LEASE_S,
+           ssh: Any | None = None) -> Iterator[Deployment]:
     """Start the local and remote nodes; tear them down on exit, whatever happens.
 
     Args:
@@ -209,12 +222,18 @@ def deploy(run_id: str, local: NodeSpec, remote: NodeSpec, backend: str = "auto"
         lease_s: agents exit when no lease has been held for this long (see the module
             docstring); only with the health probe (a stand-in program holds no lease).
             None: agents run until teardown removes them.
+        ssh: a ``testbed.deploy.ssh.SshSpec``: the remote node runs on that host
+            (``backend`` then names the local node's, which must be netns or auto).
 
     Raises:
         NodeError: a node could not be started (after tearing down what exists).
         ConfigError: bad run id or backend name.
     """
     check_run_id(run_id)
+    if ssh is not None:
+        yield from _deploy_ssh(run_id, local, remote, backend, token, ssh, agent_argv=agent_argv,
+                               ready_timeout_s=ready_timeout_s, health=health, lease_s=lease_s, image=image)
+        return
     chosen, reason = choose_backend(backend)
     log.info("deploy %s: backend %s (%s)", run_id, chosen, reason)
     token = token or secrets.token_hex(16)
@@ -252,6 +271,66 @@ def deploy(run_id: str, local: NodeSpec, remote: NodeSpec, backend: str = "auto"
             log.info("teardown %s: removed %d objects", run_id, len(removed))
 
 
+def _deploy_ssh(run_id: str, local: NodeSpec, remote: NodeSpec, backend: str, token: str | None, ssh: Any, *,
+                agent_argv: Sequence[str] | None, ready_timeout_s: float, health: bool | None,
+                lease_s: float | None, image: str | None) -> Iterator[Deployment]:
+    """``deploy`` with the remote node on another host (see the module docstring)."""
+    from testbed.deploy import netns as ns
+    from testbed.deploy import ssh as remote_ssh
+    from testbed.link.target import Target
+
+    if backend not in ("auto", "netns"):
+        raise ConfigError(f"with an ssh remote the local node runs in a network namespace, not {backend}",
+                          field="backend")
+    if ssh.shape_at != "local":
+        raise ConfigError("shape_at: remote is not implemented yet; shape on this host (shape_at: local)",
+                          field="nodes.remote.shape_at")
+    reason = f"local node in a network namespace, remote on {ssh.host.name} over ssh ({ssh.runtime})"
+    log.info("deploy %s: %s", run_id, reason)
+    token = token or secrets.token_hex(16)
+    if health is None:
+        health = agent_argv is None and _agent_client_available()
+    lease_s = lease_s if health else None
+    leases: list[Any] = []
+    conn = None
+    with _sigterm_as_interrupt():
+        try:
+            local_node, local_check = ns.start_local(run_id, local, token, agent_argv=agent_argv, lease_s=lease_s)
+            answers = {"local": _ready_and_leased(local_node, token, local_check, ready_timeout_s, health,
+                                                  lease_s, leases)}
+            # The downlink arrives at the local node: shaped on its data interface's ingress.
+            downlink = Target(local_node.shaping.dev, netns=local_node.shaping.netns, ingress=True)
+            started = remote_ssh.start(run_id, remote, token, ssh, lease_s=lease_s, shaping=downlink,
+                                       image=image)
+            conn = started.conn
+            answers["remote"] = _ready_and_leased(started.node, token, started.check, ready_timeout_s, health,
+                                                  lease_s, leases)
+            yield Deployment(run_id=run_id, backend="ssh", reason=reason, token=token, local=local_node,
+                             remote=started.node, health={r: a for r, a in answers.items() if a is not None},
+                             leases=leases, remote_conn=conn)
+        finally:
+            for lease in leases:
+                lease.close()
+            with _signals_deferred():
+                removed = _teardown_ssh(run_id, conn)
+            log.info("teardown %s: removed %d objects", run_id, len(removed))
+
+
+def _teardown_ssh(run_id: str, conn: Any) -> list[str]:
+    """Remote side first (while the connection may still be up), then this host's."""
+    from testbed.deploy import netns as ns
+    from testbed.deploy import ssh as remote_ssh
+
+    removed: list[str] = []
+    try:
+        removed += remote_ssh.remove_run(run_id, conn)
+    finally:
+        if conn is not None:
+            conn.close()
+        removed += ns.remove_run(run_id) + _forget_shaping(run_id, set())
+    return removed
+
+
 def _ready_and_leased(node: Node, token: str, check: Any, timeout_s: float, health: bool,
                       lease_s: float | None, leases: list[Any]) -> dict | None:
     """Wait for one node, then take its lease at once: its grace runs from its start,
@@ -269,7 +348,8 @@ def _ready_and_leased(node: Node, token: str, check: Any, timeout_s: float, heal
 def cleanup(run_id: str | None = None) -> list[str]:
     """Remove what a killed run left: containers and networks labelled
     ``testbed.run=<run_id>``, its namespaces, veths, cgroups and agent processes,
-    and the link layer's records of its shaped interfaces.
+    the link layer's records of its shaped interfaces, and on an ssh run's remote
+    host its agent process or container and workdir (from the run's state record).
 
     ``run_id=None``: every run whose orchestrator process is gone (a live run of
     another process is left alone; name it to remove it anyway). Returns what
@@ -290,6 +370,12 @@ def cleanup(run_id: str | None = None) -> list[str]:
             removed += dk.remove_run(rid) + _forget_shaping(rid, pids)
     else:
         log.info("cleanup: skipping Docker (%s)", why)
+    from testbed.deploy import ssh as remote_ssh
+
+    runs = [run_id] if run_id else sorted(
+        r for r, o in remote_ssh.run_owners().items() if not owner.alive(o))
+    for rid in runs:  # the remote side of ssh runs, reconnecting from their state records
+        removed += remote_ssh.remove_run(rid)
     runs = [run_id] if run_id else sorted(
         r for r, o in ns.run_owners().items() if not owner.alive(o))
     for rid in runs:

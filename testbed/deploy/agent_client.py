@@ -194,6 +194,14 @@ class AgentClient:
             raise ProtocolError(f"node {self.node_name}: {op}: reply is not an object")
         return result
 
+    def clock(self, timeout: float | None = None) -> int:
+        """The agent's CLOCK_MONOTONIC (ns) when it handled the request (one exchange
+        of ``testbed.sweep.clock``'s offset estimate)."""
+        t = self._object("clock", timeout).get("t_ns")
+        if not isinstance(t, int) or isinstance(t, bool):
+            raise ProtocolError(f"node {self.node_name}: clock: reply lacks 't_ns' (int)")
+        return t
+
     def health(self, timeout: float | None = None) -> dict[str, Any]:
         """Name, pid, uptime, loaded parts (role -> sha256, bytes, inputs, outputs), peer."""
         return self._object("health", timeout=timeout)
@@ -218,21 +226,23 @@ class AgentClient:
 
     def fetch_part(self, sha256: str, role: str = "head", threads: int | None = None,
                    clock_shared: bool | None = None, timeout: float | None = 600.0,
-                   ) -> dict[str, Any]:
+                   clock_offset_ns: int | None = None) -> dict[str, Any]:
         """(Local) pull a staged part from the peer over the shaped downlink and load it.
-        Returns {"delivery_s", "bytes", "wire_bytes", "load_s", "request_to_loaded_s", "clock"}."""
+        Returns {"delivery_s", "bytes", "wire_bytes", "load_s", "request_to_loaded_s", "clock"}.
+        ``clock_offset_ns``: remote - local clock measured by the caller, used as given."""
+        args: dict[str, Any] = {"clock_offset_ns": clock_offset_ns} if clock_offset_ns is not None else {}
         return self._object("fetch_part", timeout, sha256=sha256, role=role, threads=threads,
-                            clock_shared=clock_shared)
+                            clock_shared=clock_shared, **args)
 
     def deliver_part(self, to_peer: "AgentClient", data: bytes, sha256: str, role: str = "head",
                      threads: int | None = None, clock_shared: bool | None = None,
-                     timeout: float | None = 600.0) -> dict[str, Any]:
+                     timeout: float | None = 600.0, clock_offset_ns: int | None = None) -> dict[str, Any]:
         """Model delivery: call on the REMOTE's client; the part goes remote -> local over
         the shaped downlink (``to_peer`` is the local's client, already connected to this
         node with ``connect_peer``), timed, and is loaded there as ``role``."""
         self.stage_part(data, sha256)
         return to_peer.fetch_part(sha256, role=role, threads=threads,
-                                  clock_shared=clock_shared, timeout=timeout)
+                                  clock_shared=clock_shared, timeout=timeout, clock_offset_ns=clock_offset_ns)
 
     def set_inputs(self, inputs: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
                    timeout: float | None = None) -> dict[str, Any]:
@@ -256,7 +266,7 @@ class AgentClient:
             codec: str = "raw", input_encoding: str = "raw",
             model_outputs: Sequence[str] = (), clock_shared: bool | None = None,
             max_seconds: float | None = None, timeout: float | None = 3600.0,
-            ) -> list[dict[str, Any]]:
+            clock_offset_ns: int | None = None) -> list[dict[str, Any]]:
         """(Local) run ``warmup`` + ``samples`` samples; returns one timing dict per sample.
 
         Args:
@@ -267,25 +277,29 @@ class AgentClient:
                 is both a model output and read by the tail (DAGs).
             clock_shared: None = detect (same boot id and time namespace).
             max_seconds: stop after this long (at least one sample is kept).
+            clock_offset_ns: remote - local clock measured by the caller (``testbed.sweep.clock``);
+                the agent then uses it instead of its own estimate (rows ``derived``).
         """
         return self.run_detailed(samples, warmup, inputs=inputs, codec=codec, input_encoding=input_encoding,
                                  model_outputs=model_outputs, clock_shared=clock_shared,
-                                 max_seconds=max_seconds, timeout=timeout)["samples"]
+                                 max_seconds=max_seconds, timeout=timeout,
+                                 clock_offset_ns=clock_offset_ns)["samples"]
 
     def run_detailed(self, samples: int, warmup: int = 0, *,
                      inputs: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
                      codec: str = "raw", input_encoding: str = "raw",
                      model_outputs: Sequence[str] = (), clock_shared: bool | None = None,
                      max_seconds: float | None = None, timeout: float | None = 3600.0,
-                     ) -> dict[str, Any]:
+                     clock_offset_ns: int | None = None) -> dict[str, Any]:
         """Like ``run``, returning ``{"samples": [...], "phases": {"handshake_s",
         "warmup_s", "sampling_s"}}``: where the call's time went on the node."""
         if inputs is not None:
             self.set_inputs(inputs)
+        extra: dict[str, Any] = {"clock_offset_ns": int(clock_offset_ns)} if clock_offset_ns is not None else {}
         result = self.call("run", timeout=timeout, samples=int(samples), warmup=int(warmup),
                            codec=codec, input_encoding=input_encoding,
                            model_outputs=list(model_outputs), clock_shared=clock_shared,
-                           max_seconds=max_seconds)[0]
+                           max_seconds=max_seconds, **extra)[0]
         rows = self._field(result, "samples", "run", list)
         if not all(isinstance(r, dict) for r in rows):
             raise ProtocolError(f"node {self.node_name}: run: a sample row is not an object")

@@ -360,3 +360,103 @@ def remove_run(run_id: str | None, client: docker.DockerClient | None = None) ->
                     raise NodeError(f"cannot remove network {n.name}: {e.explanation}") from e
                 time.sleep(0.2)
     return removed
+
+
+# --- a remote engine over SSH (the ssh backend's runtime: docker) ---------------------
+
+def client_over_ssh(conn, timeout: float = 120) -> docker.DockerClient:
+    """A client on the Docker engine of ``conn``'s host, through ``conn`` itself.
+
+    docker-py's ``ssh://user@host:port`` transport would open its own paramiko
+    connection, reading only ``~/.ssh/known_hosts`` and a few ``~/.ssh/config`` keys
+    and offering agent and default keys: none of the experiment's strict settings.
+    So the client is built in shell-out mode (which connects to nothing at
+    construction) with an explicit API version, and its adapter then gets the
+    already authenticated, strictly checked ``paramiko.SSHClient`` of ``conn``; every
+    request is a ``docker system dial-stdio`` exec channel on that connection. The
+    real API version is read afterwards.
+    """
+    from testbed.deploy.sshconn import Connection
+
+    assert isinstance(conn, Connection)
+    spec = conn.spec
+    try:
+        api = docker.APIClient(base_url=f"ssh://{spec.user}@{spec.host}:{spec.port}", version="1.41",
+                               timeout=timeout, use_ssh_client=True)
+        adapter = api._custom_adapter
+        adapter.ssh_client = conn.client  # our strict connection, not the shell-out
+
+        def no_reconnect() -> None:
+            raise NodeError(f"ssh connection to {spec.name} is gone", node="remote")
+
+        adapter._connect = no_reconnect
+        api._version = api._retrieve_server_version()
+        client = docker.DockerClient.__new__(docker.DockerClient)
+        client.api = api
+        return client
+    except DockerException as e:
+        text = str(e)
+        if "127" in text or "not found" in text:
+            raise NodeError(f"{spec.name}: no docker CLI on the remote (runtime: docker needs it "
+                            "for `docker system dial-stdio`)", node="remote") from e
+        raise NodeError(f"{spec.name}: the remote Docker engine does not answer: "
+                        f"{text.splitlines()[0][:160]}", node="remote") from e
+
+
+def engine_version(client: docker.DockerClient) -> str:
+    try:
+        return client.version().get("Version", "?")
+    except (APIError, DockerException) as e:
+        raise NodeError(f"remote Docker engine: {e}", node="remote") from e
+
+
+def copy_image(src: docker.DockerClient, dst: docker.DockerClient, ref: str) -> bool:
+    """Make ``ref`` exist on ``dst``: ``docker save`` on ``src`` streamed into
+    ``docker load`` on ``dst`` when ``dst`` lacks that image id. True when copied."""
+    want = image_id(src, ref)
+    if want is None:
+        raise NodeError(f"image {ref} is not in the local store")
+    if image_id(dst, ref) == want:
+        return False
+    log.info("copying image %s to the remote engine (docker save | docker load)", ref)
+    try:
+        stream = src.api.get_image(ref, chunk_size=1 << 20)
+        for _ in dst.api.load_image(stream, quiet=True):
+            pass
+    except (APIError, DockerException, OSError) as e:
+        msg = getattr(e, "explanation", None) or str(e)
+        if "no space left" in msg.lower():
+            raise NodeError("remote disk full while loading the node image", node="remote") from e
+        raise NodeError(f"cannot copy the node image to the remote engine: {msg}", node="remote") from e
+    if image_id(dst, ref) is None:
+        raise NodeError(f"the remote engine did not keep image {ref} after docker load", node="remote")
+    return True
+
+
+def start_remote_agent(client: docker.DockerClient, run_id: str, spec: NodeSpec, token: str, *, image: str,
+                       control: str, data: str, metrics: str, lease_s: float | None):
+    """The remote node's container on a remote engine, on the engine host's network
+    (no Docker NAT in the measured data path): control and metrics listen on the
+    addresses only the SSH tunnel reaches, data where the local node dials."""
+    args = ["--name", "remote", "--control-listen", control, "--data-listen", data,
+            "--metrics-listen", metrics, "--workdir", WORKDIR]
+    if lease_s is not None:
+        args += ["--lease-s", f"{lease_s:g}"]
+    if spec.threads:
+        args += ["--threads", str(spec.threads)]
+    kwargs = dict(image=image, name=container_name(run_id, "remote"), detach=True, command=args,
+                  environment={"TESTBED_TOKEN": token}, labels=_labels(run_id, **{LABEL_NODE: "remote"}),
+                  network_mode="host", **_hardening())
+    if spec.cpus is not None:
+        kwargs["cpu_period"] = spec.cpu_period_us
+        kwargs["cpu_quota"] = quota_us(spec.cpus, spec.cpu_period_us)
+    if spec.memory_bytes is not None:
+        kwargs["mem_limit"] = spec.memory_bytes
+        kwargs["memswap_limit"] = spec.memory_bytes
+    try:
+        container = client.containers.run(**kwargs)
+        container.reload()
+        return container
+    except (APIError, DockerException) as e:
+        msg = getattr(e, "explanation", None) or str(e)
+        raise NodeError(f"cannot start container on the remote engine: {msg}", node="remote") from e

@@ -160,3 +160,12 @@ def wait_links_gone(names: list[str], timeout_s: float = 10.0) -> list[str]:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.1)
+
+
+def default_route(ns: str, gateway: str) -> None:
+    """Route everything not on a connected network of namespace ``ns`` via ``gateway``."""
+    with _ipr(ns) as ip:
+        try:
+            ip.route("replace", dst="0.0.0.0/0", gateway=gateway)
+        except NetlinkError as e:
+            raise NodeError(f"cannot set the default route of {ns} via {gateway}: {e}") from e

@@ -16,6 +16,12 @@ Per run, per role (``local``, ``remote``):
   orchestrator's lease connection has been gone that long (``nodes.lease``), so a
   SIGKILLed orchestrator does not leave agents running until ``cleanup``.
 
+With an SSH remote only the local node lives here (``start_local``): its data veth
+``tbd<tag>l`` then ends in the root namespace, which routes and masquerades its
+traffic toward the remote machine (``testbed.deploy.forwarding``); the link is
+shaped on the node's ``data0``, egress for the uplink and ingress (through an IFB
+device in the namespace) for the downlink.
+
 ``<tag>`` is 6 hex digits of sha1(run id): interface names are limited to 15
 characters, and the names must be derivable from the run id alone so that
 ``cleanup(run_id)`` finds what a killed run left. Before creating anything a
@@ -251,6 +257,55 @@ def start(run_id: str, specs: dict[str, NodeSpec], token: str, *,
     return nodes, checks
 
 
+def start_local(run_id: str, spec: NodeSpec, token: str, *, agent_argv: Sequence[str] | None = None,
+                lease_s: float | None = None) -> tuple[Node, Callable]:
+    """The local node alone, routed out through this host (for a remote on another
+    machine): namespace, control veth, a data veth to the root namespace with the
+    default route over it, forwarding + masquerade, cgroup, agent. Returns the Node
+    and its liveness check; like ``start``, leaves cleaning up to ``remove_run``."""
+    from testbed.deploy import forwarding
+
+    x = _pick_subnet()
+    a = _addresses(x)
+    t = tag(run_id)
+    ns, host_ctl, host_data = netns_name(run_id, "local"), f"tbc{t}l", f"tbd{t}l"
+    state = {"run_id": run_id, "owner": owner.tag(), "netns": [ns], "links": host_links(run_id),
+             "cgroups": [], "pids": [], "workdirs": [], "routed": True}
+    _save_state(run_id, state)
+    kernel.netns_create(ns)
+    kernel.veth_create(host_ctl, CONTROL_DEV, ns)
+    kernel.link_configure(host_ctl, None, address=a["local"]["host"], prefixlen=30)
+    kernel.link_configure(CONTROL_DEV, ns, address=a["local"]["ctl"], prefixlen=30)
+    gateway = a["remote"]["data"]  # the remote's slot of the data /30 is this host's end now
+    kernel.veth_create(host_data, DATA_DEV, ns)
+    kernel.link_configure(host_data, None, address=gateway, prefixlen=30)
+    kernel.link_configure(DATA_DEV, ns, address=a["local"]["data"], prefixlen=30)
+    kernel.default_route(ns, gateway)
+    state.update(forwarding.allow(run_id, host_data, f"{a['local']['data']}/30"))
+    _save_state(run_id, state)
+    group = cgroups.create(f"testbed-{run_id}-local", spec.cpus, spec.memory_bytes, spec.cpu_period_us)
+    state["cgroups"] += group.dirs
+    workdir = tempfile.mkdtemp(prefix=f"testbed-{run_id}-local-")
+    state["workdirs"].append(workdir)
+    _save_state(run_id, state)
+    proc = _spawn(run_id, "local", a, group, spec, token, workdir, agent_argv, lease_s)
+    state["pids"].append(proc.pid)
+    _save_state(run_id, state)
+    node = Node(
+        name="local", backend="netns",
+        control_host=a["local"]["ctl"], control_port=CONTROL_PORT,
+        metrics_host=a["local"]["ctl"], metrics_port=METRICS_PORT,
+        data_host=a["local"]["data"], data_port=DATA_PORT,
+        shaping=make_target(DATA_DEV, netns=ns),
+        cpus=group.cpus, memory_bytes=group.memory_bytes, clock_shared=True,
+        details={"netns": ns, "pid": proc.pid, "cgroups": group.dirs, "limits": group.how,
+                 "workdir": workdir, "python": sys.executable, "routed_via": host_data,
+                 "cpuset": format_cpuset(spec.cpuset) if spec.cpuset else None,
+                 "cpu_period_us": spec.cpu_period_us if group.cpus is not None else None},
+    )
+    return node, _alive_check(proc, workdir)
+
+
 # --- removal ---------------------------------------------------------------------
 
 def _pids_in_netns(names: list[str]) -> set[int]:
@@ -328,6 +383,10 @@ def remove_run(run_id: str) -> list[str]:
         if kernel.netns_remove(ns):
             removed.append(f"netns {ns}")
     left = kernel.wait_links_gone(links)
+    if state.get("routed") or not state:  # a routed local node's rules (or unknown: look)
+        from testbed.deploy import forwarding
+
+        removed += forwarding.remove_tagged(run_id) + forwarding.restore(state)
     for d in cgroups.remove(group_dirs):
         removed.append(f"cgroup {d}")
     for w in state.get("workdirs", []):

@@ -7,6 +7,9 @@ in a fresh process on its node; both nodes at once when they have CPUs of
 their own), warm-up on each node without the link, samples bounded by time,
 the framing-aware ideal of every transfer, and per-layer latency (once per run
 per node). Every step is charged to a phase of the configuration's clock.
+When the nodes do not share a clock (an ssh remote) the remote's offset is
+measured before and after (``testbed.sweep.clock``), handed to the agents for the
+one-way times, and recorded with its uncertainty and drift.
 How the nodes time things is the agents'; how rows are written ``results``'.
 """
 
@@ -80,7 +83,8 @@ def link_columns(prof: LinkProfile) -> dict[str, Any]:
 # --------------------------------------------------------------------------- samples
 
 def take_samples(nodes: NodePair, runs: Runs, input_encoding: str, codec: str, n_inputs: int,
-                 model_outputs: list[str], clock: PhaseClock, parts: tuple[bool, bool]) -> list[dict[str, Any]]:
+                 model_outputs: list[str], clock: PhaseClock, parts: tuple[bool, bool],
+                 clock_offset_ns: int | None = None) -> list[dict[str, Any]]:
     """Warm-up, then ``runs.samples`` samples, stopped early (after at least one)
     once ``max_seconds`` have passed; then more, in batches, while under
     ``min_seconds``. The agent enforces ``max_seconds`` itself, so a slow
@@ -99,7 +103,7 @@ def take_samples(nodes: NodePair, runs: Runs, input_encoding: str, codec: str, n
     with clock("sampling"):
         result = nodes.local.run_detailed(samples=runs.samples, warmup=0, codec=codec,
                                           input_encoding=input_encoding, max_seconds=runs.max_seconds,
-                                          model_outputs=model_outputs)
+                                          model_outputs=model_outputs, clock_offset_ns=clock_offset_ns)
     clock.add("warmup", result["phases"].get("handshake_s", 0.0), taken_from="sampling")
     samples = result["samples"]
     # the agent cycles through the inputs from the first sample of each call
@@ -113,7 +117,8 @@ def take_samples(nodes: NodePair, runs: Runs, input_encoding: str, codec: str, n
         want = max(1, min(_MAX_BATCH, int((runs.min_seconds - elapsed) / per_sample) + 1))
         with clock("sampling"):
             more = nodes.local.run(samples=want, warmup=0, codec=codec, input_encoding=input_encoding,
-                                   max_seconds=runs.max_seconds - elapsed, model_outputs=model_outputs)
+                                   max_seconds=runs.max_seconds - elapsed, model_outputs=model_outputs,
+                                   clock_offset_ns=clock_offset_ns)
         for s in more:
             s["input_index"] = s.get("sample", 0) % n_inputs
         samples += more
@@ -176,11 +181,32 @@ def _part_rows(p: Plan, nodes: NodePair, c: Configuration, entry: dict[str, Any]
 
 # --------------------------------------------------------------------------- one configuration
 
+def shaped_at(nodes: NodePair) -> dict[str, str]:
+    """Where each direction is shaped, as results record it: ``local-egress``,
+    ``remote-egress`` or ``local-ingress`` (an IFB on this host: an ssh remote's downlink)."""
+    dep = getattr(nodes, "dep", None)
+    down = getattr(getattr(dep, "remote", None), "shaping", None)
+    return {"uplink_shaped_at": "local-egress",
+            "downlink_shaped_at": "local-ingress" if getattr(down, "ingress", False) else "remote-egress"}
+
+
+def _clock_check(nodes: NodePair) -> Any:
+    """A before/after offset check when the remote keeps its own clock, else None."""
+    dep = getattr(nodes, "dep", None)
+    if dep is None or getattr(dep.remote, "clock_shared", True):
+        return None
+    from testbed.sweep.clock import ClockCheck
+
+    return ClockCheck(nodes.local, nodes.remote)
+
+
 def run_configuration(p: Plan, nodes: NodePair, link: Link, c: Configuration, kpis: KpiCache,
                       metrics: SweepMetrics, clock: PhaseClock, parts: Parts) -> ConfigurationResult:
     """Measure one configuration; every step charged to ``clock``."""
     exp = p.experiment
     prof, k = c.profile, c.split
+    clocks = _clock_check(nodes)
+    offset = clocks.start().offset_ns if clocks is not None else None
     with clock("split"):
         entry = parts.entry(k)
         head, tail = parts.read(entry["head"]), parts.read(entry["tail"])
@@ -194,7 +220,7 @@ def run_configuration(p: Plan, nodes: NodePair, link: Link, c: Configuration, kp
     if head is not None:
         with clock("delivery"):
             timing = nodes.remote.deliver_part(nodes.local, head, entry["head_sha256"], role="head",
-                                               threads=exp.nodes.local.threads)
+                                               threads=exp.nodes.local.threads, clock_offset_ns=offset)
         clock.add("head_load", float(timing.get("load_s") or 0.0), taken_from="delivery")
         delivery_s = float(timing["delivery_s"])
         delivery_ideal_s = ideal(prof, "downlink", timing.get("wire_bytes"), timing.get("mss"), timing.get("mtu"))
@@ -206,14 +232,19 @@ def run_configuration(p: Plan, nodes: NodePair, link: Link, c: Configuration, kp
 
     t_sampling = time.monotonic()
     samples = take_samples(nodes, exp.runs, exp.input_encoding, exp.codec, p.n_inputs,
-                           [o.name for o in p.graph.outputs], clock, (head is not None, tail is not None))
+                           [o.name for o in p.graph.outputs], clock, (head is not None, tail is not None),
+                           clock_offset_ns=offset)
     sampling_s = time.monotonic() - t_sampling
+    if clocks is not None:
+        clocks.finish()
     for s in samples:
         s.setdefault("codec", exp.codec)
         s.setdefault("input_encoding", exp.input_encoding)
         s["emulation_uplink"] = link.emulation["uplink"]
         s["emulation_downlink"] = link.emulation["downlink"]
         add_ideals(prof, s)
+        if clocks is not None:
+            s.update(clocks.sample_columns())
         metrics.observe_sample(k, prof.name, s)
 
     summary = {
@@ -222,6 +253,7 @@ def run_configuration(p: Plan, nodes: NodePair, link: Link, c: Configuration, kp
         **link_columns(prof), "warmup": exp.runs.warmup,
         "head_file_bytes": entry.get("head_bytes"), "tail_file_bytes": entry.get("tail_bytes"),
         "delivery_s": delivery_s, "delivery_ideal_s": delivery_ideal_s, "sampling_s": sampling_s,
+        **shaped_at(nodes), **(clocks.summary_columns() if clocks is not None else {}),
     }
     return ConfigurationResult(profile=prof.name, split=k, samples=samples, summary=summary, parts=part_rows,
                                repeat=c.repeat)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from rich.console import Console
 
 from testbed.analysis.results import RunFolder
-from testbed.errors import ConfigError, Interrupted, TestbedError
+from testbed.errors import ConfigError, Interrupted, NodeError, ProtocolError, TestbedError
 from testbed.experiment import Experiment, load_experiment, parse_host_port, resolved_dict
 from testbed.sweep import environment, placement
 from testbed.sweep.configuration import KpiCache, kpis_from, loss_pct, profile_layers, run_configuration
@@ -99,7 +99,8 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
     if not todo:
         return
     cpus = placement.cpu_plan(exp)
-    parallel = placement.disjoint(cpus)
+    ssh = _ssh_spec(exp)
+    parallel = placement.disjoint(cpus) or ssh is not None  # an ssh remote computes on its own machine
     backend = options.backend or exp.nodes.backend
     estimates, source, setup = estimate(p, run, options, finished, backend if backend != "auto" else "docker",
                                         parallel)
@@ -114,8 +115,8 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
         stack.enter_context(placement.pinned(cpus.orchestrator))
         metrics, server = stack.enter_context(_metrics(exp, run.path.name, listen, console))
         dep = stack.enter_context(deploy(run_id, placement.node_spec(exp.nodes.local, cpus.local),
-                                         placement.node_spec(exp.nodes.remote, cpus.remote),
-                                         backend=backend, token=token))
+                                         placement.node_spec(exp.nodes.remote, None if ssh else cpus.remote),
+                                         backend=backend, token=token, ssh=ssh))
         console.print(f"backend: {dep.backend}  run id: {run_id}")
         for note in cpus.notes:
             console.print(f"cpus: {note}")
@@ -140,6 +141,14 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
         timing.eta = Eta(estimates)
         _sweep(p, nodes, link, run, todo, total, kpis, metrics, console, options, parts, timing)
         environment.record_timing(run, timing.record())
+
+
+def _ssh_spec(exp: Experiment):  # -> testbed.deploy.ssh.SshSpec | None
+    if not exp.nodes.remote_ssh:
+        return None
+    from testbed.deploy.ssh import SshSpec
+
+    return SshSpec.from_config(exp.nodes.remote)
 
 
 @contextlib.contextmanager
@@ -184,6 +193,16 @@ def _publish_targets(exp: Experiment, run_name: str, metrics: SweepMetrics, serv
     return undo
 
 
+def _failed(run: RunFolder, c: Configuration, e: TestbedError, dep: Deployment) -> None:
+    """Record the configuration as failed (results so far stay), then stop the run with
+    one line saying why and how to finish it."""
+    lost = dep.lost() if hasattr(dep, "lost") else None
+    why = f"{lost}: {e}" if lost else str(e)
+    run.mark_failed(c.repeat, c.profile.name, c.split, why)
+    raise NodeError(f"configuration {c.profile.name} k={c.split} failed ({why}); marked in "
+                    f"{run.path}/failures.csv, results so far kept; finish with --resume {run.path}") from e
+
+
 def _link_changed(link: Link, prof: LinkProfile, metrics: SweepMetrics) -> None:
     link.apply(prof)
     for direction in ("uplink", "downlink"):
@@ -214,7 +233,10 @@ def _sweep(p: Plan, nodes: placement.NodePair, link: Link, run: RunFolder, todo:
             where = f"repeat {c.repeat + 1}/{repeats}  " if repeats > 1 else ""
             bar.update(task, description=f"{where}{prof.name}  k={k}")
             metrics.configuration_started(k, prof.name, total=total, done=done, eta_s=timing.remaining_s())
-            result = run_configuration(p, nodes, link, c, kpis, metrics, clock, parts)
+            try:
+                result = run_configuration(p, nodes, link, c, kpis, metrics, clock, parts)
+            except (NodeError, ProtocolError) as e:
+                _failed(run, c, e, nodes.dep)
             with clock("write"):
                 run.write_rows(result)
             result.summary.update(clock.close())
