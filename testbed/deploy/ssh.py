@@ -319,11 +319,11 @@ def start(run_id: str, spec: NodeSpec, token: str, ssh: SshSpec, *, lease_s: flo
           shaping: Any, image: str | None = None) -> RemoteNode:
     """Start the remote node on ``ssh.host``; return its handle. Records everything it
     creates first; cleaning up after a failure is ``remove_run``'s (the caller's)."""
+    conn = connect(ssh.host)  # nothing exists on the remote before this succeeds
     state: dict[str, Any] = {"run_id": run_id, "owner": owner.tag(), "host": asdict(ssh.host),
                              "runtime": ssh.runtime, "workdir": None, "pid": None, "container": None}
-    _save(state)
-    conn = connect(ssh.host)
     try:
+        _save(state)
         return _start(conn, state, run_id, spec, token, ssh, lease_s, shaping, image)
     except BaseException:
         conn.close()
@@ -436,6 +436,9 @@ def remove_run(run_id: str, conn: Connection | None = None) -> list[str]:
     finish later (its agent stops by itself once the lease has lapsed)."""
     state = load_state(run_id)
     if not state:
+        return []
+    if not state.get("workdir") and not state.get("container"):  # nothing was made there yet
+        _state_path(run_id).unlink(missing_ok=True)
         return []
     spec = HostSpec(**state["host"])
     removed: list[str] = []

@@ -355,6 +355,47 @@ def _node_image_missing() -> bool:
         return False
 
 
+def _ssh_remote(run: _Run) -> None:
+    """An ssh remote: connect (host key, auth) and check what its runtime needs there
+    (python3 or docker, disk, free agent ports); creates nothing on the remote."""
+    from testbed.deploy import ssh as remote_ssh
+    from testbed.deploy.sshconn import connect
+
+    if not run.exp.nodes.remote_ssh:
+        return
+    spec = remote_ssh.SshSpec.from_config(run.exp.nodes.remote)
+    loc = ("nodes", "remote")
+    try:
+        with connect(spec.host) as conn:
+            if spec.runtime == "docker":
+                status, out, err = conn.run(["docker", "version", "--format", "{{.Server.Version}}"],
+                                            check=False, timeout_s=30)
+                if status != 0:
+                    why = "no docker CLI" if status == 127 else f"its Docker engine does not answer " \
+                                                                  f"({_one_line(err or out)})"
+                    run.problem(run.at(f"{spec.host.name}: {why} (runtime: docker)", loc))
+                    return
+                run.fact("remote", f"{spec.host.name}, Docker engine {out.strip()}")
+                return
+            facts = remote_ssh.probe(conn, spec.remote_dir)
+            data = spec.data_address or conn.server_address()
+            wanted = [f"127.0.0.1:{spec.control_port}", f"{data}:{spec.data_port}",
+                      f"127.0.0.1:{spec.metrics_port}"]
+            for where, why in remote_ssh.busy_ports(conn, wanted):
+                run.problem(run.at(f"{spec.host.name}: port {where} is already in use on the remote ({why}); "
+                                   "choose free ones with control_port / data_port / metrics_port", loc))
+            env = f"{facts['dir']}/{remote_ssh.env_hash(facts)}"
+            ready = conn.run(["test", "-f", f"{env}/ready"], check=False)[0] == 0
+            need = remote_ssh.RUN_BYTES + (0 if ready else remote_ssh.VENV_BYTES)
+            if facts["free_bytes"] < need:
+                run.problem(run.at(f"{spec.host.name}: remote disk full: {facts['free_bytes'] // 2**20} MiB free "
+                                   f"under {facts['dir']}, the agent needs about {need // 2**20} MiB", loc))
+            run.fact("remote", f"{spec.host.name}, python {facts['python']} ({facts['machine']}), agent venv "
+                               f"{'ready' if ready else 'to be made'}")
+    except TestbedError as e:
+        run.problem(run.at(_one_line(e).removeprefix("node remote: "), loc))
+
+
 def _kernel(run: _Run) -> None:
     """Every step of every profile planned as the sweep's shapers will (arrangement
     auto): one line per profile the kernel cannot shape, then the remedy once."""
@@ -521,6 +562,7 @@ def check(path: str | Path, options: Any = None) -> Check:
         return run.result          # the machine is probed only for files that are right
     backend = _backend(run)
     shape = _shape(run, backend) if backend is not None and run.graph is not None else None
+    _ssh_remote(run)
     _kernel(run)
     _listen(run)
     _disk(run, shape)
