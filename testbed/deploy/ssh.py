@@ -134,6 +134,7 @@ busy = []
 for spec in sys.argv[1:]:
     host, port = spec.rsplit(":", 1)
     s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the agent binds: TIME_WAIT is no use
     try:
         s.bind((host, int(port)))
     except OSError as e:
