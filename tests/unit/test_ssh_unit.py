@@ -1,0 +1,142 @@
+"""The ssh backend's pure parts: the experiment keys, the clock-offset arithmetic, the
+ingress target's naming, the hosts-check target parser, the agent's clock op."""
+
+from __future__ import annotations
+
+import pytest
+
+from testbed.commands.hosts import parse_target
+from testbed.errors import ConfigError
+from testbed.experiment import NodeConfig, Nodes
+from testbed.link.target import Target
+from testbed.sweep import clock
+
+
+def _ssh(**kw):
+    return {"backend": "ssh", "host": "edge.lab.example", "key": "~/.ssh/id_ed25519", **kw}
+
+
+def test_ssh_node_keys() -> None:
+    n = Nodes(local={"cpus": 1}, remote=_ssh(runtime="docker", cpus=4))
+    assert n.remote_ssh and n.backend == "netns"
+    assert n.remote.runtime == "docker" and n.remote.port == 22 and n.remote.known_hosts == "~/.ssh/known_hosts"
+
+
+@pytest.mark.parametrize("remote,needle", [
+    ({"backend": "ssh", "key": "k"}, "needs host"),
+    ({"backend": "ssh", "host": "h"}, "needs key"),
+    ({"host": "h"}, "belongs to backend: ssh"),
+    (_ssh(runtime="vm"), "runtime"),
+    (_ssh(port=0), "port"),
+    (_ssh(control_port=7701), "must differ"),
+    (_ssh(cpuset="0"), "cpuset"),
+    (_ssh(host="a b"), "host"),
+])
+def test_ssh_node_refusals(remote: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        Nodes(remote=remote)
+
+
+def test_ssh_only_for_the_remote_and_not_with_docker_local() -> None:
+    with pytest.raises(ValueError, match="local node runs on this host"):
+        Nodes(local=_ssh())
+    with pytest.raises(ValueError, match="network namespace"):
+        Nodes(local={"backend": "docker"}, remote=_ssh())
+    assert NodeConfig(**_ssh()).ssh_user  # defaults to whoever runs the testbed
+
+
+class _SkewedAgent:
+    """Test double of an agent's ``clock``: a clock ``skew_ns`` ahead, reached over a
+    path whose two halves take different times (the real agent is in the integration
+    tests; here the true offset must be known exactly)."""
+
+    def __init__(self, skew_ns: int, out_ns: list[int], back_ns: list[int]) -> None:
+        self.skew, self.out, self.back, self.now = skew_ns, list(out_ns), list(back_ns), 0
+        self.calls = 0
+
+    def clock(self) -> int:
+        i = self.calls
+        self.calls += 1
+        return self.now_ns() + self.out[i] + self.skew
+
+    def now_ns(self) -> int:
+        return 0
+
+
+def test_estimate_bounds_the_true_offset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the asymmetry, the true offset is within the estimate's bound, and the
+    fastest exchange is the one used."""
+    outs, backs = [400_000, 30_000, 900_000], [100_000, 70_000, 50_000]
+    agent = _SkewedAgent(5_000_000, outs, backs)
+    stamps: list[int] = []
+    t = [1_000_000_000]
+
+    def mono() -> int:
+        # t0 before the call, t1 after: out + back later
+        if len(stamps) % 2 == 0:
+            stamps.append(t[0])
+            return t[0]
+        i = len(stamps) // 2
+        t[0] += outs[i] + backs[i]
+        stamps.append(t[0])
+        value = t[0]
+        t[0] += 1_000_000
+        return value
+
+    agent.now_ns = lambda: stamps[-1]  # the agent stamps relative to the last t0
+    monkeypatch.setattr(clock.time, "monotonic_ns", mono)
+    est = clock.estimate(agent, exchanges=3)
+    assert est.rtt_ns == 100_000  # exchange 1: 30 us out + 70 us back
+    assert abs(est.offset_ns - 5_000_000) <= est.uncertainty_ns
+    assert est.uncertainty_ns == 50_000
+
+
+def test_between_adds_the_bounds() -> None:
+    local = clock.Offset(offset_ns=100, uncertainty_ns=10, rtt_ns=20, at_ns=5)
+    remote = clock.Offset(offset_ns=1_100, uncertainty_ns=300, rtt_ns=600, at_ns=9)
+    got = clock.between(local, remote)
+    assert (got.offset_ns, got.uncertainty_ns, got.at_ns) == (1_000, 310, 9)
+
+
+def test_clock_check_columns() -> None:
+    c = clock.ClockCheck(local=None, remote=None)  # type: ignore[arg-type]
+    c.before = clock.Offset(1_000, 200, 400, 0)
+    c.after = clock.Offset(1_500, 250, 500, 2_000_000_000)
+    cols = c.summary_columns()
+    assert cols["clock_offset_s"] == 1e-6 and cols["clock_drift_s"] == 5e-7
+    assert cols["clock_drift_ppm"] == pytest.approx(0.25)
+    assert c.sample_columns() == {"clock_offset_s": 1e-6, "clock_uncertainty_s": 2e-7}
+
+
+def test_ingress_target_names() -> None:
+    t = Target("data0", netns="testbed-abc-local", ingress=True)
+    assert t.key.endswith("-ingress") and t.key != Target("data0", netns="testbed-abc-local").key
+    assert t.ifb.startswith("tbi") and len(t.ifb) <= 15
+    assert t.egress_of_ifb() == Target(t.ifb, netns="testbed-abc-local")
+    assert "ingress" in str(t)
+
+
+@pytest.mark.parametrize("text,user,port,want", [
+    ("edge", None, None, ("me", "edge", 22)),
+    ("bench@edge.lab:2222", None, None, ("bench", "edge.lab", 2222)),
+    ("bench@10.0.0.2", "other", 23, ("other", "10.0.0.2", 23)),
+])
+def test_hosts_target(text: str, user, port, want, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("getpass.getuser", lambda: "me")
+    assert parse_target(text, user, port) == want
+
+
+@pytest.mark.parametrize("text", ["a b", "@edge", "edge:99999", "edge:x"])
+def test_hosts_target_refused(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_target(text, None, None)
+
+
+def test_agent_clock_op_and_offset_argument(tmp_path) -> None:
+    from nodes.agent import Agent
+
+    a = Agent("remote", "tok", tmp_path)
+    t = a.dispatch("clock", {}, bytearray())[0]["t_ns"]
+    assert isinstance(t, int) and t > 0
+    with pytest.raises(Exception, match="clock_offset_ns"):
+        a.dispatch("run", {"samples": 1, "clock_offset_ns": "soon"}, bytearray())
