@@ -28,8 +28,10 @@ APT_PACKAGES=(
 # kernel is installed *inside* the guest's debootstrap root file system by
 # tests/vm/image.py (cached in ~/.cache/testbed/vm), not on this host, so the
 # host's /boot and bootloader are never touched. e2fsprogs: mkfs.ext4 -d, debugfs.
+# openssh-server: the edge host of tests/integration/test_ssh.py (its own sshd in a
+# namespace; the system sshd is never started, see install_apt).
 APT_TEST_PACKAGES=(
-  qemu-system-x86 e2fsprogs chromium
+  qemu-system-x86 e2fsprogs chromium openssh-server
 )
 
 install_apt() {
@@ -42,8 +44,16 @@ install_apt() {
   if [ "${#missing[@]}" -gt 0 ]; then
     log "apt-get install ${missing[*]}"
     apt-get update -q
+    # Packages must not start their services on install (openssh-server would start a
+    # system sshd listening on every address): a policy-rc.d exiting 101 forbids it,
+    # put there only for the install when the machine has none.
+    local policy=/usr/sbin/policy-rc.d made_policy=""
+    if [ ! -e "$policy" ]; then
+      printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && made_policy=1
+    fi
     # Installing a kernel image into a container/VM must not try to run bootloaders.
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    [ -n "$made_policy" ] && rm -f "$policy"
     # Debian's packages start their own service on install; the testbed starts
     # its own Prometheus (testbed monitor up, the tests), so stop just those
     # services, never a Prometheus the user started by hand.
