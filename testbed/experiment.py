@@ -171,6 +171,9 @@ class NodeConfig(Frozen):
         if self.key is None:
             raise ValueError("backend ssh needs key: the private key file to log in with "
                              "(keys from an ssh-agent are never used)")
+        if self.shape_at != "local":
+            raise ValueError("shape_at: remote (the downlink shaped on the remote host) is not implemented "
+                             "yet; both directions are shaped on this host (shape_at: local)")
         ports = [self.control_port, self.data_port, self.metrics_port]
         if len(set(ports)) != 3:
             raise ValueError(f"control_port, data_port and metrics_port must differ, got {ports}")
