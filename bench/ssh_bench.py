@@ -147,6 +147,7 @@ def _smoke(tmp: Path, edge: Edge | None) -> Path:
                                   "key": str(edge.key), "known_hosts": str(edge.known_hosts), "runtime": "process",
                                   "wheels": "push", "threads": 1}
     exp["output"] = str(tmp / "results")
+    exp["metrics"] = {"listen": "127.0.0.1:0"}  # never collide with another run's 9400
     path = tmp / ("ssh.yaml" if edge else "netns.yaml")
     path.write_text(yaml.safe_dump(exp))
     return path

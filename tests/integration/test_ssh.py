@@ -58,6 +58,7 @@ def _experiment(tmp: Path, edge: Edge, runtime: str, **remote_extra: object) -> 
     remote.update(remote_extra)
     exp["nodes"] = {"local": {**exp["nodes"]["local"], "backend": "netns"}, "remote": remote}
     exp["output"] = str(tmp / "results")
+    exp["metrics"] = {"listen": "127.0.0.1:0"}  # never collide with another run's 9400
     path = tmp / "ssh.yaml"
     path.write_text(yaml.safe_dump(exp))
     return path
@@ -271,3 +272,39 @@ def test_bad_input_is_one_line(edge: Edge, tmp_path: Path, case: str, expect: st
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "results").exists(), "a run folder was made for a run that could not start"
     assert set(Path("/run/testbed/ssh").glob("*.json")) <= records
+
+
+def test_sigkill_then_cleanup_from_the_state_record(edge: Edge, tmp_path: Path) -> None:
+    """A SIGKILLed orchestrator tears nothing down; `testbed cleanup --run ID` reconnects
+    to the host named in the run's state record and removes both sides."""
+    path = _experiment(tmp_path, edge, "process")
+    proc = subprocess.Popen([*TESTBED, "run", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    results = tmp_path / "results"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(results.glob("*/samples.csv")):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    folder = next(results.glob("*"))
+    run_id = _run_id(folder)
+    proc.kill()
+    proc.communicate(timeout=30)
+    record = Path(f"/run/testbed/ssh/{run_id}.json")
+    assert record.exists() and json.loads(record.read_text())["host"]["host"] == edge.addr
+    assert Path(f"/root/.cache/testbed/runs/{run_id}").exists()
+    r = subprocess.run([*TESTBED, "cleanup", "--run", run_id], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    _nothing_left(edge, run_id)
+
+
+def test_hosts_check(edge: Edge, tmp_path: Path) -> None:
+    r = subprocess.run([*TESTBED, "hosts", "check", f"root@{edge.addr}:{edge.port}", "--key", str(edge.key),
+                        "--known-hosts", str(edge.known_hosts)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = {line.split()[1]: line for line in r.stdout.splitlines() if line.strip()}
+    for name in ("reachable", "host", "auth", "python3", "disk", "docker", "ports", "clock", "remote"):
+        assert name in lines and lines[name].startswith("ok"), r.stdout
+    (tmp_path / "kh").write_text("")
+    r = subprocess.run([*TESTBED, "hosts", "check", f"root@{edge.addr}:{edge.port}", "--key", str(edge.key),
+                        "--known-hosts", str(tmp_path / "kh")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "SHA256:" in r.stderr
