@@ -238,9 +238,6 @@ class Nodes(Frozen):
         if a == "ssh":
             raise ValueError("the local node runs on this host: backend ssh is for the remote node")
         if b == "ssh":
-            if a == "docker":
-                raise ValueError("with an ssh remote the local node runs in a network namespace: "
-                                 "use local backend netns (or auto)")
             return self
         if a != b and "auto" not in (a, b):
             raise ValueError(f"local and remote must use the same backend (got {a} and {b})")
@@ -249,9 +246,9 @@ class Nodes(Frozen):
     @property
     def backend(self) -> str:
         """The backend of the nodes on this host (``auto`` when none is named). With an
-        ssh remote that is the local node's: netns (``remote_ssh`` says the rest)."""
+        ssh remote that is the local node's (``remote_ssh`` says the rest)."""
         if self.remote_ssh:
-            return "netns"
+            return self.local.backend
         return next((b for b in (self.local.backend, self.remote.backend) if b != "auto"), "auto")
 
     @property

@@ -22,8 +22,9 @@ for ``cleanup``.
 ``cleanup(run_id=None)`` removes what a killed run left (all runs when None).
 Backends: ``testbed.deploy.docker`` and ``testbed.deploy.netns``; with ``ssh=``
 (an ``ssh.SshSpec``) the remote node runs on another machine (``testbed.deploy.ssh``)
-and only the local node here (a routed namespace, ``netns.start_local``); the
-remote's downlink is then shaped on the local node's ingress (an IFB device).
+and only the local node here, routed out of this host (``netns.start_local``,
+``docker.start_local``); the remote's downlink is then shaped on the local node's
+ingress (an IFB device).
 Teardown and ``cleanup`` remove the remote side from the run's ssh state record. The link
 shaper's qdiscs live on the nodes' interfaces and go with them; teardown drops
 the link layer's records of them (``testbed.link.state``).
@@ -223,7 +224,7 @@ def deploy(run_id: str, local: NodeSpec, remote: NodeSpec, backend: str = "auto"
             docstring); only with the health probe (a stand-in program holds no lease).
             None: agents run until teardown removes them.
         ssh: a ``testbed.deploy.ssh.SshSpec``: the remote node runs on that host
-            (``backend`` then names the local node's, which must be netns or auto).
+            (``backend`` then names the local node's).
 
     Raises:
         NodeError: a node could not be started (after tearing down what exists).
@@ -275,17 +276,11 @@ def _deploy_ssh(run_id: str, local: NodeSpec, remote: NodeSpec, backend: str, to
                 agent_argv: Sequence[str] | None, ready_timeout_s: float, health: bool | None,
                 lease_s: float | None, image: str | None) -> Iterator[Deployment]:
     """``deploy`` with the remote node on another host (see the module docstring)."""
-    from testbed.deploy import netns as ns
     from testbed.deploy import ssh as remote_ssh
     from testbed.link.target import Target
 
-    if backend not in ("auto", "netns"):
-        raise ConfigError(f"with an ssh remote the local node runs in a network namespace, not {backend}",
-                          field="backend")
-    if ssh.shape_at != "local":
-        raise ConfigError("shape_at: remote is not implemented yet; shape on this host (shape_at: local)",
-                          field="nodes.remote.shape_at")
-    reason = f"local node in a network namespace, remote on {ssh.host.name} over ssh ({ssh.runtime})"
+    chosen, why = choose_backend(backend)
+    reason = f"local node: {chosen} ({why}); remote on {ssh.host.name} over ssh ({ssh.runtime})"
     log.info("deploy %s: %s", run_id, reason)
     token = token or secrets.token_hex(16)
     if health is None:
@@ -295,11 +290,23 @@ def _deploy_ssh(run_id: str, local: NodeSpec, remote: NodeSpec, backend: str, to
     conn = None
     with _sigterm_as_interrupt():
         try:
-            local_node, local_check = ns.start_local(run_id, local, token, agent_argv=agent_argv, lease_s=lease_s)
+            if chosen == "docker":
+                from testbed.deploy import docker as dk
+                from testbed.deploy.image import ensure_node_image
+
+                image = image or ensure_node_image()
+                local_node, local_check = dk.start_local(run_id, local, token, image=image, entrypoint=agent_argv,
+                                                         lease_s=lease_s)
+            else:
+                from testbed.deploy import netns as ns
+
+                local_node, local_check = ns.start_local(run_id, local, token, agent_argv=agent_argv,
+                                                         lease_s=lease_s)
             answers = {"local": _ready_and_leased(local_node, token, local_check, ready_timeout_s, health,
                                                   lease_s, leases)}
             # The downlink arrives at the local node: shaped on its data interface's ingress.
-            downlink = Target(local_node.shaping.dev, netns=local_node.shaping.netns, ingress=True)
+            up = local_node.shaping
+            downlink = Target(up.dev, netns=up.netns, pid=up.pid, ingress=True)
             started = remote_ssh.start(run_id, remote, token, ssh, lease_s=lease_s, shaping=downlink,
                                        image=image)
             conn = started.conn
@@ -312,13 +319,12 @@ def _deploy_ssh(run_id: str, local: NodeSpec, remote: NodeSpec, backend: str, to
             for lease in leases:
                 lease.close()
             with _signals_deferred():
-                removed = _teardown_ssh(run_id, conn)
+                removed = _teardown_ssh(run_id, chosen, conn)
             log.info("teardown %s: removed %d objects", run_id, len(removed))
 
 
-def _teardown_ssh(run_id: str, conn: Any) -> list[str]:
+def _teardown_ssh(run_id: str, local_backend: str, conn: Any) -> list[str]:
     """Remote side first (while the connection may still be up), then this host's."""
-    from testbed.deploy import netns as ns
     from testbed.deploy import ssh as remote_ssh
 
     removed: list[str] = []
@@ -327,7 +333,7 @@ def _teardown_ssh(run_id: str, conn: Any) -> list[str]:
     finally:
         if conn is not None:
             conn.close()
-        removed += ns.remove_run(run_id) + _forget_shaping(run_id, set())
+        removed += _teardown(run_id, local_backend)
     return removed
 
 

@@ -122,9 +122,9 @@ def _labels(run_id: str, **extra: str) -> dict[str, str]:
     return {LABEL_RUN: run_id, owner.LABEL: owner.tag(), **extra}
 
 
-def _create_network(client: docker.DockerClient, run_id: str, plane: str):
+def _create_network(client: docker.DockerClient, run_id: str, plane: str, internal: bool = True):
     try:
-        return client.networks.create(net_name(run_id, plane), driver="bridge", internal=True,
+        return client.networks.create(net_name(run_id, plane), driver="bridge", internal=internal,
                                       check_duplicate=True,
                                       labels=_labels(run_id, **{"testbed.plane": plane}))
     except APIError as e:
@@ -296,6 +296,25 @@ def start(run_id: str, specs: dict[str, NodeSpec], token: str, *, image: str,
         nodes[role] = _node_from(c, run_id, role, img, image_ref)
         checks[role] = alive_check(client, c.name)
     return nodes, checks
+
+
+def start_local(run_id: str, spec: NodeSpec, token: str, *, image: str,
+                entrypoint: Sequence[str] | None = None, lease_s: float | None = None,
+                client: docker.DockerClient | None = None) -> tuple[Node, Callable]:
+    """The local node alone, for a remote on another machine: the control network is
+    internal as usual, the data network is not, so Docker routes and masquerades the
+    node's data traffic out of this host toward the remote (its own forwarding rules).
+    Returns the Node and its liveness check; cleaning up is ``remove_run``'s."""
+    client = client or connect()
+    img = image_id(client, image)
+    if img is None:
+        raise NodeError(f"node image {image} is not in the local store")
+    ctl_net = _create_network(client, run_id, "ctl")
+    data_net = _create_network(client, run_id, "data", internal=False)
+    c = _create_container(client, run_id, "local", spec, img, token, ctl_net, data_net, entrypoint, lease_s)
+    node = _node_from(c, run_id, "local", img, image)
+    node.details["routed_via"] = f"docker network {data_net.name} (not internal: NAT to the remote)"
+    return node, alive_check(client, c.name)
 
 
 # --- removal -------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 The edge (``sshhost.edge_host``: Debian's openssh-server, per-test host and client
 keys, a private known_hosts) runs the remote node; the local node is a routed
-namespace here. The smoke experiment runs with ``runtime: process`` and with
-``runtime: docker`` (the edge's docker CLI reaches this host's dockerd, so the
+namespace or a container here. The smoke experiment runs with ``runtime: process``
+and with ``runtime: docker`` (the edge's docker CLI reaches this host's dockerd, so the
 ``ssh://`` path drives a real engine). Checked: the result files (derived clock,
 offset ~ 0 within its uncertainty on one host, where each direction was shaped),
 that control traffic went through the tunnel (nothing listens on the edge's
@@ -46,7 +46,7 @@ def edge() -> Edge:
         yield e
 
 
-def _experiment(tmp: Path, edge: Edge, runtime: str, **remote_extra: object) -> Path:
+def _experiment(tmp: Path, edge: Edge, runtime: str, local: str = "netns", **remote_extra: object) -> Path:
     exp = yaml.safe_load(SMOKE.read_text())
     remote = {"backend": "ssh", "host": edge.addr, "user": "root", "port": edge.port, "key": str(edge.key),
               "known_hosts": str(edge.known_hosts), "runtime": runtime, "wheels": "push", "cpus": 1,
@@ -56,7 +56,7 @@ def _experiment(tmp: Path, edge: Edge, runtime: str, **remote_extra: object) -> 
         # namespace, where the edge reaches them at host_addr (docs/ssh.md).
         remote.update(engine_address=edge.host_addr, data_address=edge.host_addr)
     remote.update(remote_extra)
-    exp["nodes"] = {"local": {**exp["nodes"]["local"], "backend": "netns"}, "remote": remote}
+    exp["nodes"] = {"local": {**exp["nodes"]["local"], "backend": local}, "remote": remote}
     exp["output"] = str(tmp / "results")
     exp["metrics"] = {"listen": "127.0.0.1:0"}  # never collide with another run's 9400
     path = tmp / "ssh.yaml"
@@ -145,9 +145,9 @@ def _check_results(folder: Path, n_splits: int = 3) -> None:
     assert env["nodes"]["remote"]["control"].startswith("127.0.0.1:")
 
 
-@pytest.mark.parametrize("runtime", ["process", "docker"])
-def test_smoke_over_ssh(edge: Edge, tmp_path: Path, runtime: str) -> None:
-    path = _experiment(tmp_path, edge, runtime)
+@pytest.mark.parametrize("local,runtime", [("netns", "process"), ("netns", "docker"), ("docker", "process")])
+def test_smoke_over_ssh(edge: Edge, tmp_path: Path, local: str, runtime: str) -> None:
+    path = _experiment(tmp_path, edge, runtime, local)
     watch = Watch(edge)
     try:
         r = _run(path)

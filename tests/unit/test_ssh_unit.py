@@ -18,7 +18,7 @@ def _ssh(**kw):
 
 def test_ssh_node_keys() -> None:
     n = Nodes(local={"cpus": 1}, remote=_ssh(runtime="docker", cpus=4))
-    assert n.remote_ssh and n.backend == "netns"
+    assert n.remote_ssh and n.backend == "auto"  # the local node's backend
     assert n.remote.runtime == "docker" and n.remote.port == 22 and n.remote.known_hosts == "~/.ssh/known_hosts"
 
 
@@ -37,11 +37,12 @@ def test_ssh_node_refusals(remote: dict, needle: str) -> None:
         Nodes(remote=remote)
 
 
-def test_ssh_only_for_the_remote_and_not_with_docker_local() -> None:
+def test_ssh_only_for_the_remote() -> None:
     with pytest.raises(ValueError, match="local node runs on this host"):
         Nodes(local=_ssh())
-    with pytest.raises(ValueError, match="network namespace"):
-        Nodes(local={"backend": "docker"}, remote=_ssh())
+    assert Nodes(local={"backend": "docker"}, remote=_ssh()).backend == "docker"
+    with pytest.raises(ValueError, match="not implemented"):
+        Nodes(remote=_ssh(shape_at="remote"))
     assert NodeConfig(**_ssh()).ssh_user  # defaults to whoever runs the testbed
 
 
