@@ -123,7 +123,7 @@ class Node:
 
     def environment(self) -> dict[str, Any]:
         """JSON-ready description of the node for ``environment.json``."""
-        shaping = {k: getattr(self.shaping, k, None) for k in ("dev", "netns", "pid")}
+        shaping = {k: getattr(self.shaping, k, None) for k in ("dev", "netns", "pid", "ingress")}
         return {
             "name": self.name, "backend": self.backend,
             "control": f"{self.control_host}:{self.control_port}",

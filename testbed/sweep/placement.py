@@ -48,6 +48,18 @@ def cpu_plan(exp: Experiment) -> CpuPlan:
                      remote_set=n.remote.cpu_list)
 
 
+def without_remote(plan: CpuPlan) -> CpuPlan:
+    """The plan when the remote node runs on another machine (an ssh remote): no CPU
+    of this host is its, the orchestrator gets every one the local node leaves."""
+    import dataclasses
+
+    notes = tuple(n for n in plan.notes if "remote" not in n)
+    if plan.local is None:
+        return dataclasses.replace(plan, remote=None, notes=notes)
+    rest = tuple(c for c in plan.host if c not in plan.local) or plan.local
+    return dataclasses.replace(plan, remote=None, orchestrator=rest, notes=notes)
+
+
 def disjoint(plan: CpuPlan) -> bool:
     """The two nodes run on CPUs of their own (so they may work at once)."""
     return bool(plan.local and plan.remote and not set(plan.local) & set(plan.remote))

@@ -100,7 +100,9 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
         return
     cpus = placement.cpu_plan(exp)
     ssh = _ssh_spec(exp)
-    parallel = placement.disjoint(cpus) or ssh is not None  # an ssh remote computes on its own machine
+    if ssh is not None:  # the remote computes on its own machine, on none of this host's CPUs
+        cpus = placement.without_remote(cpus)
+    parallel = placement.disjoint(cpus) or ssh is not None
     backend = options.backend or exp.nodes.backend
     estimates, source, setup = estimate(p, run, options, finished, backend if backend != "auto" else "docker",
                                         parallel)
@@ -115,7 +117,7 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
         stack.enter_context(placement.pinned(cpus.orchestrator))
         metrics, server = stack.enter_context(_metrics(exp, run.path.name, listen, console))
         dep = stack.enter_context(deploy(run_id, placement.node_spec(exp.nodes.local, cpus.local),
-                                         placement.node_spec(exp.nodes.remote, None if ssh else cpus.remote),
+                                         placement.node_spec(exp.nodes.remote, cpus.remote),
                                          backend=backend, token=token, ssh=ssh))
         console.print(f"backend: {dep.backend}  run id: {run_id}")
         for note in cpus.notes:

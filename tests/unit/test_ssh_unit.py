@@ -141,3 +141,22 @@ def test_agent_clock_op_and_offset_argument(tmp_path) -> None:
     assert isinstance(t, int) and t > 0
     with pytest.raises(Exception, match="clock_offset_ns"):
         a.dispatch("run", {"samples": 1, "clock_offset_ns": "soon"}, bytearray())
+
+
+def test_failures_are_recorded_and_stay_unfinished(tmp_path) -> None:
+    from testbed.analysis.results import RunFolder
+
+    run = RunFolder(tmp_path)
+    run.mark_failed(0, "ladder-20mbit", 12, "ssh connection to root@edge:22 dropped: node remote: run: closed")
+    got = run.failures()
+    assert [(r["repeat"], r["profile"], r["split"]) for r in got] == [(0, "ladder-20mbit", 12)]
+    assert "dropped" in got[0]["error"] and run.finished() == set()
+
+
+def test_cpu_plan_without_remote() -> None:
+    from testbed.deploy.cpus import plan_cpus
+    from testbed.sweep.placement import without_remote
+
+    plan = without_remote(plan_cpus(1, 1, host=(0, 1)))
+    assert plan.remote is None and plan.local == (1,) and plan.orchestrator == (0,)
+    assert not any("remote" in n for n in plan.notes)
