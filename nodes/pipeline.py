@@ -125,6 +125,23 @@ def link_facts(sock: socket.socket) -> dict[str, int | None]:
     return out
 
 
+_TCPI_TOTAL_RETRANS = 100  # offset of tcpi_total_retrans in Linux's struct tcp_info
+
+
+def retransmits(sock: socket.socket) -> int | None:
+    """Segments this socket has retransmitted so far (None where TCP_INFO lacks it).
+
+    A sample's retransmissions are the link's loss as TCP saw it: netem loss, a
+    queue overflow, or the interface going down and up (a link flap)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return None
+    if len(info) < _TCPI_TOTAL_RETRANS + 4:
+        return None
+    return int.from_bytes(info[_TCPI_TOTAL_RETRANS:_TCPI_TOTAL_RETRANS + 4], "little")
+
+
 class RemoteState(Protocol):
     """What the remote side of a data connection needs from its agent."""
 
@@ -175,6 +192,8 @@ def serve_data_connection(conn: socket.socket, state: RemoteState) -> None:
                 cpu_mark = _answer_sample(conn, frame, state, model_outputs, cpu_mark)
             elif kind == "fetch":
                 _answer_fetch(conn, h, state)
+            elif kind == "stats":
+                P.send_frame(conn, {"kind": "stats", "retrans": retransmits(conn)})
             else:
                 raise P.FrameError(f"unknown data frame kind {kind!r}")
     except P.PeerClosed:
@@ -224,9 +243,10 @@ def _answer_sample(conn: socket.socket, frame: P.Frame, state: RemoteState,
     cpu_now = state.cpu.snapshot()
     stamps = {"rx_first": frame.t_first_ns, "rx_arrived": frame.t_arrived_ns, "rx_last": t_rx,
               "decoded": t_dec, "tail_start": t_tail0, "tail_done": t_tail, "encoded": t_enc}
+    retrans = retransmits(conn)  # before this result: its own retransmissions count in the next mark
     stamps["tx"] = now()
     P.send_frame(conn, {"kind": "result", "seq": frame.header.get("seq"), "tensors": descs,
-                        "t": stamps, "cpu": cpu_now.since(cpu_mark)}, bufs)
+                        "t": stamps, "cpu": cpu_now.since(cpu_mark), "retrans": retrans}, bufs)
     return cpu_now
 
 
@@ -382,18 +402,41 @@ def run_samples(link: LocalLink | None, head: Part | None,
     planned = warmed = time.monotonic()
     rows: list[dict[str, Any]] = []
     final: dict[str, np.ndarray] = {}
+    marks: list[int | None] = []  # the remote's retransmission count before each result
     for i in range(spec.warmup + spec.samples):
         row, final = _one_sample(link, head, inputs[i % len(inputs)], plan, i, observe, cpu)
+        marks.append(row.pop("_remote_retrans", None))
         if i + 1 == spec.warmup:
             warmed = time.monotonic()
         if i >= spec.warmup:
             row["sample"] = i - spec.warmup
+            row["_run_index"] = i
             rows.append(row)
             if spec.max_seconds is not None and time.monotonic() - start > spec.max_seconds:
                 break
     end = time.monotonic()
+    _downlink_retrans(link, plan, rows, marks)
     return RunResult(rows, final, {"handshake_s": planned - start, "warmup_s": warmed - planned,
                                    "sampling_s": end - warmed})
+
+
+def _downlink_retrans(link: LocalLink | None, plan: Plan, rows: list[dict[str, Any]],
+                      marks: list[int | None]) -> None:
+    """Each sample's downlink retransmissions: the remote's count just before the
+    next result went out (the local sends the next sample only once it has the
+    whole result, so every retransmission of this result happened before) minus
+    its count before this one; after the last sample the remote is asked."""
+    final = None
+    if link is not None and plan.remote and rows:
+        P.send_frame(link.sock, {"kind": "stats"})
+        got = link.expect("stats").header.get("retrans")
+        final = got if isinstance(got, int) and not isinstance(got, bool) else None
+    marks = [*marks, final]
+    for row in rows:
+        i = row.pop("_run_index")
+        before, after = marks[i], marks[i + 1]
+        ok = all(isinstance(x, int) and not isinstance(x, bool) for x in (before, after))
+        row["downlink_retrans"] = max(0, after - before) if ok and plan.remote else (0 if not plan.remote else None)
 
 
 def _one_sample(link: LocalLink | None, head: Part | None, feed: Mapping[str, np.ndarray],
@@ -409,16 +452,18 @@ def _one_sample(link: LocalLink | None, head: Part | None, feed: Mapping[str, np
     if not plan.remote:
         raw = sum(a.nbytes for a in head_out.values())
         row = _row(head_s=t1 - t0, e2e_s=t1 - t0, clock="shared")
-        row.update(cut_bytes_raw=raw, cut_bytes_wire=0, uplink_bytes=0, downlink_bytes=0)
+        row.update(cut_bytes_raw=raw, cut_bytes_wire=0, uplink_bytes=0, downlink_bytes=0, uplink_retrans=0)
         row.update(_cpu_columns("local", cpu, cpu_before))
         return row, head_out
     assert link is not None
     tensors = [(n, head_out[n] if n in head_out else feed[n]) for n in plan.cut]
     descs, bufs, raw = P.encode_tensors(tensors, CODECS, plan.choose)
     wire = sum(d["nbytes"] for d in descs)
+    sent_before = retransmits(link.sock)
     t2 = now()  # encoding done = first byte about to go out
     up = P.send_frame(link.sock, {"kind": "tensors", "seq": seq, "tensors": descs}, bufs)
     frame = link.expect("result")
+    sent_after = retransmits(link.sock)
     final = P.decode_tensors(frame.header.get("tensors"), frame.payload, CODECS)
     t_dec = now()
     st = frame.header.get("t", {})
@@ -443,6 +488,8 @@ def _one_sample(link: LocalLink | None, head: Part | None, feed: Mapping[str, np
     row.update(_cpu_columns("local", cpu, cpu_before))
     row.update(_remote_cpu(frame.header.get("cpu")))
     row.update(plan.link)
+    row["uplink_retrans"] = (sent_after - sent_before) if None not in (sent_before, sent_after) else None
+    row["_remote_retrans"] = frame.header.get("retrans")
     return row, final
 
 

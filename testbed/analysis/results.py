@@ -47,6 +47,7 @@ from nodes.stats import describe
 log = logging.getLogger("testbed.analysis.results")
 
 SAMPLES, SUMMARY, PARTS, LAYERS = "samples.csv", "summary.csv", "parts.csv", "layers.csv"
+FAILURES = "failures.csv"
 ENVIRONMENT, CONFIG, MANIFEST = "environment.json", "config.yaml", "manifest.json"
 
 # Per-sample timings in the order the measurement contract lists them.
@@ -75,6 +76,7 @@ SAMPLE_COLUMNS = (
     "cut_bytes_raw", "cut_bytes_wire", "result_bytes_wire",
     "uplink_ideal_s", "downlink_ideal_s", "uplink_over_ideal", "downlink_over_ideal",
     *CPU_COLUMNS,
+    "uplink_retrans", "downlink_retrans",
 )
 
 SUMMARY_COLUMNS = (
@@ -89,6 +91,7 @@ SUMMARY_COLUMNS = (
     "uplink_ideal_s", "downlink_ideal_s", "uplink_over_ideal_p50", "downlink_over_ideal_p50",
     "local_throttled_samples", "remote_throttled_samples", "local_cpu_mean_s", "remote_cpu_mean_s",
     "local_runq_wait_p50_s", "remote_runq_wait_p50_s",
+    "retrans_samples",
 )
 
 KPI_COLUMNS = (
@@ -99,17 +102,22 @@ PART_COLUMNS = (
     "repeat", "profile", "split", "part", "node", "file_bytes", "sha256", "delivery_s", "kpi_profile", *KPI_COLUMNS,
 )
 
+# A configuration that could not be measured: where it was, what died and why.
+# It has no summary row, so --resume measures it again.
+FAILURE_COLUMNS = ("repeat", "profile", "split", "phase", "node", "cause", "error", "at")
+
 LAYER_COLUMNS = (
     "node", "layer", "op", "output_bytes", "params", "param_bytes", "macs",
     "mean_s", "std_s", "p50_s", "p90_s", "runs", "threads", "cpus",
 )
 
 _TEXT = {"profile", "codec", "input_encoding", "emulation_uplink", "emulation_downlink", "clock",
-         "part", "node", "sha256", "kpi_profile", "op"}
+         "part", "node", "sha256", "kpi_profile", "op", "phase", "cause", "error", "at"}
 _INT_SUFFIX = ("_bytes", "_bytes_raw", "_bytes_wire")
 _INTS = {"repeat", "split", "sample", "input_index", "count", "warmup", "layer", "params", "macs", "runs",
          "threads", "uplink_rate_bps", "downlink_rate_bps", "local_throttled_periods", "remote_throttled_periods",
-         "local_throttled_samples", "remote_throttled_samples"}
+         "local_throttled_samples", "remote_throttled_samples", "uplink_retrans", "downlink_retrans",
+         "retrans_samples"}
 
 
 def summarize(values: Sequence[float | None]) -> dict[str, float | None]:
@@ -212,6 +220,9 @@ def sample_statistics(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         cpu = [x[f"{node}_cpu_s"] for x in samples if x.get(f"{node}_cpu_s") is not None]
         row[f"{node}_cpu_mean_s"] = float(np.mean(cpu)) if cpu else None
         row[f"{node}_runq_wait_p50_s"] = _median(x.get(f"{node}_runq_wait_s") for x in samples)
+    counts = [(x.get("uplink_retrans"), x.get("downlink_retrans")) for x in samples]
+    row["retrans_samples"] = (sum(1 for up, down in counts if (up or 0) + (down or 0) > 0)
+                              if any(v is not None for pair in counts for v in pair) else None)
     return row
 
 
@@ -442,6 +453,13 @@ class RunFolder:
         row = result.summary_row()
         _append(self.path / SUMMARY, SUMMARY_COLUMNS, [row])
         return row
+
+    def append_failure(self, row: dict[str, Any]) -> None:
+        """Record a configuration that failed (it stays unfinished: --resume retries it)."""
+        _append(self.path / FAILURES, FAILURE_COLUMNS, [row])
+
+    def failures(self) -> list[dict[str, Any]]:
+        return _with_repeat(read_csv(self.path / FAILURES))
 
     def append_layers(self, rows: Iterable[dict[str, Any]]) -> None:
         _append(self.path / LAYERS, LAYER_COLUMNS, rows)

@@ -273,6 +273,37 @@ def alive_check(client: docker.DockerClient, name: str) -> Callable[[], tuple[bo
     return check
 
 
+def death_cause(node: Node, client: docker.DockerClient | None = None) -> str | None:
+    """Why a node's container no longer runs (None while it runs)."""
+    try:
+        c = (client or connect()).containers.get(node.details["container"])
+    except NotFound:
+        return "its container vanished"
+    except (APIError, DockerException) as e:
+        return f"its container cannot be inspected ({e})"
+    state = c.attrs["State"]
+    if state.get("Running") and not state.get("OOMKilled"):
+        return None
+    return describe_exit(state.get("ExitCode"), oom=bool(state.get("OOMKilled")), memory=node.memory_bytes)
+
+
+def describe_exit(code: int | None, *, oom: bool, memory: int | None) -> str:
+    """"OOM-killed (memory limit 100 MiB)", "killed by signal 9 (SIGKILL)", "exited with status 3"."""
+    import signal as _signal
+
+    if oom:
+        return "OOM-killed" + (f" (memory limit {memory / 2**20:.0f} MiB)" if memory else "")
+    if code is not None and code > 128:  # the shell convention docker reports: 128 + signal
+        code = -(code - 128)
+    if code is not None and code < 0:
+        try:
+            name = _signal.Signals(-code).name
+        except ValueError:
+            name = "?"
+        return f"killed by signal {-code} ({name})"
+    return f"exited with status {code}" if code is not None else "exited"
+
+
 def start(run_id: str, specs: dict[str, NodeSpec], token: str, *, image: str,
           entrypoint: Sequence[str] | None = None, lease_s: float | None = None,
           client: docker.DockerClient | None = None) -> tuple[dict[str, Node], dict[str, Callable]]:

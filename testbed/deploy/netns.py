@@ -207,6 +207,25 @@ def _alive_check(proc: subprocess.Popen, workdir: str) -> Callable[[], tuple[boo
     return check
 
 
+def death_cause(node: Node) -> str | None:
+    """Why a netns node's agent no longer runs (None while it runs)."""
+    from testbed.deploy.docker import describe_exit
+
+    pid = int(node.details["pid"])
+    code: int | None = None
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        elif _running(pid):
+            return None
+    except ChildProcessError:  # not our child (cleanup from another process) or reaped already
+        if _running(pid):
+            return None
+    return describe_exit(code, oom=cgroups.oom_kills(node.details.get("cgroups") or []) > 0,
+                         memory=node.memory_bytes)
+
+
 def start(run_id: str, specs: dict[str, NodeSpec], token: str, *,
           agent_argv: Sequence[str] | None = None, lease_s: float | None = None,
           ) -> tuple[dict[str, Node], dict[str, Callable]]:

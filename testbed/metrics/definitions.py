@@ -155,6 +155,9 @@ class Definitions:
                              "Wall time of the sweep by phase (link, tail_load, delivery, head_load, kpi, warmup, "
                              "sampling, write, other); the phases of a configuration add up to its wall time.",
                              b + ("profile", "phase"))
+        self.failed = counter("testbed_configurations_failed_total",
+                              "Configurations that could not be measured (a node died, hung or refused), by the "
+                              "node that died (none: it still ran).", b + ("profile", "node"))
         self.push_failures = counter("testbed_pushgateway_failures_total",
                                      "Configuration summaries the Pushgateway did not accept (after the first).", b)
 

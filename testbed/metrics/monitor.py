@@ -41,6 +41,7 @@ from typing import Iterable, Mapping
 
 import yaml
 
+from testbed.deploy import owner
 from testbed.errors import TestbedError
 
 JOB = "testbed"
@@ -95,12 +96,36 @@ def publish_targets(run_id: str, experiment: str, orchestrator: str | None,
     for node, address in sorted(agents.items()):
         targets.append((address, {"component": "agent", "node": node, "experiment": experiment, "run": run_id}))
     folder = Path(monitor_dir) if monitor_dir else default_dir()
-    return write_targets(folder / "targets" / f"{run_id}.json", targets)
+    path = write_targets(folder / "targets" / f"{run_id}.json", targets)
+    # Who published it: `testbed cleanup` removes the targets of runs whose owner died.
+    _owner_file(path).write_text(owner.tag() + "\n")
+    return path
+
+
+def _owner_file(targets: Path) -> Path:
+    return targets.with_name(targets.name + ".owner")
 
 
 def remove_targets(path: Path | str) -> None:
     """Stop Prometheus scraping a finished run (tolerates "already gone")."""
     Path(path).unlink(missing_ok=True)
+    _owner_file(Path(path)).unlink(missing_ok=True)
+
+
+def remove_dead_targets(monitor_dir: Path | str | None = None) -> list[str]:
+    """Targets files of runs whose orchestrator is gone (killed before it could
+    remove them): Prometheus would scrape their vanished endpoints forever."""
+    folder = (Path(monitor_dir) if monitor_dir else default_dir()) / "targets"
+    removed = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            tag = _owner_file(path).read_text().strip()
+        except OSError:
+            continue  # no owner recorded (a hand-written file, an old run): not ours to judge
+        if not owner.alive(tag):
+            remove_targets(path)
+            removed.append(f"prometheus targets {path}")
+    return removed
 
 
 # --------------------------------------------------------------------------- config

@@ -271,6 +271,12 @@ class SweepMetrics:
             if seconds > 0:
                 self._m.phase.labels(**self._base, profile=str(profile), phase=phase).inc(seconds)
 
+    def configuration_failed(self, split: int, profile: str, node: str) -> None:
+        """Count a configuration that failed; forget its samples (it is retried on --resume)."""
+        with self._lock:
+            self._e2e.pop((_label(split), _label(profile)), None)
+        self._m.failed.labels(**self._base, profile=_label(profile), node=node).inc()
+
     def configuration_done(self, split: int, profile: str, *, done: int | None = None,
                            eta_s: float | None = None) -> ConfigurationSummary:
         """Close a configuration: exact summary gauges, best split so far, optional push.

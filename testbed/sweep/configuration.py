@@ -13,6 +13,7 @@ How the nodes time things is the agents'; how rows are written ``results``'.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from testbed.analysis.results import ConfigurationResult, RunFolder, ideal_transfer_s
@@ -32,6 +33,31 @@ if TYPE_CHECKING:
 # the time per sample so far, at most this many per control round trip.
 _MAX_BATCH = 50
 DIRECTIONS = ("uplink", "downlink")
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """How long each step of a configuration may take before its node counts as
+    hung: three times its estimate plus a margin (the estimate knows the bytes,
+    the rate and the samples), instead of one fixed bound for every configuration."""
+
+    load_s: float = 120.0
+    delivery_s: float = 600.0
+    kpi_s: float = 900.0
+    warmup_s: float = 600.0
+    run_s: float = 3600.0
+
+    @classmethod
+    def from_estimate(cls, phases: dict[str, float] | None) -> Deadlines:
+        if not phases:
+            return cls()
+
+        def bound(*names: str, margin: float = 30.0) -> float:
+            return 3.0 * sum(phases.get(n, 0.0) for n in names) + margin
+
+        return cls(load_s=bound("tail_load", "head_load", margin=60.0), delivery_s=bound("delivery", "head_load"),
+                   kpi_s=bound("kpi", margin=120.0), warmup_s=bound("warmup", margin=60.0),
+                   run_s=bound("sampling", "warmup"))
 
 
 # --------------------------------------------------------------------------- the link as results see it
@@ -80,7 +106,8 @@ def link_columns(prof: LinkProfile) -> dict[str, Any]:
 # --------------------------------------------------------------------------- samples
 
 def take_samples(nodes: NodePair, runs: Runs, input_encoding: str, codec: str, n_inputs: int,
-                 model_outputs: list[str], clock: PhaseClock, parts: tuple[bool, bool]) -> list[dict[str, Any]]:
+                 model_outputs: list[str], clock: PhaseClock, parts: tuple[bool, bool],
+                 deadlines: Deadlines = Deadlines()) -> list[dict[str, Any]]:
     """Warm-up, then ``runs.samples`` samples, stopped early (after at least one)
     once ``max_seconds`` have passed; then more, in batches, while under
     ``min_seconds``. The agent enforces ``max_seconds`` itself, so a slow
@@ -94,12 +121,14 @@ def take_samples(nodes: NodePair, runs: Runs, input_encoding: str, codec: str, n
     has_head, has_tail = parts
     if runs.warmup:
         with clock("warmup"):
-            nodes.both((lambda: nodes.local.warm("head", runs.warmup)) if has_head else None,
-                       (lambda: nodes.remote.warm("tail", runs.warmup)) if has_tail else None)
+            nodes.both((lambda: nodes.local.warm("head", runs.warmup, timeout=deadlines.warmup_s))
+                       if has_head else None,
+                       (lambda: nodes.remote.warm("tail", runs.warmup, timeout=deadlines.warmup_s))
+                       if has_tail else None)
     with clock("sampling"):
         result = nodes.local.run_detailed(samples=runs.samples, warmup=0, codec=codec,
                                           input_encoding=input_encoding, max_seconds=runs.max_seconds,
-                                          model_outputs=model_outputs)
+                                          model_outputs=model_outputs, timeout=deadlines.run_s)
     clock.add("warmup", result["phases"].get("handshake_s", 0.0), taken_from="sampling")
     samples = result["samples"]
     # the agent cycles through the inputs from the first sample of each call
@@ -113,7 +142,8 @@ def take_samples(nodes: NodePair, runs: Runs, input_encoding: str, codec: str, n
         want = max(1, min(_MAX_BATCH, int((runs.min_seconds - elapsed) / per_sample) + 1))
         with clock("sampling"):
             more = nodes.local.run(samples=want, warmup=0, codec=codec, input_encoding=input_encoding,
-                                   max_seconds=runs.max_seconds - elapsed, model_outputs=model_outputs)
+                                   max_seconds=runs.max_seconds - elapsed, model_outputs=model_outputs,
+                                   timeout=deadlines.run_s)
         for s in more:
             s["input_index"] = s.get("sample", 0) % n_inputs
         samples += more
@@ -130,8 +160,8 @@ def take_samples(nodes: NodePair, runs: Runs, input_encoding: str, codec: str, n
 KpiCache = dict[tuple[int, str], dict[str, Any]]
 
 
-def _kpis(client: AgentClient, role: str, runs: Runs, threads: int | None) -> dict[str, Any]:
-    return client.kpis(role=role, runs=runs.kpi_runs, warmup=max(1, runs.warmup), threads=threads)
+def _kpis(client: AgentClient, role: str, runs: Runs, threads: int | None, timeout: float) -> dict[str, Any]:
+    return client.kpis(role=role, runs=runs.kpi_runs, warmup=max(1, runs.warmup), threads=threads, timeout=timeout)
 
 
 def kpis_from(run: RunFolder) -> KpiCache:
@@ -148,13 +178,13 @@ def kpis_from(run: RunFolder) -> KpiCache:
 
 def _part_rows(p: Plan, nodes: NodePair, c: Configuration, entry: dict[str, Any], head: bytes | None,
                tail: bytes | None, delivery_s: float | None, kpis: KpiCache, metrics: SweepMetrics,
-               clock: PhaseClock) -> list[dict[str, Any]]:
+               clock: PhaseClock, deadlines: Deadlines) -> list[dict[str, Any]]:
     """parts.csv rows of the configuration, measuring KPIs the first time a part is seen."""
     exp, k = p.experiment, c.split
     roles = (("head", "local", nodes.local, head, entry["head_sha256"], exp.nodes.local.threads),
              ("tail", "remote", nodes.remote, tail, entry["tail_sha256"], exp.nodes.remote.threads))
     jobs: list[Callable[[], Any] | None] = [
-        (lambda cl=client, r=role, t=threads: _kpis(cl, r, exp.runs, t))
+        (lambda cl=client, r=role, t=threads: _kpis(cl, r, exp.runs, t, deadlines.kpi_s))
         if data is not None and (k, role) not in kpis else None
         for role, _, client, data, _, threads in roles]
     if any(jobs):
@@ -177,8 +207,13 @@ def _part_rows(p: Plan, nodes: NodePair, c: Configuration, entry: dict[str, Any]
 # --------------------------------------------------------------------------- one configuration
 
 def run_configuration(p: Plan, nodes: NodePair, link: Link, c: Configuration, kpis: KpiCache,
-                      metrics: SweepMetrics, clock: PhaseClock, parts: Parts) -> ConfigurationResult:
-    """Measure one configuration; every step charged to ``clock``."""
+                      metrics: SweepMetrics, clock: PhaseClock, parts: Parts,
+                      deadlines: Deadlines = Deadlines()) -> ConfigurationResult:
+    """Measure one configuration; every step charged to ``clock``, bounded by ``deadlines``.
+
+    Raises:
+        NodeError / ProtocolError: a node died, hung past its deadline or failed a step.
+    """
     exp = p.experiment
     prof, k = c.profile, c.split
     with clock("split"):
@@ -189,24 +224,25 @@ def run_configuration(p: Plan, nodes: NodePair, link: Link, c: Configuration, kp
     # the local node over the shaped downlink, as the scenario delivers the split
     # model from the network to the device; that delivery is timed by the agents.
     with clock("tail_load"):
-        nodes.remote.load_part("tail", tail, entry["tail_sha256"], threads=exp.nodes.remote.threads)
+        nodes.remote.load_part("tail", tail, entry["tail_sha256"], threads=exp.nodes.remote.threads,
+                               timeout=deadlines.load_s)
     delivery_s = delivery_ideal_s = None
     if head is not None:
         with clock("delivery"):
             timing = nodes.remote.deliver_part(nodes.local, head, entry["head_sha256"], role="head",
-                                               threads=exp.nodes.local.threads)
+                                               threads=exp.nodes.local.threads, timeout=deadlines.delivery_s)
         clock.add("head_load", float(timing.get("load_s") or 0.0), taken_from="delivery")
         delivery_s = float(timing["delivery_s"])
         delivery_ideal_s = ideal(prof, "downlink", timing.get("wire_bytes"), timing.get("mss"), timing.get("mtu"))
         metrics.observe_delivery(k, prof.name, delivery_s, size_bytes=len(head))
     else:
         with clock("head_load"):
-            nodes.local.load_part("head", None)
-    part_rows = _part_rows(p, nodes, c, entry, head, tail, delivery_s, kpis, metrics, clock)
+            nodes.local.load_part("head", None, timeout=deadlines.load_s)
+    part_rows = _part_rows(p, nodes, c, entry, head, tail, delivery_s, kpis, metrics, clock, deadlines)
 
     t_sampling = time.monotonic()
     samples = take_samples(nodes, exp.runs, exp.input_encoding, exp.codec, p.n_inputs,
-                           [o.name for o in p.graph.outputs], clock, (head is not None, tail is not None))
+                           [o.name for o in p.graph.outputs], clock, (head is not None, tail is not None), deadlines)
     sampling_s = time.monotonic() - t_sampling
     for s in samples:
         s.setdefault("codec", exp.codec)

@@ -25,15 +25,17 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from rich.console import Console
 
-from testbed.analysis.results import RunFolder
-from testbed.errors import ConfigError, Interrupted, TestbedError
+from testbed.analysis.results import ConfigurationResult, RunFolder
+from testbed.errors import ConfigError, Interrupted, NodeError, ProtocolError, TestbedError
 from testbed.experiment import Experiment, load_experiment, parse_host_port, resolved_dict
 from testbed.sweep import environment, placement
-from testbed.sweep.configuration import KpiCache, kpis_from, loss_pct, profile_layers, run_configuration
+from testbed.sweep.configuration import Deadlines, KpiCache, kpis_from, loss_pct, profile_layers, run_configuration
+from testbed.sweep.estimate import Eta, human
 from testbed.sweep.parts import Parts
 from testbed.sweep.phases import PhaseClock
 from testbed.sweep.plan import Configuration, Plan, SweepOptions, inputs, open_run, pending, plan
 from testbed.sweep.progress import Timing, estimate, progress_bar
+from testbed.sweep.session import FailureBudget, Session
 from testbed.sweep.signals import Signals
 
 if TYPE_CHECKING:
@@ -81,9 +83,6 @@ def run_experiment(path: str | Path, options: SweepOptions = SweepOptions(),
 
 def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: Console) -> None:
     """Estimate, deploy, sweep; everything deployed is torn down on the way out."""
-    from testbed.deploy import deploy
-    from testbed.link.link import Link
-
     exp = p.experiment
     finished = run.finished()
     kpis = kpis_from(run)
@@ -103,42 +102,26 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
     backend = options.backend or exp.nodes.backend
     estimates, source, setup = estimate(p, run, options, finished, backend if backend != "auto" else "docker",
                                         parallel)
-    from testbed.sweep.estimate import Eta, human
     timing = Timing(Eta(estimates), source)
     console.print(f"estimate: about {human(setup + timing.remaining_s())} (from {source})")
     images = inputs(p)
     p.n_inputs = len(images)
-    run_id, token = secrets.token_hex(3), secrets.token_urlsafe(24)
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(placement.pinned(cpus.orchestrator))
         metrics, server = stack.enter_context(_metrics(exp, run.path.name, listen, console))
-        dep = stack.enter_context(deploy(run_id, placement.node_spec(exp.nodes.local, cpus.local),
-                                         placement.node_spec(exp.nodes.remote, cpus.remote),
-                                         backend=backend, token=token))
-        console.print(f"backend: {dep.backend}  run id: {run_id}")
-        for note in cpus.notes:
-            console.print(f"cpus: {note}")
-        stack.callback(_publish_targets(exp, run.path.name, metrics, server, dep))
-        link = Link(dep.local.shaping, dep.remote.shaping)
-        stack.callback(link.teardown)
-        link.check(p.profiles)
-        environment.record(run, environment.environment(p, run_id, dep, link.capabilities(), options, cpus),
-                           run.environment())
-        nodes = placement.NodePair(dep, dep.local.client(token), dep.remote.client(token), parallel=parallel)
-        for client in (nodes.local, nodes.remote):
-            stack.callback(client.close)
-            client.health()
-        nodes.local.set_inputs([{p.graph.inputs[0].name: a} for a in images])
-        nodes.local.connect_peer(dep.remote.data_host, dep.remote.data_port)
+        session = stack.enter_context(Session(p, run, options, cpus, secrets.token_urlsafe(24), metrics, server,
+                                              console, images, _publish_targets))
         parts = Parts(p, run)
         if not options.keep_parts:
             stack.callback(parts.remove)
-        profile_layers(p, nodes, run, metrics)
+        assert session.nodes is not None and session.dep is not None
+        profile_layers(p, session.nodes, run, metrics)
         timing.setup_s = time.monotonic() - timing.started
-        estimates, timing.source, _ = estimate(p, run, options, finished, dep.backend, parallel, run.layers())
+        estimates, timing.source, _ = estimate(p, run, options, finished, session.dep.backend, parallel,
+                                               run.layers())
         timing.eta = Eta(estimates)
-        _sweep(p, nodes, link, run, todo, total, kpis, metrics, console, options, parts, timing)
+        _sweep(p, session, run, todo, total, kpis, metrics, console, options, parts, timing)
         environment.record_timing(run, timing.record())
 
 
@@ -192,12 +175,11 @@ def _link_changed(link: Link, prof: LinkProfile, metrics: SweepMetrics) -> None:
                          jitter_s=d.jitter_s if d else None, emulation=link.emulation[direction])
 
 
-def _sweep(p: Plan, nodes: placement.NodePair, link: Link, run: RunFolder, todo: list[Configuration],
-           total: int, kpis: KpiCache, metrics: SweepMetrics, console: Console, options: SweepOptions,
-           parts: Parts, timing: Timing) -> None:
+def _sweep(p: Plan, session: Session, run: RunFolder, todo: list[Configuration], total: int, kpis: KpiCache,
+           metrics: SweepMetrics, console: Console, options: SweepOptions, parts: Parts, timing: Timing) -> None:
     done = total - len(todo)
-    current_profile = None
     repeats = p.experiment.runs.repeat
+    budget = FailureBudget()
     with progress_bar(console, options.progress) as bar:
         task = bar.add_task("starting", total=total, completed=done, eta=timing.human_remaining())
         metrics.set_progress(done, total)
@@ -207,14 +189,16 @@ def _sweep(p: Plan, nodes: placement.NodePair, link: Link, run: RunFolder, todo:
             # Each configuration's clock starts where the previous one's ended, so
             # the sweep's whole time is accounted for, between configurations too.
             clock = PhaseClock(start)
-            if prof is not current_profile:
-                with clock("link"):
-                    _link_changed(link, prof, metrics)
-                current_profile = prof
             where = f"repeat {c.repeat + 1}/{repeats}  " if repeats > 1 else ""
             bar.update(task, description=f"{where}{prof.name}  k={k}")
             metrics.configuration_started(k, prof.name, total=total, done=done, eta_s=timing.remaining_s())
-            result = run_configuration(p, nodes, link, c, kpis, metrics, clock, parts)
+            try:
+                result = _measure(p, session, c, kpis, metrics, clock, parts, timing)
+            except (NodeError, ProtocolError) as e:
+                _failed(session, run, c, clock, e, budget, metrics, console)
+                start = time.monotonic()
+                continue
+            budget.ok()
             with clock("write"):
                 run.write_rows(result)
             result.summary.update(clock.close())
@@ -229,4 +213,33 @@ def _sweep(p: Plan, nodes: placement.NodePair, link: Link, run: RunFolder, todo:
             except TestbedError as e:  # a Pushgateway that is down must not stop a measurement
                 console.print(f"[yellow]warning:[/yellow] {e}")
         bar.update(task, description="done")
+    if budget.total:
+        console.print(f"[yellow]{budget.total} configuration(s) failed (failures.csv); "
+                      f"continue with --resume {run.path}[/yellow]")
     console.print(f"done: {run.path}")
+
+
+def _measure(p: Plan, session: Session, c: Configuration, kpis: KpiCache, metrics: SweepMetrics,
+             clock: PhaseClock, parts: Parts, timing: Timing) -> ConfigurationResult:
+    """One configuration on the session's nodes, the link shaped as its profile says."""
+    assert session.nodes is not None and session.link is not None
+    if session.profile is not c.profile:
+        with clock("link"):
+            _link_changed(session.link, c.profile, metrics)
+        session.profile = c.profile
+    deadlines = Deadlines.from_estimate(timing.eta.estimates.get(c.key))
+    return run_configuration(p, session.nodes, session.link, c, kpis, metrics, clock, parts, deadlines)
+
+
+def _failed(session: Session, run: RunFolder, c: Configuration, clock: PhaseClock, error: Exception,
+            budget: FailureBudget, metrics: SweepMetrics, console: Console) -> None:
+    """Record why a configuration could not be measured and bring the nodes back."""
+    node, cause = session.diagnose()
+    run.append_failure({"repeat": c.repeat, "profile": c.profile.name, "split": c.split,
+                        "phase": clock.failed_in, "node": node, "cause": cause,
+                        "error": " ".join(str(error).split())[:500], "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    metrics.configuration_failed(c.split, c.profile.name, node=node or "none")
+    console.print(f"[yellow]{c.profile.name} k={c.split} failed in {clock.failed_in or 'setup'}: "
+                  f"{node + ' node ' + cause if node else error}; {'redeploying' if node else 'reconnecting'}[/yellow]")
+    budget.failed(f"{c.profile.name} k={c.split}: {cause if node else error}")
+    session.recover(node_died=node is not None, cause=f"{node} node {cause}" if node else str(error))
