@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -50,7 +51,8 @@ app = typer.Typer(
 
 @app.callback()
 def _root(ctx: typer.Context,
-          debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")) -> None:
+          debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+          ) -> None:
     ctx.meta["testbed.debug"] = debug
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -18,9 +18,10 @@ def register(app: typer.Typer) -> None:
 
 
 def report(
-    run_dir: Path = typer.Argument(..., help="Run folder written by `testbed run`."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default RUN_DIR/report)."),
-    compare: List[Path] = typer.Option([], "--compare", help="Another run folder to overlay (repeatable)."),
+    run_dir: Annotated[Path, typer.Argument(help="Run folder written by `testbed run`.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN_DIR/report).")] = None,
+    compare: Annotated[list[Path] | None, typer.Option(
+        "--compare", help="Another run folder to overlay (repeatable).")] = None,
 ) -> None:
     """Write report.html (self-contained), the figures as PNG and the tables as CSV.
 
@@ -28,7 +29,7 @@ def report(
     """
     from testbed.analysis.report import build_report
 
-    rep = build_report(run_dir, out, compare)
+    rep = build_report(run_dir, out, compare or [])
     con = Console(highlight=False)
     for w in rep.warnings or []:
         con.print(f"[yellow]note:[/yellow] {w}")
@@ -38,17 +39,22 @@ def report(
 
 
 def plan(
-    run: Optional[Path] = typer.Option(None, "--run", help="Run folder: its layers.csv, manifest and profiles."),
-    layers: Optional[Path] = typer.Option(None, "--layers", help="layers.csv (manifest.json beside it, or --manifest)."),
-    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Splitter manifest.json for cut sizes."),
-    profile: List[str] = typer.Option([], "--profile", help="netem_profiles name or profile file (repeatable)."),
-    uplink: Optional[str] = typer.Option(None, "--uplink", help="Ad-hoc uplink rate, e.g. 5mbit."),
-    downlink: Optional[str] = typer.Option(None, "--downlink", help="Ad-hoc downlink rate, e.g. 20mbit."),
-    delay: Optional[str] = typer.Option(None, "--delay", help="Ad-hoc one-way delay, both directions, e.g. 10ms."),
-    calibrate: bool = typer.Option(False, "--calibrate",
-                                   help="Scale each node's layer latencies to its whole-model KPI (parts.csv)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write plan.csv (every split, every link) and plan.png here."),
-    all_splits: bool = typer.Option(False, "--all", help="Print every split point, not only the best."),
+    run: Annotated[Path | None, typer.Option(
+        "--run", help="Run folder: its layers.csv, manifest and profiles.")] = None,
+    layers: Annotated[Path | None, typer.Option(
+        "--layers", help="layers.csv (manifest.json beside it, or --manifest).")] = None,
+    manifest: Annotated[Path | None, typer.Option("--manifest", help="Splitter manifest.json for cut sizes.")] = None,
+    profile: Annotated[list[str] | None, typer.Option(
+        "--profile", help="netem_profiles name or profile file (repeatable).")] = None,
+    uplink: Annotated[str | None, typer.Option("--uplink", help="Ad-hoc uplink rate, e.g. 5mbit.")] = None,
+    downlink: Annotated[str | None, typer.Option("--downlink", help="Ad-hoc downlink rate, e.g. 20mbit.")] = None,
+    delay: Annotated[str | None, typer.Option(
+        "--delay", help="Ad-hoc one-way delay, both directions, e.g. 10ms.")] = None,
+    calibrate: Annotated[bool, typer.Option(
+        "--calibrate", help="Scale each node's layer latencies to its whole-model KPI (parts.csv).")] = False,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Write plan.csv (every split, every link) and plan.png here.")] = None,
+    all_splits: Annotated[bool, typer.Option("--all", help="Print every split point, not only the best.")] = False,
 ) -> None:
     """Predict e2e per split point from per-layer profiles and the link; pick the best split.
 
@@ -59,6 +65,7 @@ def plan(
     """
     from testbed.analysis import planner
 
+    profile = profile or []
     if (run is None) == (layers is None):
         raise ConfigError("give exactly one of --run RUN_DIR or --layers LAYERS_CSV", field="--run")
     if run is not None:

@@ -133,6 +133,8 @@ def _play_sweep(m: SweepMetrics, agents: dict) -> None:
                 if s["tail_s"]:
                     agents["remote"].inference("tail", s["tail_s"])
                     agents["remote"].sample_served("remote")
+            m.add_phases(profile, {"link": 0.01, "delivery": 0.05 * k, "kpi": 0.2, "warmup": 0.02,
+                                   "sampling": SAMPLES * 0.05, "write": 0.01})
             done += 1
             m.configuration_done(k, profile, done=done, eta_s=(total - done) * 2.0)
             time.sleep(CONFIGURATION_S)  # like a real sweep: data arrive across scrapes
