@@ -322,9 +322,27 @@ def nodes() -> dict:
             ("local (head)", _mean("testbed_inference_seconds", RP + ', node="local", node=~"$node"', "split")),
             ("remote (tail)", _mean("testbed_inference_seconds", RP + ', node="remote", node=~"$node"', "split")),
         ], unit="s", w=24),
+        *phone_panels(L),
     ]
     return _dashboard("testbed-nodes", "Testbed · Nodes", "CPU, memory and file descriptors of the node agents.",
                       panels)
+
+
+def phone_panels(L: _Layout) -> list[dict]:
+    """The Android phone's row (local node on a phone): temperature and CPU frequency over the run.
+    Kept in its own function so the dashboards' port to grafana-foundation-sdk can move it as one piece."""
+    sel = 'run="$run"'
+    return [
+        L.row("Phone (Android local node)"),
+        _timeseries(L, "Phone temperature", [
+            _target("A", f"testbed_phone_temperature_celsius{{{sel}}}", "{{model}} {{serial}} {{zone}}"),
+        ], unit="celsius", w=12, description="Thermal zones and battery, read before and after each configuration."),
+        _timeseries(L, "Phone CPU frequency", [
+            _target("A", f"testbed_phone_cpu_frequency_hertz{{{sel}}}", "{{model}} cpu{{cpu}}"),
+            _target("B", f"testbed_phone_thermal_status{{{sel}}}", "thermal status"),
+        ], unit="hertz", w=12, description="scaling_cur_freq per core; a drop below cpuinfo_max_freq while "
+                                           "the thermal status rises is throttling."),
+    ]
 
 
 def link() -> dict:

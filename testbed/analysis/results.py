@@ -47,6 +47,8 @@ from nodes.stats import describe
 log = logging.getLogger("testbed.analysis.results")
 
 SAMPLES, SUMMARY, PARTS, LAYERS = "samples.csv", "summary.csv", "parts.csv", "layers.csv"
+FAILURES = "failures.csv"          # configurations that failed (e.g. a phone unplugged); --resume redoes them
+FAILURE_COLUMNS = ("repeat", "profile", "split", "error")
 ENVIRONMENT, CONFIG, MANIFEST = "environment.json", "config.yaml", "manifest.json"
 
 # Per-sample timings in the order the measurement contract lists them.
@@ -68,13 +70,23 @@ CONFIG_KEY = ("repeat", "profile", "split")
 CPU_COLUMNS = tuple(f"{node}_{c}" for node in ("local", "remote")
                     for c in ("cpu_s", "throttled_periods", "throttled_s", "runq_wait_s"))
 
+# A phone as the local node (testbed.sweep.android): where each sample's head time came from
+# (phone | none; empty without a phone) and the proxy local node's own head time it replaced.
+PHONE_SAMPLE_COLUMNS = ("head_source", "proxy_head_s")
+# summary.csv: the phone's state before/after the configuration and what it means.
+PHONE_SUMMARY_COLUMNS = (
+    "head_source", "phone_serial", "phone_mask", "phone_measured",
+    "phone_temp_before_c", "phone_temp_after_c", "phone_freq_ratio_before", "phone_freq_ratio_after",
+    "phone_thermal_status", "phone_battery_level", "phone_charging", "phone_throttled", "phone_hotter",
+)
+
 SAMPLE_COLUMNS = (
     "repeat", "profile", "split", "sample", "input_index", "codec", "input_encoding",
     "emulation_uplink", "emulation_downlink", "clock",
     *(f"{t}_s" for t in TIMINGS),
     "cut_bytes_raw", "cut_bytes_wire", "result_bytes_wire",
     "uplink_ideal_s", "downlink_ideal_s", "uplink_over_ideal", "downlink_over_ideal",
-    *CPU_COLUMNS,
+    *CPU_COLUMNS, *PHONE_SAMPLE_COLUMNS,
 )
 
 SUMMARY_COLUMNS = (
@@ -88,7 +100,7 @@ SUMMARY_COLUMNS = (
     "e2e_p50_ci_low_s", "e2e_p50_ci_high_s", "e2e_p50_ci_level",
     "uplink_ideal_s", "downlink_ideal_s", "uplink_over_ideal_p50", "downlink_over_ideal_p50",
     "local_throttled_samples", "remote_throttled_samples", "local_cpu_mean_s", "remote_cpu_mean_s",
-    "local_runq_wait_p50_s", "remote_runq_wait_p50_s",
+    "local_runq_wait_p50_s", "remote_runq_wait_p50_s", *PHONE_SUMMARY_COLUMNS,
 )
 
 KPI_COLUMNS = (
@@ -105,11 +117,12 @@ LAYER_COLUMNS = (
 )
 
 _TEXT = {"profile", "codec", "input_encoding", "emulation_uplink", "emulation_downlink", "clock",
-         "part", "node", "sha256", "kpi_profile", "op"}
+         "part", "node", "sha256", "kpi_profile", "op", "head_source", "phone_serial", "phone_mask", "error"}
 _INT_SUFFIX = ("_bytes", "_bytes_raw", "_bytes_wire")
 _INTS = {"repeat", "split", "sample", "input_index", "count", "warmup", "layer", "params", "macs", "runs",
          "threads", "uplink_rate_bps", "downlink_rate_bps", "local_throttled_periods", "remote_throttled_periods",
-         "local_throttled_samples", "remote_throttled_samples"}
+         "local_throttled_samples", "remote_throttled_samples", "phone_measured", "phone_thermal_status",
+         "phone_battery_level", "phone_charging", "phone_throttled", "phone_hotter"}
 
 
 def summarize(values: Sequence[float | None]) -> dict[str, float | None]:
@@ -442,6 +455,14 @@ class RunFolder:
         row = result.summary_row()
         _append(self.path / SUMMARY, SUMMARY_COLUMNS, [row])
         return row
+
+    def append_failure(self, repeat: int, profile: str, split: int, error: str) -> None:
+        """Record a configuration that failed; it has no summary row, so ``--resume`` measures it again."""
+        _append(self.path / FAILURES, FAILURE_COLUMNS,
+                [{"repeat": repeat, "profile": profile, "split": split, "error": error}])
+
+    def failures(self) -> list[dict[str, Any]]:
+        return read_csv(self.path / FAILURES)
 
     def append_layers(self, rows: Iterable[dict[str, Any]]) -> None:
         _append(self.path / LAYERS, LAYER_COLUMNS, rows)

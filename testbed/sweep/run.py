@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from testbed.link.profile import LinkProfile
     from testbed.metrics import SweepMetrics
     from testbed.metrics.exposition import MetricsServer
+    from testbed.sweep.android import PhoneHead
 
 __all__ = ["Configuration", "Plan", "SweepOptions", "pending", "run_experiment"]
 
@@ -134,12 +135,40 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
         parts = Parts(p, run)
         if not options.keep_parts:
             stack.callback(parts.remove)
-        profile_layers(p, nodes, run, metrics)
+        phone = _phone(stack, p, run, run_id, metrics, console)
+        profile_layers(p, nodes, run, metrics, phone)
         timing.setup_s = time.monotonic() - timing.started
         estimates, timing.source, _ = estimate(p, run, options, finished, dep.backend, parallel, run.layers())
         timing.eta = Eta(estimates)
-        _sweep(p, nodes, link, run, todo, total, kpis, metrics, console, options, parts, timing)
+        _sweep(p, nodes, link, run, todo, total, kpis, metrics, console, options, parts, timing, phone)
         environment.record_timing(run, timing.record())
+
+
+def _phone(stack: contextlib.ExitStack, p: Plan, run: RunFolder, run_id: str, metrics: SweepMetrics,
+           console: Console) -> PhoneHead | None:
+    """With ``nodes.local.backend: android``: hold the phone for the run (its folder removed on the
+    way out, whatever happens) and record it in environment.json."""
+    cfg = p.experiment.nodes.android
+    if cfg is None:
+        return None
+    from testbed.android.adb import Adb
+    from testbed.android.session import phone_session
+    from testbed.metrics.phone import PhoneMetrics
+    from testbed.sweep.android import PhoneHead
+
+    adb = Adb(cfg.adb_port)
+    held = stack.enter_context(phone_session(adb, cfg.serial, p.experiment.resolve_path(cfg.benchmark_model),
+                                             run_id=run_id, cores=cfg.cores or "all",
+                                             need_bytes=2 * p.model_path.stat().st_size))
+    pm = PhoneMetrics(metrics.registry, p.experiment.name, run.path.name, held.phone.serial, held.info.model or "")
+    phone = PhoneHead(held, cfg, p.experiment.runs, p.graph, pm)
+    pm.set_state(held.start_state)
+    console.print(f"phone: {held.phone.serial} {held.info.model} ({held.info.soc}), cores {held.cores} "
+                  f"(mask {held.mask or 'all'}), e2e composed with a proxy local node on this host")
+    env = run.environment()
+    env["android"] = phone.environment()
+    run.write_environment(env)
+    return phone
 
 
 @contextlib.contextmanager
@@ -194,7 +223,7 @@ def _link_changed(link: Link, prof: LinkProfile, metrics: SweepMetrics) -> None:
 
 def _sweep(p: Plan, nodes: placement.NodePair, link: Link, run: RunFolder, todo: list[Configuration],
            total: int, kpis: KpiCache, metrics: SweepMetrics, console: Console, options: SweepOptions,
-           parts: Parts, timing: Timing) -> None:
+           parts: Parts, timing: Timing, phone: PhoneHead | None = None) -> None:
     done = total - len(todo)
     current_profile = None
     repeats = p.experiment.runs.repeat
@@ -214,7 +243,16 @@ def _sweep(p: Plan, nodes: placement.NodePair, link: Link, run: RunFolder, todo:
             where = f"repeat {c.repeat + 1}/{repeats}  " if repeats > 1 else ""
             bar.update(task, description=f"{where}{prof.name}  k={k}")
             metrics.configuration_started(k, prof.name, total=total, done=done, eta_s=timing.remaining_s())
-            result = run_configuration(p, nodes, link, c, kpis, metrics, clock, parts)
+            try:
+                result = run_configuration(p, nodes, link, c, kpis, metrics, clock, parts, phone)
+            except TestbedError as e:
+                if phone is None or getattr(e, "serial", None) is None:
+                    raise
+                # The phone failed mid-configuration (unplugged, refused): mark it, keep what is done.
+                run.append_failure(c.repeat, prof.name, k, str(e))
+                raise type(e)(f"{str(e).split(': ', 1)[-1]}; configuration k={k} at {prof.name} marked failed, "
+                              f"results so far in {run.path} (finish with: testbed run EXPERIMENT --resume "
+                              f"{run.path})", serial=e.serial) from e
             with clock("write"):
                 run.write_rows(result)
             result.summary.update(clock.close())
