@@ -360,9 +360,9 @@ def _user_server_hint(port: int) -> str:
     return "; or `adb connect HOST:PORT` for a phone on Wi-Fi"
 
 
-def cleanup_phones(adb: Adb, run_id: str | None = None) -> list[str]:
-    """Remove ``/data/local/tmp/testbed-*`` folders from every attached phone: the named run's,
-    or (None) those whose owner process on this host is gone."""
+def cleanup_phones(adb: Adb, run_id: str | None = None, serials: Iterable[str] | None = None) -> list[str]:
+    """Remove ``/data/local/tmp/testbed-*`` folders from every attached phone (or those in
+    ``serials``): the named run's, or (None) those whose owner process on this host is gone."""
     from testbed.deploy.owner import alive
 
     removed: list[str] = []
@@ -370,8 +370,9 @@ def cleanup_phones(adb: Adb, run_id: str | None = None) -> list[str]:
         devices = adb.devices()
     except AndroidError:
         return removed
+    wanted = set(serials) if serials is not None else None
     for serial, state, _ in devices:
-        if state != "device":
+        if state != "device" or (wanted is not None and serial not in wanted):
             continue
         phone = Phone(adb, serial)
         try:

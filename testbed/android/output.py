@@ -252,7 +252,10 @@ def parse_benchmark_output(text: str) -> BenchmarkOutput:
         OutputError: nothing in ``text`` is benchmark_model output.
     """
     out = BenchmarkOutput()
-    lines = text.replace("\r\n", "\n").split("\n")
+    text = text.replace("\r\n", "\n")
+    lines = text.split("\n")
+    # a table row without its newline was cut off (the tool ends every line): not a row
+    torn = len(lines) - 1 if not text.endswith("\n") else None
     stats: list[RunStat] = []
     section = None                  # "init" | "run" while op-profiling tables follow
     recognised = 0
@@ -271,7 +274,7 @@ def parse_benchmark_output(text: str) -> BenchmarkOutput:
             continue
         title = _TABLE_TITLE.match(body.strip())
         if title and section is not None:
-            i = _table(lines, i, title.group(1), section, out)
+            i = _table(lines, i, title.group(1), section, out, torn)
             continue
         if body.startswith("Timings (microseconds): ") and section == "run":
             m = _STAT.search(body)
@@ -343,7 +346,7 @@ def _litert(found: dict[str, Any], out: BenchmarkOutput) -> None:
             setattr(out, attr, _f(found[key][0]))
 
 
-def _table(lines: list[str], i: int, title: str, section: str, out: BenchmarkOutput) -> int:
+def _table(lines: list[str], i: int, title: str, section: str, out: BenchmarkOutput, torn: int | None = None) -> int:
     """Read the table whose title line was just consumed; returns the index after it."""
     if i >= len(lines):
         return i
@@ -355,7 +358,7 @@ def _table(lines: list[str], i: int, title: str, section: str, out: BenchmarkOut
         layout = "with_start" if "[start]" in header else "without_start"
     i += 1
     rows: list[OpRow] = []
-    while i < len(lines):
+    while i < len(lines) and i != torn:
         _, body = _strip(lines[i])
         if not body.strip():
             break

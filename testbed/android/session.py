@@ -75,6 +75,9 @@ def phone_session(adb: Adb, serial: str | None, benchmark_model: Path, *, run_id
     the folder on the way out, whatever happens (a phone that went away is left as it is)."""
     run_id = run_id or secrets.token_hex(3)
     phone = Phone.select(adb, serial)
+    from testbed.android.device import cleanup_phones
+
+    cleanup_phones(adb, None, [phone.serial])     # folders of earlier runs whose process is gone
     info = phone.info()
     with _sigterm_as_interrupt():
         try:
