@@ -96,8 +96,10 @@ class Adb:
     the adbutils client on it. ``close()`` stops the server only if this object started it
     and ``keep_server`` is False."""
 
-    def __init__(self, port: int | None = None, *, keep_server: bool = True, timeout_s: float = 600.0) -> None:
+    def __init__(self, port: int | None = None, *, keep_server: bool = True, timeout_s: float = 600.0,
+                 server_env: dict[str, str] | None = None) -> None:
         self.port = server_port(port)
+        self.server_env = server_env or {}      # extra environment of a server this object starts
         self.keep_server = keep_server
         self.timeout_s = timeout_s
         self.started = False
@@ -109,7 +111,7 @@ class Adb:
         if _answers(self.port):
             return
         adb = adb_binary()
-        env = dict(os.environ, ANDROID_ADB_SERVER_PORT=str(self.port))
+        env = dict(os.environ, **self.server_env, ANDROID_ADB_SERVER_PORT=str(self.port))
         try:
             proc = subprocess.run([adb, "-P", str(self.port), "start-server"], env=env, capture_output=True,
                                   text=True, timeout=30, stdin=subprocess.DEVNULL)

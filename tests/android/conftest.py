@@ -35,10 +35,10 @@ def adb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator["object"]:
 
     home = tmp_path_factory.mktemp("adb-home")
     port = _free_port()
-    saved = {k: os.environ.get(k) for k in ("HOME", "TESTBED_ADB_PORT")}
-    os.environ["HOME"] = str(home)              # the server's adb key lives here, not in ~/.android
+    saved = {k: os.environ.get(k) for k in ("TESTBED_ADB_PORT",)}
     os.environ["TESTBED_ADB_PORT"] = str(port)
-    adb = Adb(port, keep_server=False)
+    # the server's adb key lives in a temporary HOME, not in the user's ~/.android
+    adb = Adb(port, keep_server=False, server_env={"HOME": str(home)})
     adb.ensure_server()
     try:
         yield adb
