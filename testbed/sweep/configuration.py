@@ -153,9 +153,10 @@ def _part_rows(p: Plan, nodes: NodePair, c: Configuration, entry: dict[str, Any]
     """parts.csv rows of the configuration, measuring KPIs the first time a part is seen
     (with a phone as the local node, the head's KPIs are the phone's: ``testbed.sweep.android``)."""
     exp, k = p.experiment, c.split
-    if phone is not None and head is not None and k not in phone.measured:
-        with clock("kpi"):
-            phone.head(k, head)
+    if phone is not None and head is not None:
+        if k not in phone.measured:
+            with clock("kpi"):
+                phone.head(k, head)
         kpis.setdefault((k, "head"), {**phone.kpis(k), "kpi_profile": c.profile.name})
     roles = (("head", "local", nodes.local, head, entry["head_sha256"], exp.nodes.local.threads),
              ("tail", "remote", nodes.remote, tail, entry["tail_sha256"], exp.nodes.remote.threads))
