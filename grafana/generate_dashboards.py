@@ -346,6 +346,22 @@ def nodes() -> dm.Dashboard:
                 ("remote (tail)", _mean("testbed_inference_seconds", RP + ', node="remote", node=~"$node"', "split")),
             ], unit="s", w=24),
         ]),
+        phone_row(),
+    ])
+
+
+def phone_row() -> tuple[str, list]:
+    """The Android phone's row (local node on a phone): temperature and CPU frequency over the run."""
+    sel = 'run="$run"'
+    return ("Phone (Android local node)", [
+        _timeseries("Phone temperature", [
+            _target("A", f"testbed_phone_temperature_celsius{{{sel}}}", "{{model}} {{serial}} {{zone}}"),
+        ], unit="celsius", w=12, description="Thermal zones and battery, read before and after each configuration."),
+        _timeseries("Phone CPU frequency", [
+            _target("A", f"testbed_phone_cpu_frequency_hertz{{{sel}}}", "{{model}} cpu{{cpu}}"),
+            _target("B", f"testbed_phone_thermal_status{{{sel}}}", "thermal status"),
+        ], unit="hertz", w=12, description="scaling_cur_freq per core; a drop below cpuinfo_max_freq while "
+                                           "the thermal status rises is throttling."),
     ])
 
 

@@ -23,6 +23,7 @@ APT_PACKAGES=(
   iproute2 iputils-ping iperf3 kmod nftables
   docker.io debootstrap
   prometheus prometheus-pushgateway
+  adb
 )
 # tests/vm: qemu boots Debian's linux-image-cloud-amd64 (it has sch_netem); that
 # kernel is installed *inside* the guest's debootstrap root file system by

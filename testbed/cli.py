@@ -59,7 +59,7 @@ def _root(ctx: typer.Context,
 def _register() -> None:
     # Imported here, after ``app`` exists, so the command modules stay free of
     # import cycles with this one; heavy imports live inside the commands.
-    from testbed.commands import check, model_tools, models, monitor, netem, report, run
+    from testbed.commands import android, check, model_tools, models, monitor, netem, report, run
 
     model_tools.register(app)    # inspect, split, profile
     run.register(app)            # run, cleanup
@@ -68,6 +68,7 @@ def _register() -> None:
     app.add_typer(models.app, name="models")
     app.add_typer(netem.app, name="netem")
     app.add_typer(monitor.app, name="monitor")
+    app.add_typer(android.app, name="android")
 
 
 _register()

@@ -122,12 +122,33 @@ class NodeConfig(Frozen):
     ``cpuset`` pins the node to host CPUs (``"2-3"``); by default the sweep
     decides (``nodes.pinning``, see ``testbed.deploy.cpus``)."""
 
-    backend: Literal["auto", "docker", "netns"] = "auto"
+    backend: Literal["auto", "docker", "netns", "android"] = "auto"
     cpus: Number | None = Field(default=None, ge=MIN_CPUS, le=MAX_CPUS)
     cpu_period: Seconds = 0.1
     memory: Bytes | None = Field(default=None, le=MAX_MEMORY_BYTES)
     threads: Int | None = Field(default=None, ge=1, le=64)
     cpuset: str | None = None
+    # backend: android (local node only; testbed.android): the phone and its benchmark binary
+    serial: str | None = None                # auto (the only phone) or a serial
+    benchmark_model: PathText | None = None  # host path of TFLite's Android benchmark_model
+    cores: str | None = None                 # big | all | hexadecimal CPU mask
+    delegate: Literal["cpu", "xnnpack", "gpu", "nnapi"] | None = None
+    adb_port: Int | None = Field(default=None, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _android_fields(self) -> "NodeConfig":
+        phone = ("serial", "benchmark_model", "cores", "delegate", "adb_port")
+        given = [k for k in phone if getattr(self, k) is not None]
+        if self.backend != "android" and given:
+            raise ValueError(f"{', '.join(given)} belong to backend: android")
+        if self.backend == "android":
+            if self.benchmark_model is None:
+                raise ValueError("backend android needs benchmark_model: the host path of TFLite's Android "
+                                 "benchmark binary (downloaded once)")
+            if self.cores is not None and self.cores not in ("big", "all") and \
+                    not re.fullmatch(r"(0x)?[0-9a-fA-F]{1,16}", self.cores):
+                raise ValueError(f"cores: expected big, all or a hexadecimal CPU mask such as f0, got {self.cores!r}")
+        return self
 
     @field_validator("cpu_period")
     @classmethod
@@ -177,14 +198,25 @@ class Nodes(Frozen):
     @model_validator(mode="after")
     def _same_backend(self) -> "Nodes":
         a, b = self.local.backend, self.remote.backend
+        if b == "android":
+            raise ValueError("backend android is for the local node (the phone runs the head); "
+                             "the remote node runs on this host (auto, docker or netns)")
+        if a == "android":
+            return self           # the phone's proxy runs on the remote's backend
         if a != b and "auto" not in (a, b):
             raise ValueError(f"local and remote must use the same backend (got {a} and {b})")
         return self
 
     @property
     def backend(self) -> str:
-        """The backend both nodes use (``auto`` when neither names one)."""
-        return next((b for b in (self.local.backend, self.remote.backend) if b != "auto"), "auto")
+        """The backend of the nodes on this host (``auto`` when none is named). With a phone as the
+        local node (``android``) this is the remote's, which the phone's proxy local node shares."""
+        return next((b for b in (self.local.backend, self.remote.backend) if b not in ("auto", "android")), "auto")
+
+    @property
+    def android(self) -> NodeConfig | None:
+        """The local node's config when it is a phone."""
+        return self.local if self.local.backend == "android" else None
 
 
 class Runs(Frozen):

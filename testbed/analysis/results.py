@@ -47,7 +47,7 @@ from nodes.stats import describe
 log = logging.getLogger("testbed.analysis.results")
 
 SAMPLES, SUMMARY, PARTS, LAYERS = "samples.csv", "summary.csv", "parts.csv", "layers.csv"
-FAILURES = "failures.csv"
+FAILURES = "failures.csv"          # configurations that failed (a node died, a phone unplugged); --resume redoes them
 ENVIRONMENT, CONFIG, MANIFEST = "environment.json", "config.yaml", "manifest.json"
 
 # Per-sample timings in the order the measurement contract lists them.
@@ -69,6 +69,16 @@ CONFIG_KEY = ("repeat", "profile", "split")
 CPU_COLUMNS = tuple(f"{node}_{c}" for node in ("local", "remote")
                     for c in ("cpu_s", "throttled_periods", "throttled_s", "runq_wait_s"))
 
+# A phone as the local node (testbed.sweep.android): where each sample's head time came from
+# (phone | none; empty without a phone) and the proxy local node's own head time it replaced.
+PHONE_SAMPLE_COLUMNS = ("head_source", "proxy_head_s")
+# summary.csv: the phone's state before/after the configuration and what it means.
+PHONE_SUMMARY_COLUMNS = (
+    "head_source", "phone_serial", "phone_mask", "phone_measured",
+    "phone_temp_before_c", "phone_temp_after_c", "phone_freq_ratio_before", "phone_freq_ratio_after",
+    "phone_thermal_status", "phone_battery_level", "phone_charging", "phone_throttled", "phone_hotter",
+)
+
 SAMPLE_COLUMNS = (
     "repeat", "profile", "split", "sample", "input_index", "codec", "input_encoding",
     "emulation_uplink", "emulation_downlink", "clock",
@@ -76,7 +86,7 @@ SAMPLE_COLUMNS = (
     "cut_bytes_raw", "cut_bytes_wire", "result_bytes_wire",
     "uplink_ideal_s", "downlink_ideal_s", "uplink_over_ideal", "downlink_over_ideal",
     *CPU_COLUMNS,
-    "uplink_retrans", "downlink_retrans",
+    "uplink_retrans", "downlink_retrans", *PHONE_SAMPLE_COLUMNS,
 )
 
 SUMMARY_COLUMNS = (
@@ -91,7 +101,7 @@ SUMMARY_COLUMNS = (
     "uplink_ideal_s", "downlink_ideal_s", "uplink_over_ideal_p50", "downlink_over_ideal_p50",
     "local_throttled_samples", "remote_throttled_samples", "local_cpu_mean_s", "remote_cpu_mean_s",
     "local_runq_wait_p50_s", "remote_runq_wait_p50_s",
-    "retrans_samples",
+    "retrans_samples", *PHONE_SUMMARY_COLUMNS,
 )
 
 KPI_COLUMNS = (
@@ -112,12 +122,14 @@ LAYER_COLUMNS = (
 )
 
 _TEXT = {"profile", "codec", "input_encoding", "emulation_uplink", "emulation_downlink", "clock",
-         "part", "node", "sha256", "kpi_profile", "op", "phase", "cause", "error", "at"}
+         "part", "node", "sha256", "kpi_profile", "op", "phase", "cause", "error", "at",
+         "head_source", "phone_serial", "phone_mask"}
 _INT_SUFFIX = ("_bytes", "_bytes_raw", "_bytes_wire")
 _INTS = {"repeat", "split", "sample", "input_index", "count", "warmup", "layer", "params", "macs", "runs",
          "threads", "uplink_rate_bps", "downlink_rate_bps", "local_throttled_periods", "remote_throttled_periods",
          "local_throttled_samples", "remote_throttled_samples", "uplink_retrans", "downlink_retrans",
-         "retrans_samples"}
+         "retrans_samples", "phone_measured", "phone_thermal_status",
+         "phone_battery_level", "phone_charging", "phone_throttled", "phone_hotter"}
 
 
 def summarize(values: Sequence[float | None]) -> dict[str, float | None]:

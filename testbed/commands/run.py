@@ -48,17 +48,30 @@ def cleanup(
     run_id: Annotated[str | None, typer.Option("--run", metavar="ID",
                                                help="Only what run ID left (the id is in environment.json).")] = None,
 ) -> None:
-    """Remove containers, networks, namespaces, veths and qdiscs a killed run left behind.
+    """Remove containers, networks, namespaces, veths, qdiscs and phone folders a killed run left behind.
 
     Example: testbed cleanup --run 3f9a2c
     """
     from testbed.deploy import cleanup as deploy_cleanup
 
-    removed = deploy_cleanup(run_id)
+    removed = deploy_cleanup(run_id) + _phones(run_id)
     console = Console(highlight=False)
     for item in removed:
         console.print(f"removed {item}")
     console.print(f"{len(removed)} item(s) removed" if removed else "nothing to clean up")
+
+
+def _phones(run_id: str | None) -> list[str]:
+    """``/data/local/tmp/testbed-<run id>`` folders on phones attached to the testbed's adb server
+    (only when that server runs: cleanup starts none)."""
+    from testbed.android.adb import Adb, AndroidError, _answers
+    from testbed.android.device import cleanup_phones
+
+    try:
+        adb = Adb()
+    except AndroidError:
+        return []
+    return cleanup_phones(adb, run_id) if _answers(adb.port) else []
 
 
 def register(app: typer.Typer) -> None:

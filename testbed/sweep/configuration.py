@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from testbed.link.link import Link
     from testbed.link.profile import Direction, LinkProfile
     from testbed.metrics import SweepMetrics
+    from testbed.sweep.android import PhoneHead
     from testbed.sweep.parts import Parts
 
 # Extra samples taken to reach min_seconds are asked for in batches sized from
@@ -178,9 +179,15 @@ def kpis_from(run: RunFolder) -> KpiCache:
 
 def _part_rows(p: Plan, nodes: NodePair, c: Configuration, entry: dict[str, Any], head: bytes | None,
                tail: bytes | None, delivery_s: float | None, kpis: KpiCache, metrics: SweepMetrics,
-               clock: PhaseClock, deadlines: Deadlines) -> list[dict[str, Any]]:
-    """parts.csv rows of the configuration, measuring KPIs the first time a part is seen."""
+               clock: PhaseClock, deadlines: Deadlines, phone: PhoneHead | None = None) -> list[dict[str, Any]]:
+    """parts.csv rows of the configuration, measuring KPIs the first time a part is seen
+    (with a phone as the local node, the head's KPIs are the phone's: ``testbed.sweep.android``)."""
     exp, k = p.experiment, c.split
+    if phone is not None and head is not None:
+        if k not in phone.measured:
+            with clock("kpi"):
+                phone.head(k, head)
+        kpis.setdefault((k, "head"), {**phone.kpis(k), "kpi_profile": c.profile.name})
     roles = (("head", "local", nodes.local, head, entry["head_sha256"], exp.nodes.local.threads),
              ("tail", "remote", nodes.remote, tail, entry["tail_sha256"], exp.nodes.remote.threads))
     jobs: list[Callable[[], Any] | None] = [
@@ -199,6 +206,8 @@ def _part_rows(p: Plan, nodes: NodePair, c: Configuration, entry: dict[str, Any]
             continue
         kp = kpis[(k, role)]
         metrics.set_part(node_name, role, k, kp, file_bytes=len(data))
+        if phone is not None and role == "head":
+            node_name = "phone"
         rows.append({"part": role, "node": node_name, "file_bytes": len(data), "sha256": sha,
                      "delivery_s": delivery_s if role == "head" else None, **kp})
     return rows
@@ -208,14 +217,17 @@ def _part_rows(p: Plan, nodes: NodePair, c: Configuration, entry: dict[str, Any]
 
 def run_configuration(p: Plan, nodes: NodePair, link: Link, c: Configuration, kpis: KpiCache,
                       metrics: SweepMetrics, clock: PhaseClock, parts: Parts,
-                      deadlines: Deadlines = Deadlines()) -> ConfigurationResult:
-    """Measure one configuration; every step charged to ``clock``, bounded by ``deadlines``.
+                      deadlines: Deadlines = Deadlines(), phone: PhoneHead | None = None) -> ConfigurationResult:
+    """Measure one configuration; every step charged to ``clock``, bounded by ``deadlines``. With
+    ``phone`` the head is also measured on the phone and e2e composed (``testbed.sweep.android``).
 
     Raises:
         NodeError / ProtocolError: a node died, hung past its deadline or failed a step.
     """
     exp = p.experiment
     prof, k = c.profile, c.split
+    phone_before = phone.state() if phone is not None else None
+    phone_measured = phone is not None and head_needs_phone(phone, k)
     with clock("split"):
         entry = parts.entry(k)
         head, tail = parts.read(entry["head"]), parts.read(entry["tail"])
@@ -238,12 +250,14 @@ def run_configuration(p: Plan, nodes: NodePair, link: Link, c: Configuration, kp
     else:
         with clock("head_load"):
             nodes.local.load_part("head", None, timeout=deadlines.load_s)
-    part_rows = _part_rows(p, nodes, c, entry, head, tail, delivery_s, kpis, metrics, clock, deadlines)
+    part_rows = _part_rows(p, nodes, c, entry, head, tail, delivery_s, kpis, metrics, clock, deadlines, phone)
 
     t_sampling = time.monotonic()
     samples = take_samples(nodes, exp.runs, exp.input_encoding, exp.codec, p.n_inputs,
                            [o.name for o in p.graph.outputs], clock, (head is not None, tail is not None), deadlines)
     sampling_s = time.monotonic() - t_sampling
+    if phone is not None:
+        phone.compose(samples, k, c.key)
     for s in samples:
         s.setdefault("codec", exp.codec)
         s.setdefault("input_encoding", exp.input_encoding)
@@ -259,17 +273,31 @@ def run_configuration(p: Plan, nodes: NodePair, link: Link, c: Configuration, kp
         "head_file_bytes": entry.get("head_bytes"), "tail_file_bytes": entry.get("tail_bytes"),
         "delivery_s": delivery_s, "delivery_ideal_s": delivery_ideal_s, "sampling_s": sampling_s,
     }
+    if phone is not None:
+        summary.update(phone.summary(k, phone_before, phone.state(), phone_measured))
     return ConfigurationResult(profile=prof.name, split=k, samples=samples, summary=summary, parts=part_rows,
                                repeat=c.repeat)
 
 
+def head_needs_phone(phone: PhoneHead, k: int) -> bool:
+    """The phone benchmarks head part ``k`` in this configuration (not measured before)."""
+    return k > 0 and k not in phone.measured
+
+
 # --------------------------------------------------------------------------- layers
 
-def profile_layers(p: Plan, nodes: NodePair, run: RunFolder, metrics: SweepMetrics) -> None:
-    """Per-layer latency on each node under its limits, once per run (both at once when allowed)."""
+def profile_layers(p: Plan, nodes: NodePair, run: RunFolder, metrics: SweepMetrics,
+                   phone: PhoneHead | None = None) -> None:
+    """Per-layer latency on each node under its limits, once per run (both at once when allowed).
+    With a phone, the local node's layers are the phone's (the whole model with op profiling)."""
     from testbed.model.layers import one_layer_models
 
     done = run.layer_nodes()
+    if phone is not None and "local" not in done:
+        rows = phone.layer_rows(p.model_path.read_bytes())
+        run.append_layers(rows)
+        metrics.set_layers("local", [r for r in rows if r.get("mean_s") is not None])
+        done = done | {"local"}
     targets = [(n, cfg) for n, cfg in (("local", p.experiment.nodes.local), ("remote", p.experiment.nodes.remote))
                if n not in done]
     if not targets:

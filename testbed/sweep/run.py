@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from testbed.link.profile import LinkProfile
     from testbed.metrics import SweepMetrics
     from testbed.metrics.exposition import MetricsServer
+    from testbed.sweep.android import PhoneHead
 
 __all__ = ["Configuration", "Plan", "SweepOptions", "pending", "run_experiment"]
 
@@ -116,13 +117,41 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
         if not options.keep_parts:
             stack.callback(parts.remove)
         assert session.nodes is not None and session.dep is not None
-        profile_layers(p, session.nodes, run, metrics)
+        phone = _phone(stack, p, run, session.run_ids[0], metrics, console)
+        profile_layers(p, session.nodes, run, metrics, phone)
         timing.setup_s = time.monotonic() - timing.started
         estimates, timing.source, _ = estimate(p, run, options, finished, session.dep.backend, parallel,
                                                run.layers())
         timing.eta = Eta(estimates)
-        _sweep(p, session, run, todo, total, kpis, metrics, console, options, parts, timing)
+        _sweep(p, session, run, todo, total, kpis, metrics, console, options, parts, timing, phone)
         environment.record_timing(run, timing.record())
+
+
+def _phone(stack: contextlib.ExitStack, p: Plan, run: RunFolder, run_id: str, metrics: SweepMetrics,
+           console: Console) -> PhoneHead | None:
+    """With ``nodes.local.backend: android``: hold the phone for the run (its folder removed on the
+    way out, whatever happens) and record it in environment.json."""
+    cfg = p.experiment.nodes.android
+    if cfg is None:
+        return None
+    from testbed.android.adb import Adb
+    from testbed.android.session import phone_session
+    from testbed.metrics.phone import PhoneMetrics
+    from testbed.sweep.android import PhoneHead
+
+    adb = Adb(cfg.adb_port)
+    held = stack.enter_context(phone_session(adb, cfg.serial, p.experiment.resolve_path(cfg.benchmark_model),
+                                             run_id=run_id, cores=cfg.cores or "all",
+                                             need_bytes=2 * p.model_path.stat().st_size))
+    pm = PhoneMetrics(metrics.registry, p.experiment.name, run.path.name, held.phone.serial, held.info.model or "")
+    phone = PhoneHead(held, cfg, p.experiment.runs, p.graph, pm)
+    pm.set_state(held.start_state)
+    console.print(f"phone: {held.phone.serial} {held.info.model} ({held.info.soc}), cores {held.cores} "
+                  f"(mask {held.mask or 'all'}), e2e composed with a proxy local node on this host")
+    env = run.environment()
+    env["android"] = phone.environment()
+    run.write_environment(env)
+    return phone
 
 
 @contextlib.contextmanager
@@ -176,7 +205,8 @@ def _link_changed(link: Link, prof: LinkProfile, metrics: SweepMetrics) -> None:
 
 
 def _sweep(p: Plan, session: Session, run: RunFolder, todo: list[Configuration], total: int, kpis: KpiCache,
-           metrics: SweepMetrics, console: Console, options: SweepOptions, parts: Parts, timing: Timing) -> None:
+           metrics: SweepMetrics, console: Console, options: SweepOptions, parts: Parts, timing: Timing,
+           phone: PhoneHead | None = None) -> None:
     done = total - len(todo)
     repeats = p.experiment.runs.repeat
     budget = FailureBudget()
@@ -193,11 +223,22 @@ def _sweep(p: Plan, session: Session, run: RunFolder, todo: list[Configuration],
             bar.update(task, description=f"{where}{prof.name}  k={k}")
             metrics.configuration_started(k, prof.name, total=total, done=done, eta_s=timing.remaining_s())
             try:
-                result = _measure(p, session, c, kpis, metrics, clock, parts, timing)
+                result = _measure(p, session, c, kpis, metrics, clock, parts, timing, phone)
             except (NodeError, ProtocolError) as e:
                 _failed(session, run, c, clock, e, budget, metrics, console)
                 start = time.monotonic()
                 continue
+            except TestbedError as e:
+                if phone is None or getattr(e, "serial", None) is None:
+                    raise
+                # The phone failed mid-configuration (unplugged, refused): mark it, keep what is done.
+                run.append_failure({"repeat": c.repeat, "profile": prof.name, "split": k,
+                                    "phase": clock.failed_in, "node": "phone", "cause": "phone failed",
+                                    "error": " ".join(str(e).split())[:500],
+                                    "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                raise type(e)(f"{str(e).split(': ', 1)[-1]}; configuration k={k} at {prof.name} marked failed, "
+                              f"results so far in {run.path} (finish with: testbed run EXPERIMENT --resume "
+                              f"{run.path})", serial=e.serial) from e
             budget.ok()
             with clock("write"):
                 run.write_rows(result)
@@ -220,7 +261,7 @@ def _sweep(p: Plan, session: Session, run: RunFolder, todo: list[Configuration],
 
 
 def _measure(p: Plan, session: Session, c: Configuration, kpis: KpiCache, metrics: SweepMetrics,
-             clock: PhaseClock, parts: Parts, timing: Timing) -> ConfigurationResult:
+             clock: PhaseClock, parts: Parts, timing: Timing, phone: PhoneHead | None = None) -> ConfigurationResult:
     """One configuration on the session's nodes, the link shaped as its profile says."""
     assert session.nodes is not None and session.link is not None
     if session.profile is not c.profile:
@@ -228,7 +269,7 @@ def _measure(p: Plan, session: Session, c: Configuration, kpis: KpiCache, metric
             _link_changed(session.link, c.profile, metrics)
         session.profile = c.profile
     deadlines = Deadlines.from_estimate(timing.eta.estimates.get(c.key))
-    return run_configuration(p, session.nodes, session.link, c, kpis, metrics, clock, parts, deadlines)
+    return run_configuration(p, session.nodes, session.link, c, kpis, metrics, clock, parts, deadlines, phone)
 
 
 def _failed(session: Session, run: RunFolder, c: Configuration, clock: PhaseClock, error: Exception,

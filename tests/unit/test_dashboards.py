@@ -117,6 +117,10 @@ def _exposed_names() -> set[str]:
     m.observe_delivery(1, "p", 1, 1)
     m.add_phases("p", {"sampling": 1.0})
     m.configuration_done(1, "p")
+    from testbed.android.device import DeviceState
+    from testbed.metrics.phone import PhoneMetrics
+    PhoneMetrics(registry, "e", "r", "serial", "model").set_state(DeviceState(
+        cpu_cur_khz={0: 1}, cpu_max_khz={0: 1}, thermal_zones_c={"skin": 30.0}, thermal_status=0, battery_level=50))
     agent_registry = CollectorRegistry()
     agent = AgentMetrics(agent_registry, "local")
     agent.sample_served("local")
