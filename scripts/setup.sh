@@ -81,10 +81,13 @@ start_dockerd() {
 
 # Node images: the base (python:3.11-slim when a registry answers, else Debian
 # bookworm made offline by docker/build-base-image.sh) and the node image, tagged
-# splitbed-node:<content hash> so this only builds when nodes/ or docker/ changed.
+# splitbed-node:<content hash> so this only builds when nodes/, the Dockerfile or
+# the node's dependency ranges in pyproject.toml changed. --prune then removes
+# older splitbed-node images: the current one, the one before it and any image a
+# container (running or stopped) uses stay.
 build_node_image() {
-  log "node image (builds only when nodes/ or docker/ changed)"
-  .venv/bin/python -m testbed.deploy.image
+  log "node image (builds only when nodes/, docker/Dockerfile or pyproject's ranges changed; prunes old ones)"
+  .venv/bin/python -m testbed.deploy.image --prune
 }
 
 install_apt

@@ -1,7 +1,7 @@
 """The run folder: what a sweep leaves on disk, written as it goes.
 
-Owns the file names, the column names and units (documented in the README,
-"Result files"), appending after every configuration so an interrupted sweep
+Owns the file names, the column names and units (documented in
+docs/results.md), appending after every configuration so an interrupted sweep
 keeps what it measured and ``--resume`` knows what is finished, and reading the
 files back with typed values (the report and the planner read only these).
 Measuring is ``testbed.sweep``'s job; plotting ``testbed.analysis.report``'s.

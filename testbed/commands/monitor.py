@@ -18,7 +18,7 @@ MonitorDir = Annotated[Path | None, typer.Option(
 
 
 def _print(status, console: Console) -> None:
-    from testbed.metrics.monitor import REPO
+    from testbed.metrics.dashboards import DASHBOARD_DIR
 
     if not status.running:
         console.print(f"monitor: not running ({status.monitor_dir})")
@@ -31,7 +31,7 @@ def _print(status, console: Console) -> None:
         console.print(f"Grafana:    {status.grafana_url}  (dashboards: Sweep overview, Per-layer, Nodes, Link)")
     else:
         console.print(f"Grafana:    not started with the binary backend; add {status.prometheus_url} as a "
-                      f"Prometheus data source and import {REPO / 'grafana' / 'dashboards'}/*.json")
+                      f"Prometheus data source and import {DASHBOARD_DIR}/*.json")
     console.print(f"Targets:    {status.monitor_dir / 'targets'}/<run>.json (kept current by testbed run)")
 
 

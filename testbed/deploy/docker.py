@@ -116,6 +116,50 @@ def build_image(client: docker.DockerClient, context_dir: str, tag: str, *,
         raise NodeError(f"building {tag} failed: {e}") from e
 
 
+def labelled_images(client: docker.DockerClient, label: str, value: str) -> list[tuple[str | None, str]]:
+    """(tag or None when dangling, image id) of every image labelled ``label=value``, newest first.
+
+    An image with several tags appears once per tag.
+    """
+    try:
+        images = client.images.list(filters={"label": f"{label}={value}"})  # dangling top-level ones too
+    except (APIError, DockerException) as e:
+        raise NodeError(f"cannot list images: {e}") from e
+    out: list[tuple[str | None, str]] = []
+    for image in sorted(images, key=_created, reverse=True):
+        out += [(tag, image.id) for tag in image.tags] or [(None, image.id)]
+    return out
+
+
+def _created(image) -> tuple[str, float]:
+    # "2026-12-01T09:11:11.7562746Z": fractions have varying lengths, so they do not sort as text.
+    stamp = str(image.attrs.get("Created", "")).rstrip("Z")
+    whole, _, fraction = stamp.partition(".")
+    return whole, float(f"0.{fraction}") if fraction.isdigit() else 0.0
+
+
+def images_in_use(client: docker.DockerClient) -> set[str]:
+    """Image ids of every container, running or stopped (docker would refuse to remove them)."""
+    try:
+        # sparse: no inspect per container, which would fail on one removed meanwhile
+        return {c.attrs.get("ImageID", "") for c in client.containers.list(all=True, sparse=True)} - {""}
+    except (APIError, DockerException) as e:
+        raise NodeError(f"cannot list containers: {e}") from e
+
+
+def remove_image(client: docker.DockerClient, ref: str) -> bool:
+    """Untag/remove ``ref`` (a tag or an id) without force; False when docker refuses
+    (a container uses it, or it is gone already)."""
+    try:
+        client.images.remove(ref, noprune=False)
+        return True
+    except NotFound:
+        return False
+    except APIError as e:
+        log.info("keeping image %s: %s", ref, e.explanation)
+        return False
+
+
 # --- one run's networks and containers ---------------------------------------
 
 def _labels(run_id: str, **extra: str) -> dict[str, str]:

@@ -6,7 +6,8 @@ and target, a known schemaVersion), substituting template variables the way
 Grafana would, and running every panel query over Prometheus' HTTP API. This is
 how the dashboards are proven without a Grafana: tests (and anyone with a running
 monitor) call ``check_queries``. It leaves the dashboards' content to
-``grafana/generate_dashboards.py`` and the Prometheus process to ``testbed.metrics.monitor``.
+``grafana/generate_dashboards.py``, the Prometheus process to ``testbed.metrics.monitor``
+and finding the shipped folder to ``testbed.resources``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from testbed import resources
 from testbed.errors import TestbedError
 
-DASHBOARD_DIR = Path(__file__).resolve().parents[2] / "grafana" / "dashboards"
+# grafana/dashboards in a checkout, package data in an install (testbed.resources).
+DASHBOARD_DIR = resources.folder("grafana") / "dashboards"
 # Grafana 9.4 .. 11.x write these; older ones migrate, newer ones we have not seen.
 SCHEMA_VERSIONS = range(36, 42)
 # What Grafana substitutes for its built-in interval variables on a short range

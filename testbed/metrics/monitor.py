@@ -6,8 +6,8 @@ Owns the generated ``prometheus.yml`` (one job, file-based service discovery ove
 Prometheus process: the distribution's ``prometheus`` binary on loopback when it
 is installed, tracked by a pid file, otherwise ``docker/monitoring-compose.yml``
 (Prometheus + Grafana images) for machines that can pull images. It leaves the
-metric names to ``testbed.metrics`` and ``nodes/agent.py``, and the dashboards to
-``grafana/``.
+metric names to ``testbed.metrics`` and ``nodes/agent.py``, the dashboards to
+``grafana/``, and where those shipped files are to ``testbed.resources``.
 
 Layout of ``monitor_dir`` (default ``~/.cache/testbed/monitor``, or
 ``$TESTBED_MONITOR_DIR``)::
@@ -41,12 +41,13 @@ from typing import Iterable, Mapping
 
 import yaml
 
+from testbed import resources
 from testbed.deploy import owner
 from testbed.errors import TestbedError
 
 JOB = "testbed"
-REPO = Path(__file__).resolve().parents[2]
-COMPOSE_FILE = REPO / "docker" / "monitoring-compose.yml"
+# Shipped with the package (testbed.resources); it mounts ../grafana, shipped beside it.
+COMPOSE_FILE = resources.folder("docker") / "monitoring-compose.yml"
 COMPOSE_PROJECT = "testbed-monitor"
 DEFAULT_LISTEN = "127.0.0.1:9090"
 DEFAULT_GRAFANA_PORT = 3000
