@@ -30,7 +30,6 @@ ETH_HEADER_BYTES = 14        # what tbf/htb/netem count on a veth beyond the IP 
 DELAY_TOL_FLOOR_S = 0.002    # issue 3's delay tolerance: kept as the floor
 DELAY_MEANINGFUL_SHARE = 0.25   # late timers adding 1/4 of the delay leave it untestable
 JITTER_TOL_FLOOR = 0.10      # relative; netem's normal table and 4 ms probes are not exact
-JITTER_MEANINGFUL = 0.20     # normal and uniform of the same jitter differ by 26 % in IQR
 RATE_TOL_FLOOR = 0.03        # relative; framing, sink timing and the timer model's own error
 RATE_MEANINGFUL = 0.10       # a rate tolerance above 10 % would pass a wrongly converted unit
 # Timers this late leave too little of the rate to judge. The accounting
@@ -97,10 +96,13 @@ def convolve(*parts: Sampler, n: int = MC_DRAWS, seed: int = 7) -> list[float]:
 
 
 def bootstrap_se(xs: Sequence[float], stat: Callable[[Sequence[float]], float], n: int = 300,
-                 seed: int = 11) -> float:
+                 seed: int = 11, size: int | None = None) -> float:
+    """Standard error of ``stat`` over samples of ``size`` (default: as many as
+    ``xs``) drawn from ``xs`` with replacement."""
     rnd = random.Random(seed)
     xs = list(xs)
-    vals = [stat([xs[rnd.randrange(len(xs))] for _ in xs]) for _ in range(n)]
+    size = size or len(xs)
+    vals = [stat([xs[rnd.randrange(len(xs))] for _ in range(size)]) for _ in range(n)]
     mean = sum(vals) / n
     return math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
 
@@ -271,28 +273,41 @@ def judge_jitter(*, label: str, shaped: Sequence[float], baseline: Sequence[floa
     """The spread of the shaped RTT (IQR) against netem's distribution
     convolved with the unshaped RTT and, for the upper end, the packets'
     lateness (Monte Carlo). The IQR, not the stdev: 1 % of probes delayed by
-    a host stall added 3.5 ms to an 8 ms stdev. Tolerance: 3 bootstrap
-    standard errors of the measured IQR, never below 10 %. Not meaningful
-    when that tolerance or the lateness's widening exceeds 20 % (normal and
-    uniform jitter of the same setting differ by 26 % in IQR).
+    a host stall added 3.5 ms to an 8 ms stdev.
+
+    Tolerance: 3 standard errors of an IQR of this many probes drawn from
+    the expected distribution (a bootstrap under the hypothesis that the
+    shaper is right: resampling the measured probes themselves gave errors
+    that varied by half from run to run), never below 10 %. Not meaningful
+    when the band accepted would also accept the other distribution (normal
+    for uniform, uniform for normal) of the same jitter: then it could not
+    catch the shaper sending the wrong one.
     """
     got = iqr(shaped)
-    jitter = netem_jitter(distribution, jitter_s)
-    lo = iqr(convolve(empirical(baseline), jitter))
-    hi = iqr(convolve(empirical(baseline), jitter, empirical(lateness if lateness else [0.0])))
-    alone = iqr(convolve(jitter))
-    se = bootstrap_se(shaped, iqr)
-    tol = max(JITTER_TOL_FLOOR, 3 * se / got if got > 0 else 1.0)
+    late = empirical(lateness if lateness else [0.0])
+
+    def band(dist: str) -> tuple[float, float, list[float]]:
+        draw = netem_jitter(dist, jitter_s)
+        wide = convolve(empirical(baseline), draw, late)
+        return iqr(convolve(empirical(baseline), draw)), iqr(wide), wide
+
+    lo, hi, pool = band(distribution)
+    se = bootstrap_se(pool, iqr, size=len(shaped))
+    tol = max(JITTER_TOL_FLOOR, 3 * se / lo)
+    accept = (lo * (1 - tol), hi * (1 + tol))
+    other = "normal" if distribution == "uniform" else "uniform"
+    other_lo, other_hi, _ = band(other)
     nums = {"jitter_s": jitter_s, "distribution": distribution, "iqr_s": got, "expected_iqr_s": [lo, hi],
-            "netem_alone_iqr_s": alone, "iqr_se_s": se, "tolerance": tol, "samples": len(shaped)}
-    said = (f"{label}: {distribution} jitter {ms(jitter_s)}: shaped RTT IQR {ms(got)} (n = {len(shaped)}, "
-            f"se {ms(se)}); expected {ms(lo)} (netem alone {ms(alone)}, with the unshaped RTT's spread, "
-            f"IQR {ms(iqr(baseline))}) .. {ms(hi)} (with late timers, median {ms(median(lateness or [0.0]))}, "
-            f"p90 {ms(quantile(lateness or [0.0], 0.9))}); accepted {ms(lo * (1 - tol))} .. "
-            f"{ms(hi * (1 + tol))} (tolerance {tol:.0%})")
-    if tol > JITTER_MEANINGFUL or hi > (1 + JITTER_MEANINGFUL) * lo:
-        return Verdict(False, f"not meaningful on this host: {said}", nums)
-    return Verdict(lo * (1 - tol) <= got <= hi * (1 + tol), said, nums)
+            "accepted_iqr_s": accept, "other_expected_iqr_s": [other_lo, other_hi], "iqr_se_s": se,
+            "tolerance": tol, "samples": len(shaped)}
+    said = (f"{label}: {distribution} jitter {ms(jitter_s)}: shaped RTT IQR {ms(got)} (n = {len(shaped)}); "
+            f"expected {ms(lo)} (netem's table with the unshaped RTT's spread, IQR {ms(iqr(baseline))}) .. "
+            f"{ms(hi)} (and late timers, packets late by median {ms(median(lateness or [0.0]))}, p90 "
+            f"{ms(quantile(lateness or [0.0], 0.9))}); accepted {ms(accept[0])} .. {ms(accept[1])} "
+            f"(tolerance {tol:.0%}: 3 x se {ms(se)}); {other} would give {ms(other_lo)} .. {ms(other_hi)}")
+    if accept[0] <= other_hi and other_lo <= accept[1]:
+        return Verdict(False, f"not meaningful on this host (the band also accepts {other} jitter): {said}", nums)
+    return Verdict(accept[0] <= got <= accept[1], said, nums)
 
 
 # -- trace steps -----------------------------------------------------------------------
