@@ -142,6 +142,8 @@ def test_step_judged_on_when_the_change_started():
     assert not late_start.ok and "start" in late_start.message
     unseen = judge.judge_step(call=(9.95, 10.01), claimed_error_s=0.01, seen_s=10.2, **kw)
     assert not unseen.ok and "packets" in unseen.message
+    # Late because the previous change only ended then: the thread could not start earlier.
+    assert judge.judge_step(call=(10.16, 10.27), claimed_error_s=0.27, seen_s=10.24, free_s=10.159, **kw).ok
 
 
 TRACE = """\
@@ -168,11 +170,12 @@ def test_trace_gives_effective_watchdog_lateness_and_held_packets():
 
 
 def test_rates_follow_capacity_and_timers_down_to_a_floor():
-    quiet = calibrate.choose_rates(400e6, [0.00005] * 100, 0.00025, MTU)
-    assert (quiet["high_bps"], quiet["low_bps"], quiet["too_low"]) == (5_000_000, 2_000_000, None)
-    slow = calibrate.choose_rates(6e6, [0.00005] * 100, 0.00025, MTU)
+    quiet = calibrate.choose_rates(400e6, 0.02)
+    assert (quiet["high_bps"], quiet["low_bps"], quiet["arrangement_bps"], quiet["too_low"]) == \
+        (5_000_000, 2_000_000, 4_000_000, None)
+    slow = calibrate.choose_rates(6e6, 0.02)            # 35 % of 6 Mbit/s
     assert slow["high_bps"] == 2_100_000 and slow["low_bps"] == 800_000 and slow["too_low"] is None
-    late = calibrate.choose_rates(400e6, [0.0015] * 100, 0.00025, MTU)
-    assert late["high_bps"] < 5_000_000 and late["predicted_timer_loss"]["high"] <= 0.15
-    hopeless = calibrate.choose_rates(2e6, [0.00005] * 100, 0.00025, MTU)
-    assert hopeless["too_low"] and "floor" in hopeless["too_low"] and hopeless["low_bps"] == 500_000
+    late = calibrate.choose_rates(400e6, 0.16)           # 16 % at 2 Mbit/s: 20 % at 2.5
+    assert late["high_bps"] == 2_500_000 and late["predicted_timer_loss"]["high"] == pytest.approx(0.20)
+    for hopeless in (calibrate.choose_rates(2e6, 0.02), calibrate.choose_rates(400e6, 0.4)):
+        assert hopeless["too_low"] and "floor" in hopeless["too_low"] and hopeless["low_bps"] == 500_000

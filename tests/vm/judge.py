@@ -3,8 +3,9 @@
 Owns: the expectations and tolerances of ``tests/vm/test_netem_vm.py`` as pure
 functions over what the guest recorded (no VM, no root: unit-tested in
 ``tests/unit/test_vm_judge.py``), and the framing and token-bucket arithmetic
-the guest also uses to choose its rates (``tests/vm/guest/calibrate.py``), so
-one formula both chooses and judges. Leaves measuring to ``tests/vm/guest/``.
+the guest also uses to choose its rates (``tests/vm/guest/checks.py``
+measures what late timers cost a reference bucket with it), so one formula
+both chooses and judges. Leaves measuring to ``tests/vm/guest/``.
 
 The rule (ARCHITECTURE.md, "Test tiers"): no expectation is a number this
 machine happened to produce. Each check is judged against
@@ -147,14 +148,6 @@ def lost_time_s(fires: Sequence[Sequence[float]], slack_s: float, start_s: float
         if gap > 0:
             lost += max(0.0, min(at, end_s) - max(at - gap, start_s))
     return lost
-
-
-def predicted_token_loss(lateness_s: Sequence[float], rate_bps: float, burst_bytes: int, mtu: int) -> float:
-    """Share of the rate a bucket loses if every packet waits on a timer as
-    late as a draw from ``lateness_s`` (the guest's rate choice uses this)."""
-    packet_s = wire_bytes(mtu) * 8 / rate_bps
-    slack = bucket_slack_s(burst_bytes, rate_bps, mtu)
-    return sum(max(0.0, late - slack) for late in lateness_s) / len(lateness_s) / packet_s
 
 
 # -- rate --------------------------------------------------------------------------
@@ -339,32 +332,39 @@ def transitions(sent: Sequence[float], rtt: Sequence[float | None], threshold_s:
 
 
 def judge_step(*, label: str, due_s: float, call: Sequence[float], claimed_error_s: float, seen_s: float | None,
-               probe_gap_s: float, woke_late_s: float, rtt_late_s: float, max_cost_s: float) -> Verdict:
+               probe_gap_s: float, woke_late_s: float, rtt_late_s: float, max_cost_s: float,
+               free_s: float | None = None) -> Verdict:
     """One trace step: the stepper's change started on time, its error report
     is when the change call completed, and the packets saw the step during the call.
 
     "On time" under TCG, where one ``Shaper.change`` costs tens of ms of
     emulated Python: the call *starts* no later than 10 ms after the step's
-    time beyond how late user-space timers woke beside it (``woke_late_s``,
-    p99 of the probe's sleeps), and no earlier than one change's cost before
-    it (the stepper starts early by what changes have cost). Packets place
+    time, or after the stepper's previous change ended (``free_s``: on a
+    loaded host one change took a second, and the thread cannot start the
+    next before), beyond how late user-space timers woke beside it
+    (``woke_late_s``, p99 of the probe's sleeps); and no earlier than one
+    change's cost before it (the stepper starts early by what changes have
+    cost). Packets place
     the step to within the gap between probes around it, plus how late the
     kernel's timers were (a stall can hold back the first probe on the new
     side).
     """
     start, end = call
     start_late, completed = start - due_s, end - due_s
-    nums = {"start_late_s": start_late, "completed_late_s": completed, "claimed_error_s": claimed_error_s,
+    busy = max(0.0, (free_s if free_s is not None else due_s) - due_s)
+    nums = {"start_late_s": start_late, "busy_until_s": busy, "completed_late_s": completed,
+            "claimed_error_s": claimed_error_s,
             "seen_late_s": None if seen_s is None else seen_s - due_s, "woke_late_s": woke_late_s}
-    said = (f"{label}: change started {ms(start_late)} after the step's time and completed {ms(completed)} after "
-            f"it (stepper says {ms(claimed_error_s)}); packets saw it "
+    said = (f"{label}: change started {ms(start_late)} after the step's time"
+            f"{f' (the previous change ended {ms(busy)} after it)' if busy else ''} and completed "
+            f"{ms(completed)} after it (stepper says {ms(claimed_error_s)}); packets saw it "
             f"{'never' if seen_s is None else ms(seen_s - due_s)}; user-space timers beside it late by p99 "
             f"{ms(woke_late_s)}, kernel p99 {ms(rtt_late_s)}, probe gap {ms(probe_gap_s)}, "
             f"one change costs up to {ms(max_cost_s)}")
     problems = []
-    if not -max_cost_s - STEP_START_TOL_S <= start_late <= STEP_START_TOL_S + woke_late_s:
+    if not -max_cost_s - STEP_START_TOL_S <= start_late <= busy + STEP_START_TOL_S + woke_late_s:
         problems.append(f"start not within -{ms(max_cost_s + STEP_START_TOL_S)} .. "
-                        f"+{ms(STEP_START_TOL_S + woke_late_s)}")
+                        f"+{ms(busy + STEP_START_TOL_S + woke_late_s)}")
     # The stepper reads its clock just outside the timed call: a thread
     # preempted in between reports later, by up to how long threads waited.
     if not -0.002 <= claimed_error_s - completed <= 0.002 + woke_late_s:

@@ -47,12 +47,15 @@ def test_calibration(check):
           f"{judge.median(late['sleep_kernel']) / MS:.3f} ms in the kernel, "
           f"{judge.median(late['sleep_user']) / MS:.3f} ms in user space (p90 "
           f"{judge.quantile(late['sleep_kernel'], 0.9) / MS:.3f} / {judge.quantile(late['sleep_user'], 0.9) / MS:.3f});"
-          f" rates: high {rates['high_bps'] / 1e6:.2f}, low {rates['low_bps'] / 1e6:.2f}, rate+delay "
-          f"{rates['arrangement_bps'] / 1e6:.2f} Mbit/s (predicted timer loss {rates['predicted_timer_loss']})")
+          f" late timers cost a {rates['reference_bps'] / 1e6:g} Mbit/s bucket "
+          f"{rates['reference_timer_loss']:.1%} of its time; rates: high {rates['high_bps'] / 1e6:.2f}, low "
+          f"{rates['low_bps'] / 1e6:.2f}, rate+delay {rates['arrangement_bps'] / 1e6:.2f} Mbit/s "
+          f"(capacity allows {rates['by_capacity_bps'] / 1e6:.2f}, timers {rates['by_timers_bps'] / 1e6:.2f})")
     for direction in ("uplink", "downlink"):
         assert cap[direction]["errors"] == [None, None], f"{direction} calibration transfer: {cap[direction]}"
         assert cap[direction]["total_bps"] > 0 and cap[direction]["mss"] > 0
     assert late["sleep_kernel"] and late["sleep_user"], "the lateness probe's sleeps were not traced"
+    assert got["reference"]["errors"] == [None, None], f"reference bucket transfer: {got['reference']}"
 
 
 def test_kernel_has_netem_and_probes_work(check):
@@ -182,14 +185,16 @@ def test_trace_steps_on_time(check):
     report, errors, calls = got["stepper_report"], got["stepper_errors_s"], got["change_calls"]
     assert report["failure"] is None and len(errors) == len(got["steps"]), report
     # The stepper's thread rehearses before the first step; the steps are the last calls.
-    step_calls = calls[-len(got["steps"]):]
+    first = len(calls) - len(got["steps"])
+    assert first >= 0, f"{len(calls)} change calls for {len(got['steps'])} steps"
     woke_late = judge.quantile(got["timers"]["sleep_user"], 0.99)
     rtt_late = judge.quantile(got["timers"]["sleep_kernel"] + lateness(got["timers"]), 0.99)
     max_cost = max(b - a for a, b in calls)
     seen = judge.transitions(got["sent"], got["rtt"], 0.0225)
     print(f"\n[vm] trace: transitions seen at {[(round(t - got['t0'], 3), s) for t, s in seen]} s; "
           f"change calls cost {[round((b - a) * 1e3, 1) for a, b in calls]} ms")
-    for step, call, claimed in zip(got["steps"], step_calls, errors):
+    for i, (step, claimed) in enumerate(zip(got["steps"], errors)):
+        call, free = calls[first + i], calls[first + i - 1][1] if first + i > 0 else None
         due = got["t0"] + step["at_s"]
         up = step["delay"] == "40ms"
         match = [t for t, s in seen if s == up and call[0] - 0.1 <= t <= call[1] + 0.3]
@@ -198,7 +203,7 @@ def test_trace_steps_on_time(check):
         assert_verdict(judge.judge_step(label=f"step at {step['at_s']} s to {step['delay']}", due_s=due,
                                         call=call, claimed_error_s=claimed, seen_s=match[0] if match else None,
                                         probe_gap_s=gap, woke_late_s=woke_late, rtt_late_s=rtt_late,
-                                        max_cost_s=max_cost))
+                                        max_cost_s=max_cost, free_s=free))
 
 
 def test_clear_restores_interface(check):

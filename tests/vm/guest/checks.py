@@ -29,6 +29,7 @@ import time
 import traceback
 from pathlib import Path
 
+from tests.vm import judge
 from tests.vm.guest import calibrate
 from tests.vm.guest.calibrate import Timers, kbit
 
@@ -192,15 +193,33 @@ def check_calibration(net: Net) -> dict:
     lap("rtt")
     lateness = calibrate.lateness_alone(3.0)
     lap("lateness")
-    # The slack every Shaper measures for its token buckets, measured the same
-    # way (a whole Shaper.capabilities() costs ~20 s of probing under TCG).
-    from testbed.link.shaper import timer_slack
-
-    slack = timer_slack()
-    lap("timer_slack")
-    rates = calibrate.choose_rates(weakest, lateness["sleep_kernel"] or [0.0], slack, mtu)
+    reference = reference_timer_loss(net, mtu)
+    lap("reference_bucket")
+    rates = calibrate.choose_rates(weakest, reference["timer_loss"])
     return {"mtu": mtu, "capacity": capacity, "rtt": summarize_rtt(rtt), "rtt_samples": received(rtt),
+            "reference": reference,
             "lateness": lateness, "rates": rates, "took_s": took}
+
+
+def reference_timer_loss(net: Net, mtu: int) -> dict:
+    """The share of its sending time late timers cost a tbf at 2 Mbit/s with
+    a transfer running (``judge.lost_time_s``): what the rate choice scales.
+    The shaper under test sets it up, but the share is the host's (how late
+    the kernel transmitted after the expiries the shaper asked for)."""
+    bps = calibrate.LOW_BPS_CAP
+    spec = {"rate": kbit(bps)}
+    link = make_link(NS_A, DEV_A)
+    link.apply(spec)
+    try:
+        run = shaped_transfer(net, "A", 2.0)
+    finally:
+        link.clear()
+    sink, burst = run["sink"], link.burst_bytes(spec)
+    start, end = sink["first"] + calibrate.SLOW_START_S, sink["last"]
+    slack = judge.bucket_slack_s(burst, bps, mtu)
+    lost = judge.lost_time_s(run["timers"]["watchdog"], slack, start, end)
+    return {"set_bps": bps, "burst_bytes": burst, "timer_loss": lost / (end - start) if end > start else 0.0,
+            "fires": len(run["timers"]["watchdog"]), "errors": [run["source"]["error"], run["sink"]["error"]]}
 
 
 # -- the link under test --------------------------------------------------------
