@@ -144,6 +144,8 @@ def test_step_judged_on_when_the_change_started():
     assert not unseen.ok and "packets" in unseen.message
     # Late because the previous change only ended then: the thread could not start earlier.
     assert judge.judge_step(call=(10.16, 10.27), claimed_error_s=0.27, seen_s=10.24, free_s=10.159, **kw).ok
+    starved = judge.judge_step(call=(9.95, 10.01), claimed_error_s=0.01, seen_s=9.99, old_visible=0.2, **kw)
+    assert not starved.ok and "not meaningful" in starved.message
 
 
 TRACE = """\

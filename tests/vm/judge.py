@@ -308,6 +308,7 @@ def judge_jitter(*, label: str, shaped: Sequence[float], baseline: Sequence[floa
 STEP_HOLD_S = 0.1       # a new state counts once it holds for this long ...
 STEP_HOLD_SHARE = 0.9   # ... in this share of the probes sent meanwhile
 STEP_START_TOL_S = 0.010   # the stepper's target: a change starts within 10 ms of its time
+STEP_VISIBLE_S = 0.15      # the old delay must show in the probes this long before a change
 
 
 def transitions(sent: Sequence[float], rtt: Sequence[float | None], threshold_s: float) -> list[tuple[float, bool]]:
@@ -333,7 +334,7 @@ def transitions(sent: Sequence[float], rtt: Sequence[float | None], threshold_s:
 
 def judge_step(*, label: str, due_s: float, call: Sequence[float], claimed_error_s: float, seen_s: float | None,
                probe_gap_s: float, woke_late_s: float, rtt_late_s: float, max_cost_s: float,
-               free_s: float | None = None) -> Verdict:
+               free_s: float | None = None, old_visible: float = 1.0) -> Verdict:
     """One trace step: the stepper's change started on time, its error report
     is when the change call completed, and the packets saw the step during the call.
 
@@ -347,7 +348,9 @@ def judge_step(*, label: str, due_s: float, call: Sequence[float], claimed_error
     cost). Packets place
     the step to within the gap between probes around it, plus how late the
     kernel's timers were (a stall can hold back the first probe on the new
-    side).
+    side). Not meaningful when fewer than half the probes sent just before
+    the change show the old delay (``old_visible``): a host that holds every
+    probe back by more than the two delays differ cannot show the step.
     """
     start, end = call
     start_late, completed = start - due_s, end - due_s
@@ -361,6 +364,9 @@ def judge_step(*, label: str, due_s: float, call: Sequence[float], claimed_error
             f"{'never' if seen_s is None else ms(seen_s - due_s)}; user-space timers beside it late by p99 "
             f"{ms(woke_late_s)}, kernel p99 {ms(rtt_late_s)}, probe gap {ms(probe_gap_s)}, "
             f"one change costs up to {ms(max_cost_s)}")
+    if old_visible < 0.5:
+        return Verdict(False, f"not meaningful on this host (only {old_visible:.0%} of the probes sent in the "
+                              f"{STEP_VISIBLE_S * 1e3:.0f} ms before the change show the old delay): {said}", nums)
     problems = []
     if not -max_cost_s - STEP_START_TOL_S <= start_late <= busy + STEP_START_TOL_S + woke_late_s:
         problems.append(f"start not within -{ms(max_cost_s + STEP_START_TOL_S)} .. "

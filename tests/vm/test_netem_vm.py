@@ -200,10 +200,13 @@ def test_trace_steps_on_time(check):
         match = [t for t, s in seen if s == up and call[0] - 0.1 <= t <= call[1] + 0.3]
         near = [t for t in got["sent"] if call[0] - 0.05 <= t <= call[1] + 0.1]
         gap = max([b - a for a, b in zip(near, near[1:])] + [got["probe_interval_s"]])
+        before = [r for t, r in zip(got["sent"], got["rtt"])
+                  if r is not None and call[0] - judge.STEP_VISIBLE_S <= t < call[0]]
+        old_visible = sum((r > 0.0225) != up for r in before) / len(before) if before else 0.0
         assert_verdict(judge.judge_step(label=f"step at {step['at_s']} s to {step['delay']}", due_s=due,
                                         call=call, claimed_error_s=claimed, seen_s=match[0] if match else None,
                                         probe_gap_s=gap, woke_late_s=woke_late, rtt_late_s=rtt_late,
-                                        max_cost_s=max_cost, free_s=free))
+                                        max_cost_s=max_cost, free_s=free, old_visible=old_visible))
 
 
 def test_clear_restores_interface(check):
