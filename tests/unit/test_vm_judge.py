@@ -146,6 +146,12 @@ def test_step_judged_on_when_the_change_started():
     assert judge.judge_step(call=(10.16, 10.27), claimed_error_s=0.27, seen_s=10.24, free_s=10.159, **kw).ok
     starved = judge.judge_step(call=(9.95, 10.01), claimed_error_s=0.01, seen_s=9.99, old_visible=0.2, **kw)
     assert not starved.ok and "not meaningful" in starved.message
+    faked = judge.judge_step(call=(9.95, 10.01), claimed_error_s=0.01, seen_s=9.93, **kw)
+    assert not faked.ok and "not meaningful" in faked.message
+    # Stepping down, a stall can neither hide 40 ms nor fake 5 ms: both are failures.
+    for kw_down in ({"old_visible": 0.2, "seen_s": 9.99}, {"seen_s": 9.93}):
+        down = judge.judge_step(call=(9.95, 10.01), claimed_error_s=0.01, up=False, **{**kw, **kw_down})
+        assert not down.ok and "not meaningful" not in down.message
 
 
 TRACE = """\

@@ -334,7 +334,7 @@ def transitions(sent: Sequence[float], rtt: Sequence[float | None], threshold_s:
 
 def judge_step(*, label: str, due_s: float, call: Sequence[float], claimed_error_s: float, seen_s: float | None,
                probe_gap_s: float, woke_late_s: float, rtt_late_s: float, max_cost_s: float,
-               free_s: float | None = None, old_visible: float = 1.0) -> Verdict:
+               free_s: float | None = None, old_visible: float = 1.0, up: bool = True) -> Verdict:
     """One trace step: the stepper's change started on time, its error report
     is when the change call completed, and the packets saw the step during the call.
 
@@ -348,9 +348,14 @@ def judge_step(*, label: str, due_s: float, call: Sequence[float], claimed_error
     cost). Packets place
     the step to within the gap between probes around it, plus how late the
     kernel's timers were (a stall can hold back the first probe on the new
-    side). Not meaningful when fewer than half the probes sent just before
-    the change show the old delay (``old_visible``): a host that holds every
-    probe back by more than the two delays differ cannot show the step.
+    side).
+
+    A host stall can only make an RTT longer. So for a step *up* (``up``)
+    it can hide the old delay and fake the new one: if fewer than half the
+    probes sent just before the change show the old delay
+    (``old_visible``), or probes show the new delay before the change began,
+    the step is "not meaningful on this host". For a step down neither can
+    come from the host, and both are failures.
     """
     start, end = call
     start_late, completed = start - due_s, end - due_s
@@ -364,10 +369,12 @@ def judge_step(*, label: str, due_s: float, call: Sequence[float], claimed_error
             f"{'never' if seen_s is None else ms(seen_s - due_s)}; user-space timers beside it late by p99 "
             f"{ms(woke_late_s)}, kernel p99 {ms(rtt_late_s)}, probe gap {ms(probe_gap_s)}, "
             f"one change costs up to {ms(max_cost_s)}")
-    if old_visible < 0.5:
-        return Verdict(False, f"not meaningful on this host (only {old_visible:.0%} of the probes sent in the "
-                              f"{STEP_VISIBLE_S * 1e3:.0f} ms before the change show the old delay): {said}", nums)
-    problems = []
+    hidden = old_visible < 0.5
+    if up and (hidden or (seen_s is not None and seen_s < start - 0.005)):
+        why = (f"only {old_visible:.0%} of the probes sent in the {STEP_VISIBLE_S * 1e3:.0f} ms before the "
+               f"change show the old delay" if hidden else "probes showed the new delay before the change began")
+        return Verdict(False, f"not meaningful on this host ({why}: the host held them back): {said}", nums)
+    problems = ["the old delay was not in place before the change"] if hidden else []
     if not -max_cost_s - STEP_START_TOL_S <= start_late <= busy + STEP_START_TOL_S + woke_late_s:
         problems.append(f"start not within -{ms(max_cost_s + STEP_START_TOL_S)} .. "
                         f"+{ms(busy + STEP_START_TOL_S + woke_late_s)}")

@@ -206,7 +206,7 @@ def test_trace_steps_on_time(check):
         assert_verdict(judge.judge_step(label=f"step at {step['at_s']} s to {step['delay']}", due_s=due,
                                         call=call, claimed_error_s=claimed, seen_s=match[0] if match else None,
                                         probe_gap_s=gap, woke_late_s=woke_late, rtt_late_s=rtt_late,
-                                        max_cost_s=max_cost, free_s=free, old_visible=old_visible))
+                                        max_cost_s=max_cost, free_s=free, old_visible=old_visible, up=up))
 
 
 def test_clear_restores_interface(check):
