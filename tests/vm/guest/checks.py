@@ -186,9 +186,10 @@ def check_calibration(net: Net) -> dict:
         capacity[direction] = {**calibrate.goodput_summary(run["sink"]), "mss": run["source"]["mss"],
                                "errors": [run["source"]["error"], run["sink"]["error"]]}
     lap("capacity")
-    # The weaker direction, and of its total and its median slice the lower:
-    # a stall during calibration must not talk the rates up.
-    weakest = min(min(c["total_bps"], c["median_bps"]) for c in capacity.values())
+    # The weaker direction's average over the transfer. Not its median 0.1 s
+    # slice: a guest the host starves moves data in bursts, and the median
+    # slice was 0 on one boot that still carried 2 Mbit/s on average.
+    weakest = min(c["total_bps"] for c in capacity.values())
     rtt = net.ping(300, 0.005)
     lap("rtt")
     lateness = calibrate.lateness_alone(3.0)
