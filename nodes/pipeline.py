@@ -479,9 +479,9 @@ def _outgoing(session: Session, part: Part | None, received: Mapping[str, np.nda
             if name in session.model_outputs or name not in reads:
                 back[name] = arr  # a view into this frame's payload, alive until sent
         return back, lambda n: "raw"
-    want = session.want
+    want = set(session.want or ()) | session.model_outputs  # no tail on the UE: just the final outputs
     for name, arr in received.items():
-        if name not in back and (want is None or name in want):
+        if name not in back and name in want:
             back[name] = arr
     codec, enc = str(h.get("codec") or "raw"), str(h.get("input_encoding") or "raw")
     for name in (codec, enc):

@@ -212,7 +212,8 @@ def make_codec(chain: Chain) -> Codec:
         mid, params = _lossy_encode(chain.lossy, arr) if chain.lossy else (arr, {})
         mid = np.ascontiguousarray(mid)
         params["mid"] = mid.nbytes
-        return [_compress(chain, memoryview(mid).cast("B"))], params
+        data = memoryview(mid).cast("B") if mid.size else memoryview(b"")
+        return [_compress(chain, data)], params
 
     def decode(view: memoryview, desc: TensorDesc) -> np.ndarray:
         expect = _mid_nbytes(chain.lossy, desc, desc.params)

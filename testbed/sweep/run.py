@@ -129,8 +129,12 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
         for client in (nodes.local, nodes.remote):
             stack.callback(client.close)
             client.health()
-        nodes.local.set_inputs([{p.graph.inputs[0].name: a} for a in images])
+        feeds = [{p.graph.inputs[0].name: a} for a in images]
+        nodes.local.set_inputs(feeds)
+        if exp.topology == 3:  # the source is the remote node
+            nodes.remote.set_inputs(feeds)
         nodes.local.connect_peer(dep.remote.data_host, dep.remote.data_port)
+        _nft_loss(stack, exp, dep, run_id, console)
         parts = Parts(p, run)
         if not options.keep_parts:
             stack.callback(parts.remove)
@@ -140,6 +144,20 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
         timing.eta = Eta(estimates)
         _sweep(p, nodes, link, run, todo, total, kpis, metrics, console, options, parts, timing)
         environment.record_timing(run, timing.record())
+
+
+def _nft_loss(stack: contextlib.ExitStack, exp: Experiment, dep: Deployment, run_id: str, console: Console) -> None:
+    """``transport.nft_loss``: an nftables drop rule on the data interface of the node
+    that sends the cut, removed when the run ends (Ctrl-C included)."""
+    if not exp.transport.nft_loss:
+        return
+    from testbed.link.nft_loss import NftLoss
+
+    node = dep.local if exp.topology == 1 else dep.remote
+    loss = NftLoss(node.shaping, exp.transport.nft_loss, f"{run_id}_{node.name}".replace("-", "_"))
+    stack.callback(loss.remove)
+    loss.install()
+    console.print(f"loss: nftables drops {loss.percent}% of packets leaving {node.name}'s {loss.dev}")
 
 
 @contextlib.contextmanager
