@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 from nodes.stats import describe
-from nodes.tensor_codecs import parse_chain
 
 if TYPE_CHECKING:
     from testbed.experiment import Experiment
@@ -30,10 +29,10 @@ def roles(topology: int) -> tuple[str, str]:
     return ("tail", "head") if topology == 1 else ("head", "tail")
 
 
-def lossy(exp: Experiment) -> bool:
-    """Whether a sample can differ from the uncompressed split (then fidelity is measured)."""
-    return (not parse_chain(exp.codec).lossless or exp.input_encoding != "raw"
-            or exp.transport.protocol == "udp")
+def measures_fidelity(exp: Experiment) -> bool:
+    """Fidelity is measured whenever the data path is not the uncompressed TCP one: a
+    lossy codec to quantify it, a lossless one to prove it (bitwise equal)."""
+    return exp.codec != "raw" or exp.input_encoding != "raw" or exp.transport.protocol == "udp"
 
 
 def constant_rate(prof: LinkProfile, direction: str) -> int | None:
@@ -48,7 +47,7 @@ def run_args(p: Plan, prof: LinkProfile) -> dict[str, Any]:
     exp = p.experiment
     shape = tuple(p.graph.inputs[0].shape)
     args: dict[str, Any] = {"topology": exp.topology, "transport": exp.transport.protocol,
-                            "on_loss": exp.transport.on_loss, "fidelity": lossy(exp),
+                            "on_loss": exp.transport.on_loss, "fidelity": measures_fidelity(exp),
                             "input_size": int(shape[1]) if len(shape) == 4 else None}
     if exp.transport.protocol == "udp":
         args["rate_bps"] = constant_rate(prof, CUT_DIRECTION[exp.topology])

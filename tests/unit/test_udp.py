@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import numpy as np
 import pytest
 
+from nodes import protocol as P
 from nodes import udp
 from nodes.pipeline import _decode_with_holes
-from nodes import protocol as P
 from nodes.tensor_codecs import CodecRegistry
 
 pytestmark = pytest.mark.unit
@@ -71,7 +70,7 @@ def _received(payload: bytes, holes: list[tuple[int, int]]) -> udp.Received:
 def test_holes_become_zero_elements_and_compressed_tensors_zero():
     x = np.arange(1, 101, dtype=np.float32).reshape(1, 10, 10)
     for name, whole in (("raw", False), ("fp16", False), ("int8", False), ("zstd", True), ("int8+lz4", True)):
-        descs, bufs, _ = P.encode_tensors({"t": x}, CodecRegistry(), lambda n: name)
+        descs, bufs, _ = P.encode_tensors({"t": x}, CodecRegistry(), lambda n, c=name: c)
         payload = b"".join(bytes(memoryview(b).cast("B")) for b in bufs)
         got = _decode_with_holes(P.parse_descs(descs), _received(payload, [(0, 1)]))["t"]
         if whole:
