@@ -481,6 +481,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None,
             sections.append(_figure_html(path, caption))
         sections += [_table_html(t) for t in after.get(stem, [])]
 
+    _data_path_section(runs, out, sections, figures, tables)
     evaluation = _planner_section(runs[0], out, sections, figures, tables, warnings)
     env = environment_table(runs)
     tables.append(env)
@@ -499,6 +500,21 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None,
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(html_path)
     return Report(html_path, figures, table_paths, evaluation, warnings)
+
+
+def _data_path_section(runs: Sequence[RunData], out: Path, sections: list[str], figures: dict[str, Path],
+                       tables: list[Table]) -> None:
+    """Topology, codec, fidelity, streams, UDP and CPU per part (``data_path_report``)."""
+    from testbed.analysis import data_path_report
+
+    drawn, extra = data_path_report.section(runs, out, figures)
+    sections.append("<h2>Data path</h2>")
+    for title, path, caption in drawn:
+        sections.append(f"<h3>{html.escape(title)}</h3>")
+        sections.append(_figure_html(path, caption) if path is not None
+                        else "<p class='note'>Nothing recorded for this figure.</p>")
+    tables.extend(extra)
+    sections += [_table_html(t) for t in extra]
 
 
 def _planner_section(run: RunData, out: Path, sections: list[str], figures: dict[str, Path],
