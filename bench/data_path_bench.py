@@ -50,6 +50,7 @@ def codec_ratios(repeat: int) -> list[tuple[str, float, float]]:
     rng = np.random.default_rng(0)
     x = np.clip(rng.standard_normal((1, 32, 32, 512)).astype(np.float32) * 2, 0, 6)  # 2 MiB
     copy_s = _best(lambda: x.copy(), repeat)
+    print(f"   (memcpy of {x.nbytes / 2**20:.0f} MiB: {copy_s * 1e3:.3f} ms, best of {repeat})")
     out = []
     for name in CHAINS:
         codec = make_codec(parse_chain(name))
@@ -66,8 +67,9 @@ def codec_ratios(repeat: int) -> list[tuple[str, float, float]]:
     return out
 
 
-def posenet_sizes(ks: tuple[int, ...] = (12, 24), inputs: int = 4) -> list[tuple[int, float, float, float]]:
-    """(k, wire ÷ raw, mean drift px, max drift px) of int8+zstd over ``inputs`` inputs."""
+def posenet_sizes(ks: tuple[int, ...] = (12, 24), inputs: int = 4,
+                  chains: tuple[str, ...] = ("int8+zstd",)) -> list[tuple[int, str, float, float, float]]:
+    """(k, chain, wire ÷ raw, mean drift px, max drift px) over ``inputs`` inputs."""
     from nodes.fidelity import compare
     from nodes.part import Part
     from nodes.tensor_codecs import round_trip
@@ -82,19 +84,21 @@ def posenet_sizes(ks: tuple[int, ...] = (12, 24), inputs: int = 4) -> list[tuple
         for split in man["splits"]:
             head = Part(Path(d) / split["head"], split["head_sha256"], 1)
             tail = Part(Path(d) / split["tail"], split["tail_sha256"], 1)
-            raw = wire = 0
-            drifts = []
-            for img in synthetic_images((1, 257, 257, 3), "float32", inputs, 0):
-                cut = head.run({"sub_2": img})
-                coded = {}
-                for n, a in cut.items():
-                    coded[n], w = round_trip(a, "int8+zstd")
-                    raw, wire = raw + a.nbytes, wire + w
-                ref = tail.run(cut)
-                got = tail.run({n: coded[n] for n in tail.input_names})
-                drifts.append(compare(ref, got, 257))
-            rows.append((split["k"], wire / raw, float(np.mean([f["kp_drift_mean_px"] for f in drifts])),
-                         float(max(f["kp_drift_max_px"] for f in drifts))))
+            images = synthetic_images((1, 257, 257, 3), "float32", inputs, 0)
+            cuts = [head.run({"sub_2": img}) for img in images]
+            refs = [tail.run(cut) for cut in cuts]
+            for chain in chains:
+                raw = wire = 0
+                drifts = []
+                for cut, ref in zip(cuts, refs):
+                    coded = {}
+                    for n, a in cut.items():
+                        coded[n], w = round_trip(a, chain)
+                        raw, wire = raw + a.nbytes, wire + w
+                    drifts.append(compare(ref, tail.run({n: coded[n] for n in tail.input_names}), 257))
+                rows.append((split["k"], chain, wire / raw,
+                             float(np.mean([f["kp_drift_mean_px"] for f in drifts])),
+                             float(max(f["kp_drift_max_px"] for f in drifts))))
     return rows
 
 
@@ -142,9 +146,9 @@ def main() -> None:
     print(f"   {'chain':<20} {'÷ memcpy':>10} {'wire ÷ raw':>11}")
     for name, ratio, size in codec_ratios(args.repeat):
         print(f"   {name:<20} {ratio:>10.2f} {size:>11.3f}")
-    print("2. PoseNet int8+zstd: wire ÷ raw (goal <= 0.25), keypoint drift (goal <= 1 px mean)")
-    for k, size, mean, worst in posenet_sizes():
-        print(f"   k = {k:<3} wire ÷ raw {size:.3f}   drift mean {mean:.2f} px   max {worst:.2f} px")
+    print("2. PoseNet cut: wire ÷ raw (goal int8+zstd <= 0.25), keypoint drift (goal <= 1 px mean)")
+    for k, chain, size, mean, worst in posenet_sizes(chains=("int8+zstd", "int8-per-channel+zstd", "fp16+zstd")):
+        print(f"   k = {k:<3} {chain:<22} wire ÷ raw {size:.3f}   drift mean {mean:.2f} px   max {worst:.2f} px")
     if not args.skip_stream:
         ratio, offered, ideal, st = stream_ratio(args.duration)
         print("3. stream throughput at the sustainable rate ÷ 1/(slowest stage) (goal >= 0.9)")

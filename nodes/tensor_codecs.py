@@ -110,10 +110,18 @@ def _is_float(dtype: np.dtype) -> bool:
     return dtype.kind == "f"
 
 
-def _affine(x: np.ndarray, lo: np.ndarray | float, hi: np.ndarray | float) -> tuple[np.ndarray, Any]:
-    scale = np.where(np.asarray(hi) > np.asarray(lo), (np.asarray(hi) - np.asarray(lo)) / 255.0, 1.0)
-    q = np.clip(np.rint((x - lo) / scale), 0, 255) - 128
-    return q.astype(np.int8), scale
+def _affine(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes of float32 ``x`` for ranges ``[lo, hi]`` (scalars or per last axis).
+
+    All in float32 and in place: a float64 scale would promote the whole tensor."""
+    lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+    scale = np.where(hi > lo, (hi - lo) / np.float32(255), np.float32(1)).astype(np.float32)
+    t = np.subtract(x, lo, dtype=np.float32)
+    t *= np.float32(1) / scale
+    np.rint(t, out=t)
+    np.clip(t, 0, 255, out=t)
+    t -= np.float32(128)
+    return t.astype(np.int8), scale
 
 
 def _lossy_encode(kind: str, arr: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
@@ -124,9 +132,9 @@ def _lossy_encode(kind: str, arr: np.ndarray) -> tuple[np.ndarray, dict[str, Any
         return arr.astype(np.float16), {}
     x = arr.astype(np.float32, copy=False)
     if kind == "int8":
-        lo, hi = float(x.min()), float(x.max())
+        lo, hi = x.min(), x.max()
         q, scale = _affine(x, lo, hi)
-        return q, {"lo": lo, "scale": float(scale)}
+        return q, {"lo": float(lo), "scale": float(scale)}
     lo_v, hi_v = x.min(axis=tuple(range(x.ndim - 1))), x.max(axis=tuple(range(x.ndim - 1)))
     q, scale = _affine(x, lo_v, hi_v)
     side = np.concatenate([lo_v.astype(np.float32), np.asarray(scale, np.float32)])
@@ -159,14 +167,24 @@ def _lossy_decode(kind: str | None, data: memoryview, desc: TensorDesc, params: 
     if kind == "fp16":
         return np.frombuffer(data, dtype=np.float16).astype(dtype).reshape(desc.shape)
     if kind == "int8":
-        q = np.frombuffer(data, dtype=np.int8).astype(np.float32)
-        return ((q + 128) * _num(params, "scale") + _num(params, "lo")).astype(dtype).reshape(desc.shape)
+        scale, lo = np.float32(_num(params, "scale")), np.float32(_num(params, "lo"))
+        return _dequantise(np.frombuffer(data, dtype=np.int8), scale, lo).astype(dtype, copy=False) \
+            .reshape(desc.shape)
     c = desc.shape[-1]
     if params.get("channels") != c:
         raise FrameError(f"int8-per-channel: {params.get('channels')!r} channels for shape {list(desc.shape)}")
     side = np.frombuffer(data[:8 * c], dtype=np.float32)
-    q = np.frombuffer(data[8 * c:], dtype=np.int8).astype(np.float32).reshape(-1, c)
-    return ((q + 128) * side[c:] + side[:c]).astype(dtype).reshape(desc.shape)
+    q = np.frombuffer(data[8 * c:], dtype=np.int8).reshape(-1, c)
+    return _dequantise(q, side[c:], side[:c]).astype(dtype, copy=False).reshape(desc.shape)
+
+
+def _dequantise(q: np.ndarray, scale: Any, lo: Any) -> np.ndarray:
+    """``(q + 128) * scale + lo`` in float32, in place."""
+    t = q.astype(np.float32)
+    t += np.float32(128)
+    t *= scale
+    t += lo
+    return t
 
 
 # --------------------------------------------------------------------------- compressors
