@@ -199,8 +199,15 @@ class UdpPeer:
     on_loss: str = "zero"
     deadline_s: float = 0.1        # added to the ideal transfer time (a frame period)
     frames: int = 0
+    receiver: udp.Receiver | None = None  # on the side the cut comes to
+
+    def listen(self) -> "UdpPeer":
+        self.receiver = udp.Receiver(self.sock, self.key)
+        return self
 
     def close(self) -> None:
+        if self.receiver is not None:
+            self.receiver.close()
         try:
             self.sock.close()
         except OSError:
@@ -238,7 +245,7 @@ def recv_tensors(frame: P.Frame, path: UdpPeer | None,
     meta = frame.header.get("udp")
     if meta is None:
         return P.decode_tensors(frame.header.get("tensors"), frame.payload, CODECS), {}
-    if path is None or not isinstance(meta, dict):
+    if path is None or path.receiver is None or not isinstance(meta, dict):
         raise P.FrameError("a UDP frame on a run without a UDP path")
     frame_id, packets, nbytes = (_bounded_int(meta.get(k), k) for k in ("frame", "packets", "bytes"))
     deadline = meta.get("deadline_s")
@@ -247,9 +254,16 @@ def recv_tensors(frame: P.Frame, path: UdpPeer | None,
     descs = P.parse_descs(frame.header.get("tensors"))
     if sum(d.nbytes for d in descs) != nbytes or packets > nbytes // 64 + 2:
         raise P.FrameError("udp frame: descriptors, byte count and packet count disagree")
-    got = udp.receive(path.sock, path.key, frame_id, nbytes, packets, float(deadline))
-    facts = {"packets_sent": packets, "packets_lost": got.lost,
-             "t_udp_last": got.t_last_ns}
+    t_start = now()
+    got = path.receiver.receive(frame_id, nbytes, packets, float(deadline))
+    arrived = got.t_last_ns or frame.t_last_ns
+    # the last datagram may have arrived before this thread got to the frame (a lag, like
+    # TCP's receive lag); waiting for datagrams that never came is the deadline's cost:
+    # both reported on their own, never as decoding
+    ready = max(t_start, arrived)
+    waited = (now() - ready) if got.lost else 0
+    facts = {"packets_sent": packets, "packets_lost": got.lost, "udp_wait_s": max(0, waited) / 1e9,
+             "t_udp_last": arrived, "t_udp_ready": ready}
     if got.lost and path.on_loss == "drop":
         return None, facts
     return _decode_with_holes(descs, got), facts
@@ -370,6 +384,8 @@ def _begin(conn: socket.socket, h: Mapping[str, Any], state: RemoteState) -> Ses
                              "tail_outputs": part.output_names if part else None}
     if isinstance(h.get("udp"), dict):
         session.udp, reply["udp"] = _udp_remote(conn, h["udp"], state.token)
+        if topology == 1:  # the cut comes up to this node
+            session.udp.listen()
     P.send_frame(conn, reply)
     return session
 
@@ -411,10 +427,10 @@ def _answer_sample(conn: socket.socket, frame: P.Frame, state: RemoteState, sess
         received, facts = _source_input(h, state, session), {}
     else:
         received, facts = recv_tensors(frame, up_udp)
-    t_rx = facts.get("t_udp_last") or frame.t_last_ns
-    stamps = {"rx_first": frame.t_first_ns, "rx_arrived": frame.t_arrived_ns if not facts else t_rx,
-              "rx_last": t_rx, "decoded": now()}
-    facts.pop("t_udp_last", None)
+    udp_ready = facts.pop("t_udp_ready", None)
+    arrived = facts.pop("t_udp_last", None)
+    stamps = {"rx_first": frame.t_first_ns, "rx_arrived": arrived or frame.t_arrived_ns,
+              "rx_last": udp_ready or frame.t_last_ns, "decoded": now()}
     if received is None:  # dropped for loss (on_loss: drop)
         stamps["tx"] = now()
         P.send_frame(conn, {"kind": "result", "seq": h.get("seq"), "tensors": [], "dropped": True,
@@ -648,7 +664,8 @@ def _udp_local(link: LocalLink, sock: socket.socket, nonce_l: bytes, ready: Mapp
     sock.connect((link.sock.getpeername()[0], port))
     mtu = link_facts(link.sock)["mtu"]
     rate = spec.rate_bps if spec.topology == 1 else None
-    return UdpPeer(sock, udp.session_key(link.token, nonce_l, nonce_r), mtu, rate, spec.on_loss, 1.0 / spec.fps)
+    peer = UdpPeer(sock, udp.session_key(link.token, nonce_l, nonce_r), mtu, rate, spec.on_loss, 1.0 / spec.fps)
+    return peer.listen() if spec.topology != 1 else peer  # topologies 2/3: the cut comes down here
 
 
 def _plan_from_ready(link: LocalLink, part: Part | None, input_names: Sequence[str], spec: RunSpec,
@@ -847,16 +864,19 @@ def receive_half(link: LocalLink, part: Part | None, plan: Plan, pending: Pendin
     st = _stamps(frame.header.get("t"))
     down_udp = plan.udp if plan.topology != 1 else None
     got, facts = recv_tensors(frame, down_udp) if not frame.header.get("dropped") else (None, {})
-    t_last = facts.pop("t_udp_last", None) or frame.t_last_ns
-    arrived = t_last if facts else frame.t_arrived_ns
+    t_last = facts.pop("t_udp_ready", None) or frame.t_last_ns
+    arrived = facts.pop("t_udp_last", None) or frame.t_arrived_ns
     t_dec = now()
     off = plan.offset_ns
     row = _row(clock=plan.clock)
     row.update(pending.row)
+    wait_here = float(facts.get("udp_wait_s") or 0.0)
+    wait_there = _nonneg((frame.header.get("udp_rx") or {}).get("udp_wait_s")) or 0.0
     row.update(remote_rx_lag_s=(st["rx_last"] - st["rx_arrived"]) / 1e9,
-               remote_decode_s=(st["decoded"] - st["rx_last"]) / 1e9,
+               remote_decode_s=(st["decoded"] - st["rx_last"]) / 1e9 - wait_there,
                downlink_s=(arrived - (st["tx"] - off)) / 1e9, local_rx_lag_s=(t_last - arrived) / 1e9,
-               decode_s=(t_dec - t_last) / 1e9, downlink_bytes=frame.wire_bytes + _udp_wire(frame, facts),
+               decode_s=(t_dec - t_last) / 1e9 - wait_here, udp_wait_s=wait_here + wait_there,
+               downlink_bytes=frame.wire_bytes + _udp_wire(frame, facts),
                topology=plan.topology, transport="udp" if plan.udp is not None else "tcp")
     if plan.topology != 3:
         row["uplink_s"] = (st["rx_arrived"] - off - pending.t_sent) / 1e9

@@ -16,9 +16,12 @@ run or a forgery is dropped unread. The sender paces datagrams at the configured
 of its direction (wire bytes incl. IP/UDP/Ethernet headers), so the shaper's queue is
 not overrun by a burst; unpaced when the direction has no rate.
 
-The receiver gathers datagrams of the announced frame until all arrived or the deadline
-(counted from the header's arrival) passes; what is missing is left as zero bytes and
-reported (``Received.lost``, per-byte mask). What happens to a tensor with holes
+The receiver (``Receiver``) drains its socket in a thread into per-frame buffers (a
+jitter buffer: in a stream the next frame's datagrams arrive while this node is still
+busy with the current one); for the announced frame it waits until all datagrams
+arrived, the deadline (counted from the header's arrival) passes, or the next frame
+has started arriving and nothing of this one came for ``REORDER_S``; what is missing is
+left as zero bytes and reported (``Received.lost``, per-byte mask). What happens to a tensor with holes
 (zero-filled or the frame dropped, ``on_loss``) is ``nodes.pipeline``'s decision.
 
 Socket buffers: the receiver asks for 4 MiB; an unprivileged process gets at most the
@@ -32,6 +35,7 @@ import hmac
 import secrets
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +49,9 @@ TAG_BYTES = 16
 IP_UDP_BYTES, L2_BYTES = 28, 14
 MAX_DEADLINE_S = 60.0
 RCVBUF_BYTES = 4 * 2**20
+#: A frame whose successor has started arriving is given up after this long without
+#: a datagram of its own (before its deadline).
+REORDER_S = 0.01
 #: The pacer lets this many bytes go at once before it sleeps (a few datagrams).
 PACING_BURST_BYTES = 16 * 1024
 
@@ -126,8 +133,6 @@ class Received:
     packets: int
     received: int
     t_last_ns: int | None = None
-    rejected: int = 0  # datagrams that failed the tag or did not belong to this frame
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def lost(self) -> int:
@@ -137,48 +142,118 @@ class Received:
         return bool(self.have[start:end].all())
 
 
-def receive(sock: socket.socket, key: bytes, frame_id: int, total: int, packets: int, deadline_s: float,
-            clock: Any = time.monotonic_ns) -> Received:
-    """Gather the datagrams of ``frame_id`` until all ``packets`` arrived or ``deadline_s`` passed."""
-    out = Received(bytearray(total), np.zeros(total, dtype=bool), packets, 0)
-    seen = np.zeros(packets, dtype=bool)
-    end = time.monotonic() + min(max(deadline_s, 0.001), MAX_DEADLINE_S)
-    buf = bytearray(65536)
-    view = memoryview(buf)
-    while out.received < packets:
-        left = end - time.monotonic()
-        if left <= 0:
-            break
-        sock.settimeout(left)
-        try:
-            n = sock.recv_into(buf)
-        except (socket.timeout, BlockingIOError):
-            break
-        except OSError:
-            continue  # ICMP errors surface here; the datagram is lost
-        if not _accept(out, seen, key, frame_id, total, packets, view[:n]):
-            out.rejected += 1
-            continue
-        out.t_last_ns = clock()
-    return out
+@dataclass
+class _Partial:
+    total: int
+    count: int
+    frame: Received = field(init=False)
+    seen: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.frame = Received(bytearray(self.total), np.zeros(self.total, dtype=bool), self.count, 0)
+        self.seen = np.zeros(self.count, dtype=bool)
 
 
-def _accept(out: Received, seen: np.ndarray, key: bytes, frame_id: int, total: int, packets: int,
-            packet: memoryview) -> bool:
-    if packet.nbytes < HEAD.size + TAG_BYTES:
-        return False
-    head = bytes(packet[:HEAD.size])
-    magic, fid, seq, count, offset, tot = HEAD.unpack(head)
-    if magic != MAGIC or fid != frame_id & 0xFFFFFFFF or count != packets or tot != total or seq >= packets:
-        return False  # another frame's straggler, or garbage
-    tag, chunk = bytes(packet[HEAD.size:HEAD.size + TAG_BYTES]), packet[HEAD.size + TAG_BYTES:]
-    if not hmac.compare_digest(tag, _tag(key, head, chunk)) or offset + chunk.nbytes > total or seen[seq]:
-        return False
-    out.payload[offset:offset + chunk.nbytes] = chunk
-    out.have[offset:offset + chunk.nbytes] = True
-    seen[seq] = True
-    out.received += 1
-    return True
+class Receiver:
+    """A jitter buffer: a thread drains the socket into per-frame buffers, so datagrams
+    of the next frames (a stream keeps sending while this node is busy) are kept, not
+    lost. Only authenticated datagrams are kept; frames older than the last one taken
+    are late and dropped; at most ``MAX_FRAMES`` frames and ``MAX_HELD_BYTES`` are held."""
+
+    MAX_FRAMES = 16
+    MAX_HELD_BYTES = 1 << 30
+
+    def __init__(self, sock: socket.socket, key: bytes, clock: Any = time.monotonic_ns) -> None:
+        self.sock, self.key, self.clock = sock, key, clock
+        self.rejected = 0
+        self._frames: dict[int, _Partial] = {}
+        self._floor = 0  # frames below this were taken (or given up): late
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, name="udp-rx", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def _drain(self) -> None:
+        buf = bytearray(65536)
+        view = memoryview(buf)
+        self.sock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                n = self.sock.recv_into(buf)
+            except (socket.timeout, BlockingIOError):
+                continue
+            except OSError:
+                if self.sock.fileno() < 0:
+                    return
+                continue  # ICMP errors surface here; the datagram is lost
+            if not self._keep(view[:n]):
+                self.rejected += 1
+
+    def _keep(self, packet: memoryview) -> bool:
+        if packet.nbytes < HEAD.size + TAG_BYTES:
+            return False
+        head = bytes(packet[:HEAD.size])
+        magic, fid, seq, count, offset, total = HEAD.unpack(head)
+        tag, chunk = bytes(packet[HEAD.size:HEAD.size + TAG_BYTES]), packet[HEAD.size + TAG_BYTES:]
+        if magic != MAGIC or not hmac.compare_digest(tag, _tag(self.key, head, chunk)):
+            return False  # garbage, another run's, or forged
+        if seq >= count or offset + chunk.nbytes > total or count > total // 64 + 2:
+            return False
+        with self._cond:
+            part = self._partial(fid, count, total)
+            if part is None or part.seen[seq]:
+                return False
+            part.frame.payload[offset:offset + chunk.nbytes] = chunk
+            part.frame.have[offset:offset + chunk.nbytes] = True
+            part.seen[seq] = True
+            part.frame.received += 1
+            part.frame.t_last_ns = self.clock()
+            self._cond.notify_all()
+        return True
+
+    def _partial(self, fid: int, count: int, total: int) -> _Partial | None:
+        part = self._frames.get(fid)
+        if part is not None:
+            return part if (part.count, part.total) == (count, total) else None
+        held = sum(p.total for p in self._frames.values())
+        if fid < self._floor or len(self._frames) >= self.MAX_FRAMES or held + total > self.MAX_HELD_BYTES:
+            return None
+        part = self._frames[fid] = _Partial(total, count)
+        return part
+
+    def _overtaken(self, fid: int, part: _Partial | None) -> bool:
+        """A later frame has started arriving and nothing came for this one for
+        ``REORDER_S``: what is missing is lost (a jitter buffer's playout decision;
+        the sender sends frames in order, paced)."""
+        if not any(f > fid for f in self._frames):
+            return False
+        last = part.frame.t_last_ns if part is not None else None
+        return last is None or self.clock() - last > REORDER_S * 1e9
+
+    def receive(self, frame_id: int, total: int, packets: int, deadline_s: float) -> Received:
+        """The datagrams of ``frame_id`` once all ``packets`` arrived or ``deadline_s`` passed."""
+        end = time.monotonic() + min(max(deadline_s, 0.001), MAX_DEADLINE_S)
+        fid = frame_id & 0xFFFFFFFF
+        with self._cond:
+            while True:
+                part = self._frames.get(fid)
+                if part is not None and part.frame.received >= packets or self._overtaken(fid, part):
+                    break
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, REORDER_S))
+            part = self._frames.pop(fid, None)
+            self._floor = max(self._floor, fid + 1)
+            for old in [f for f in self._frames if f < self._floor]:
+                del self._frames[old]
+        if part is None or (part.count, part.total) != (packets, total):
+            return Received(bytearray(total), np.zeros(total, dtype=bool), packets, 0)
+        return part.frame
 
 
 def nonce() -> bytes:

@@ -74,7 +74,7 @@ CPU_COLUMNS = tuple(f"{node}_{c}" for node in ("local", "remote")
 DATA_PATH_SAMPLE_COLUMNS = (
     "topology", "transport", "head_cpu_s", "tail_cpu_s",
     "max_abs_err", "snr_db", "bitwise_equal", "kp_drift_mean_px", "kp_drift_max_px",
-    "packets_sent", "packets_lost", "dropped", "frame", "arrival_s", "queue_s", "remote_queue_s",
+    "packets_sent", "packets_lost", "udp_wait_s", "dropped", "frame", "arrival_s", "queue_s", "remote_queue_s",
     "uplink_bytes", "downlink_bytes",
 )
 DATA_PATH_SUMMARY_COLUMNS = (

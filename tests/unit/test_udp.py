@@ -33,20 +33,29 @@ def test_a_frame_arrives_whole_in_mtu_sized_datagrams(pair):
     data = np.random.default_rng(0).bytes(100_000)
     sent = udp.send(a, KEY, 7, [memoryview(data)], 1500, None)
     assert sent.packets == -(-len(data) // udp.payload_size(1500)) and udp.payload_size(1500) + 28 + 40 <= 1500
-    got = udp.receive(b, KEY, 7, len(data), sent.packets, 2.0)
+    rx = udp.Receiver(b, KEY)
+    got = rx.receive(7, len(data), sent.packets, 2.0)
+    rx.close()
     assert got.lost == 0 and bytes(got.payload) == data and got.have.all()
 
 
 def test_forged_other_run_and_other_frame_datagrams_are_dropped(pair):
     a, b = pair
     data = b"x" * 3000
+    rx = udp.Receiver(b, KEY)
     udp.send(a, udp.session_key("other-token", b"l" * 16, b"r" * 16), 1, [memoryview(data)], 1500, None)
-    udp.send(a, KEY, 2, [memoryview(data)], 1500, None)  # a straggler of another frame
     a.send(b"garbage")
+    udp.send(a, KEY, 2, [memoryview(data)], 1500, None)  # the next frame, early: kept for later
     t0 = time.monotonic()
-    got = udp.receive(b, KEY, 1, len(data), 3, 0.2)
-    assert got.received == 0 and got.lost == 3 and got.rejected >= 6 and not got.have.any()
+    got = rx.receive(1, len(data), 3, 0.2)
+    assert got.received == 0 and got.lost == 3 and not got.have.any()
     assert time.monotonic() - t0 < 1.0  # the deadline holds
+    assert rx.rejected >= 4  # 3 forged + garbage
+    nxt = rx.receive(2, len(data), 3, 1.0)
+    assert nxt.lost == 0 and bytes(nxt.payload) == data
+    udp.send(a, KEY, 1, [memoryview(data)], 1500, None)  # frame 1 is late now: dropped
+    assert rx.receive(1, len(data), 3, 0.2).received == 0
+    rx.close()
 
 
 def test_pacing_keeps_to_the_rate(pair):
