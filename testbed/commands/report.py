@@ -106,7 +106,10 @@ def _print_plan(predictions, judged, model, all_splits: bool, fps: Optional[floa
 
     con = Console(highlight=False)
     con.print(f"[dim]{model.num_layers} layers; {model.source}[/dim]")
-    t = Table("profile", "best k", "predicted e2e", "head", "uplink", "tail", "downlink", "max fps")
+    from rich.table import Column
+
+    t = Table(Column("profile", no_wrap=True), "best k", "predicted e2e", "head", "uplink", "tail", "downlink",
+              "max fps")
     for name, preds in predictions.items():
         try:
             rows = preds if all_splits else [planner.best(preds, fps)]
