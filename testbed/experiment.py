@@ -25,6 +25,9 @@ Example::
       remote: {cpus: 2}
     network: [ladder-50mbit, ladder-10mbit]
     runs: {warmup: 2, samples: 10, min_seconds: 0, max_seconds: 10}
+    topology: 1                 # 1 head on the UE | 2 head remote, source UE | 3 source+head remote
+    codec: int8+zstd            # chain of the cut tensors (nodes.tensor_codecs)
+    transport: {protocol: udp, on_loss: zero, nft_loss: 5%}
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from pydantic import AfterValidator, Field, PrivateAttr, field_validator, model_
 
 from testbed.config import Frozen, Int, Located, Number, check_regular_file, load_yaml, validate
 from testbed.errors import ConfigError
-from testbed.units import Bytes, Seconds
+from testbed.units import Bytes, Percent, Seconds
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _RANGE = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?")
@@ -240,6 +243,11 @@ class Runs(Frozen):
     max_seconds: Seconds = Field(default=60.0, le=MAX_CONFIG_SECONDS)
     kpi_runs: Int = Field(default=10, ge=1, le=10_000)
     layer_runs: Int = Field(default=10, ge=1, le=10_000)
+    # streams (nodes.stream): frames arrive at fps for duration whether or not the pipeline keeps up
+    mode: Literal["single", "stream"] = "single"
+    fps: Number = Field(default=30.0, gt=0, le=10_000)
+    duration: Seconds = Field(default=20.0, gt=0, le=MAX_CONFIG_SECONDS)
+    queue: Int = Field(default=2, ge=1, le=10_000)
 
     @model_validator(mode="after")
     def _bounds(self) -> "Runs":
@@ -247,7 +255,33 @@ class Runs(Frozen):
             raise ValueError("max_seconds must be positive")
         if self.min_seconds > self.max_seconds:
             raise ValueError(f"min_seconds ({self.min_seconds:g}s) exceeds max_seconds ({self.max_seconds:g}s)")
+        if self.mode == "stream" and self.fps * self.duration > 1_000_000:
+            raise ValueError(f"a stream of {self.fps:g} fps for {self.duration:g}s is more than 1,000,000 frames")
         return self
+
+
+class Transport(Frozen):
+    """How the cut tensors cross: ``tcp`` (the data link) or ``udp`` (``nodes.udp``:
+    packetised at the path MTU, paced to the direction's rate, no retransmission,
+    missing bytes zero-filled or the frame dropped, ``on_loss``). ``nft_loss`` drops
+    that percentage of the cut direction's packets with an nftables rule on the
+    sending node's data interface (``testbed.link.nft_loss``), removed at the end."""
+
+    protocol: Literal["tcp", "udp"] = "tcp"
+    on_loss: Literal["zero", "drop"] = "zero"
+    nft_loss: Percent = Field(default=0.0, ge=0, le=100)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"protocol": v} if isinstance(v, str) else v
+
+    @field_validator("nft_loss")
+    @classmethod
+    def _whole(cls, v: float) -> float:
+        if v != int(v):
+            raise ValueError("nftables draws whole percents (numgen random mod 100): write e.g. 5%")
+        return v
 
 
 class InputSpec(Frozen):
@@ -345,7 +379,9 @@ class Experiment(Frozen):
     runs: Runs = Runs()
     input: InputSpec = InputSpec()
     input_encoding: Literal["raw", "png", "jpeg"] = "raw"
-    codec: Literal["raw"] = "raw"
+    codec: str = "raw"
+    topology: Literal[1, 2, 3] = 1
+    transport: Transport = Transport()
     metrics: MetricsSpec = MetricsSpec()
     output: PathText = "results"
 
@@ -357,6 +393,12 @@ class Experiment(Frozen):
     def _check_splits(cls, v: Any) -> Any:
         parse_splits(v)
         return v
+
+    @field_validator("codec")
+    @classmethod
+    def _codec_chain(cls, v: str) -> str:
+        from nodes.tensor_codecs import parse_chain
+        return parse_chain(v).name
 
     @field_validator("network", mode="before")
     @classmethod

@@ -109,22 +109,25 @@ def best_split_table(runs: Sequence[RunData]) -> Table:
             if not cfg:
                 continue
             b = min(cfg, key=lambda r: (r["e2e_p50_s"], -r["split"]))
-            row = {"run": run.label, "profile": prof, "uplink_rate_bps": b.get("uplink_rate_bps"),
+            row = {"run": run.label, "profile": prof, "topology": run.topology,
+                   "uplink_rate_bps": b.get("uplink_rate_bps"),
                    "downlink_rate_bps": b.get("downlink_rate_bps"), "best_split": b["split"],
                    "e2e_p50_s": b["e2e_p50_s"], "e2e_p90_s": b.get("e2e_p90_s"),
                    "cut_bytes_wire": b.get("cut_bytes_wire") if b["split"] != run.num_layers else 0}
-            for name, k in (("network", 0), ("device", run.num_layers)):
+            anchors = run.anchors
+            for name in ("network", "device"):
+                k = anchors.get(name)
                 a = run.row(prof, k) if k is not None else None
                 row[f"{name}_anchor_p50_s"] = a.get("e2e_p50_s") if a else None
                 row[f"speedup_vs_{name}"] = _speedup(row[f"{name}_anchor_p50_s"], b["e2e_p50_s"])
             rows.append(row)
-    cols = [Column("run", "run"), Column("profile", "profile"),
+    cols = [Column("run", "run"), Column("profile", "profile"), Column("topology", "topology", "int"),
             Column("uplink_rate_bps", "uplink", "rate"), Column("downlink_rate_bps", "downlink", "rate"),
             Column("best_split", "best split k", "int"), Column("e2e_p50_s", "e2e p50", "ms"),
             Column("e2e_p90_s", "e2e p90", "ms"), Column("cut_bytes_wire", "intermediate data", "bytes"),
-            Column("network_anchor_p50_s", "network anchor (k=0) p50", "ms"),
+            Column("network_anchor_p50_s", "network anchor p50 (k=0; topologies 2/3: k=N)", "ms"),
             Column("speedup_vs_network", "speedup vs network", "ratio"),
-            Column("device_anchor_p50_s", "device anchor (k=N) p50", "ms"),
+            Column("device_anchor_p50_s", "device anchor p50 (k=N; topologies 2/3: k=0)", "ms"),
             Column("speedup_vs_device", "speedup vs device", "ratio")]
     if len(runs) == 1:
         cols = cols[1:]
@@ -485,6 +488,9 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None,
             section.figure = _figure(path, caption)
         sections.append(section)
 
+    data_path_sections = _data_path_sections(runs, out, figures)
+    sections += data_path_sections
+    tables += [t for sec in data_path_sections for t in sec.tables]
     planner_section, evaluation = _planner_section(runs[0], out, figures, warnings)
     sections.append(planner_section)
     tables += planner_section.tables
@@ -500,6 +506,26 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None,
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(html_path)
     return Report(html_path, figures, table_paths, evaluation, warnings)
+
+
+def _data_path_sections(runs: Sequence[RunData], out: Path, figures: dict[str, Path]) -> list[Section]:
+    """Topology, codec, fidelity, streams, UDP and CPU per part (``data_path_report``): one
+    section per figure, the tables under the last."""
+    from testbed.analysis import data_path_report
+
+    drawn, extra = data_path_report.section(runs, out, figures)
+    sections = []
+    for title, path, caption in drawn:
+        section = Section(f"Data path: {title}")
+        if path is None:
+            section.note = "Nothing recorded for this figure."
+        else:
+            section.figure = _figure(path, caption)
+        sections.append(section)
+    if not sections:
+        sections.append(Section("Data path"))
+    sections[-1].tables = list(extra)
+    return sections
 
 
 def _planner_section(run: RunData, out: Path, figures: dict[str, Path], warnings: list[str]) -> tuple[Section, Any]:

@@ -78,6 +78,23 @@ PHONE_SUMMARY_COLUMNS = (
     "phone_temp_before_c", "phone_temp_after_c", "phone_freq_ratio_before", "phone_freq_ratio_after",
     "phone_thermal_status", "phone_battery_level", "phone_charging", "phone_throttled", "phone_hotter",
 )
+# The data path (docs/data-path.md): topology and transport; per part, the CPU time of
+# the node running it during its invoke; fidelity against the uncompressed split;
+# UDP datagrams; stream frames (index, arrival, queueing).
+DATA_PATH_SAMPLE_COLUMNS = (
+    "topology", "transport", "head_cpu_s", "tail_cpu_s",
+    "max_abs_err", "snr_db", "bitwise_equal", "kp_drift_mean_px", "kp_drift_max_px",
+    "packets_sent", "packets_lost", "udp_wait_s", "dropped", "frame", "arrival_s", "queue_s", "remote_queue_s",
+    "uplink_bytes", "downlink_bytes",
+)
+DATA_PATH_SUMMARY_COLUMNS = (
+    "topology", "transport", "on_loss", "nft_loss_pct", "mode", "fps", "queue", "cut_ratio",
+    "frames_offered", "frames_dropped", "frames_lost", "frames_completed", "drop_rate", "throughput_fps",
+    "stream_s", "uplink_bitrate_bps", "downlink_bitrate_bps", "uplink_utilisation", "downlink_utilisation",
+    "max_sustainable_fps", "head_node", "tail_node", "head_cpu_mean_s", "tail_cpu_mean_s",
+    "max_abs_err_max", "snr_db_p50", "snr_db_p10", "bitwise_equal_samples", "kp_drift_mean_px", "kp_drift_max_px",
+    "packets_sent", "packets_lost", "packet_loss_pct",
+)
 
 SAMPLE_COLUMNS = (
     "repeat", "profile", "split", "sample", "input_index", "codec", "input_encoding",
@@ -87,6 +104,7 @@ SAMPLE_COLUMNS = (
     "uplink_ideal_s", "downlink_ideal_s", "uplink_over_ideal", "downlink_over_ideal",
     *CPU_COLUMNS,
     "uplink_retrans", "downlink_retrans", *PHONE_SAMPLE_COLUMNS,
+    *DATA_PATH_SAMPLE_COLUMNS,
 )
 
 SUMMARY_COLUMNS = (
@@ -102,6 +120,7 @@ SUMMARY_COLUMNS = (
     "local_throttled_samples", "remote_throttled_samples", "local_cpu_mean_s", "remote_cpu_mean_s",
     "local_runq_wait_p50_s", "remote_runq_wait_p50_s",
     "retrans_samples", *PHONE_SUMMARY_COLUMNS,
+    *DATA_PATH_SUMMARY_COLUMNS,
 )
 
 KPI_COLUMNS = (
@@ -123,13 +142,17 @@ LAYER_COLUMNS = (
 
 _TEXT = {"profile", "codec", "input_encoding", "emulation_uplink", "emulation_downlink", "clock",
          "part", "node", "sha256", "kpi_profile", "op", "phase", "cause", "error", "at",
-         "head_source", "phone_serial", "phone_mask"}
+         "head_source", "phone_serial", "phone_mask",
+         "transport", "on_loss", "mode", "head_node", "tail_node", "bitwise_equal", "dropped"}
 _INT_SUFFIX = ("_bytes", "_bytes_raw", "_bytes_wire")
 _INTS = {"repeat", "split", "sample", "input_index", "count", "warmup", "layer", "params", "macs", "runs",
          "threads", "uplink_rate_bps", "downlink_rate_bps", "local_throttled_periods", "remote_throttled_periods",
          "local_throttled_samples", "remote_throttled_samples", "uplink_retrans", "downlink_retrans",
          "retrans_samples", "phone_measured", "phone_thermal_status",
-         "phone_battery_level", "phone_charging", "phone_throttled", "phone_hotter"}
+         "phone_battery_level", "phone_charging", "phone_throttled", "phone_hotter",
+         "topology", "frame", "queue", "packets_sent",
+         "packets_lost", "frames_offered", "frames_dropped", "frames_lost", "frames_completed",
+         "bitwise_equal_samples"}
 
 
 def summarize(values: Sequence[float | None]) -> dict[str, float | None]:

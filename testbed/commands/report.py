@@ -55,6 +55,10 @@ def plan(
     out: Annotated[Path | None, typer.Option(
         "--out", help="Write plan.csv (every split, every link) and plan.png here.")] = None,
     all_splits: Annotated[bool, typer.Option("--all", help="Print every split point, not only the best.")] = False,
+    topology: Annotated[list[int] | None, typer.Option(
+        "--topology", help="1, 2 or 3 (repeatable: compare them); default: the run's, else 1.")] = None,
+    fps: Annotated[float | None, typer.Option(
+        "--fps", help="Choose among split points that sustain this frame rate.")] = None,
 ) -> None:
     """Predict e2e per split point from per-layer profiles and the link; pick the best split.
 
@@ -62,10 +66,12 @@ def plan(
       testbed plan --run results/RUN                       (the run's own profiles, judged against measurements)
       testbed plan --run results/RUN --profile lte --uplink 5mbit --downlink 20mbit --delay 10ms
       testbed plan --layers results/RUN/layers.csv --profile ladder-10mbit
+      testbed plan --run results/RUN --profile lte --topology 1 --topology 2 --topology 3 --fps 30
     """
     from testbed.analysis import planner
 
     profile = profile or []
+    topology = topology or []
     if (run is None) == (layers is None):
         raise ConfigError("give exactly one of --run RUN_DIR or --layers LAYERS_CSV", field="--run")
     if run is not None:
@@ -82,23 +88,47 @@ def plan(
     if not links:
         raise ConfigError("name a link: --profile NAME, or --uplink/--downlink/--delay (or use --run)",
                           field="--profile")
-    predictions = {link.name: planner.predict(model, link) for link in links}
-    _print_plan(predictions, judged, model, all_splits)
+    if any(t not in (1, 2, 3) for t in topology):
+        raise ConfigError(f"--topology takes 1, 2 or 3, not {topology}", field="--topology")
+    if fps is not None and not 0 < fps <= 10_000:
+        raise ConfigError(f"--fps must be in (0, 10000], got {fps:g}", field="--fps")
+    tops = topology or [_run_topology(run)]
+    predictions = {(link.name if len(tops) == 1 else f"{link.name} (topology {t})"):
+                   planner.predict(model, link, topology=t) for link in links for t in tops}
+    _print_plan(predictions, judged, model, all_splits, fps)
     if out is not None:
         _write_plan(out, predictions)
 
 
-def _print_plan(predictions, judged, model, all_splits: bool) -> None:
+def _run_topology(run: Path | None) -> int:
+    """The topology a run was measured in (1 without a run or for older runs)."""
+    if run is None:
+        return 1
+    from testbed.analysis.results import RunFolder
+    rows = RunFolder(run).summary()
+    return int(rows[0].get("topology") or 1) if rows else 1
+
+
+def _print_plan(predictions, judged, model, all_splits: bool, fps: float | None = None) -> None:
     from testbed.analysis import planner
+    from testbed.errors import TestbedError
 
     con = Console(highlight=False)
     con.print(f"[dim]{model.num_layers} layers; {model.source}[/dim]")
-    t = Table("profile", "best k", "predicted e2e", "head", "uplink", "tail", "downlink")
+    from rich.table import Column
+
+    t = Table(Column("profile", no_wrap=True), "best k", "predicted e2e", "head", "uplink", "tail", "downlink",
+              "max fps")
     for name, preds in predictions.items():
-        rows = preds if all_splits else [planner.best(preds)]
+        try:
+            rows = preds if all_splits else [planner.best(preds, fps)]
+        except TestbedError as e:
+            con.print(f"[yellow]{name}:[/yellow] {e}")
+            continue
         for p in rows:
             t.add_row(name, str(p.split), f"{p.e2e_s * 1e3:.2f} ms", f"{p.head_s * 1e3:.2f}",
-                      f"{p.uplink_s * 1e3:.2f}", f"{p.tail_s * 1e3:.2f}", f"{p.downlink_s * 1e3:.2f}")
+                      f"{p.uplink_s * 1e3:.2f}", f"{p.tail_s * 1e3:.2f}", f"{p.downlink_s * 1e3:.2f}",
+                      f"{p.max_fps:.1f}" if p.max_fps else "–")
     con.print(t)
     if judged is not None:
         j = Table("profile", "chosen k", "best measured k", "choice ÷ best (mean)", "choice ÷ best (p50)")
@@ -118,8 +148,8 @@ def _write_plan(out: Path, predictions) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     with (out / "plan.csv").open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, ["profile", "split", "head_s", "uplink_s", "tail_s", "downlink_s", "e2e_s"],
-                           lineterminator="\n")
+        w = csv.DictWriter(f, ["profile", "topology", "split", "head_s", "uplink_s", "tail_s", "downlink_s",
+                               "e2e_s", "max_fps"], lineterminator="\n")
         w.writeheader()
         for preds in predictions.values():
             w.writerows(p.row() for p in preds)

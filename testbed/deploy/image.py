@@ -42,7 +42,7 @@ NODES_DIR = resources.package_path("nodes")
 DISTRIBUTION = "splitbed"
 # What the agent imports (nodes/ depends on these and the standard library only);
 # their version ranges come from DISTRIBUTION's metadata, never from here.
-NODE_DISTRIBUTIONS = ("numpy", "ai-edge-litert", "psutil", "prometheus-client", "pillow")
+NODE_DISTRIBUTIONS = ("numpy", "ai-edge-litert", "psutil", "prometheus-client", "pillow", "zstandard", "lz4")
 REGISTRY_BASE = "python:3.11-slim"
 OFFLINE_BASE = "splitbed-base:bookworm"
 NODE_REPO = "splitbed-node"

@@ -155,7 +155,8 @@ class SweepMetrics:
             m.e2e.labels(**cfg).observe(e2e)
             with self._lock:
                 self._e2e.setdefault((cfg["split"], cfg["profile"]), []).append(e2e)
-        for key, node, part in (("head_s", "local", "head"), ("tail_s", "remote", "tail")):
+        nodes = ("local", "remote") if sample.get("topology") in (None, 1) else ("remote", "local")
+        for key, node, part in (("head_s", nodes[0], "head"), ("tail_s", nodes[1], "tail")):
             value = _num(sample, key)
             if value is not None and value > 0:
                 m.inference.labels(**cfg, node=node, part=part).observe(value)

@@ -85,9 +85,28 @@ class Session:
         for client in (nodes.local, nodes.remote):
             stack.callback(client.close)
             client.health()
-        nodes.local.set_inputs([{self.p.graph.inputs[0].name: a} for a in self.images])
+        feeds = [{self.p.graph.inputs[0].name: a} for a in self.images]
+        nodes.local.set_inputs(feeds)
+        if exp.topology == 3:  # the source is the remote node
+            nodes.remote.set_inputs(feeds)
         nodes.local.connect_peer(dep.remote.data_host, dep.remote.data_port)
+        self._nft_loss(dep, run_id)
         self.nodes = nodes
+
+    def _nft_loss(self, dep: Deployment, run_id: str) -> None:
+        """``transport.nft_loss``: an nftables drop rule on the data interface of the node
+        that sends the cut, removed with the deployment (Ctrl-C included)."""
+        exp = self.p.experiment
+        if not exp.transport.nft_loss:
+            return
+        from testbed.link.nft_loss import NftLoss
+
+        node = dep.local if exp.topology == 1 else dep.remote
+        loss = NftLoss(node.shaping, exp.transport.nft_loss, f"{run_id}_{node.name}".replace("-", "_"))
+        self.stack.callback(loss.remove)
+        loss.install()
+        if len(self.run_ids) == 1:
+            self.console.print(f"loss: nftables drops {loss.percent}% of packets leaving {node.name}'s {loss.dev}")
 
     def close(self) -> None:
         self.stack.close()
