@@ -159,6 +159,42 @@ def _threads(value: Any) -> int | None:
 MAX_OFFSET_NS = 365 * 24 * 3600 * 10**9
 
 
+def _data_path(args: dict[str, Any]) -> dict[str, Any]:
+    """Checked data-path arguments of ``run`` (topology, transport, loss, fidelity)."""
+    unknown = set(args) - {"topology", "transport", "on_loss", "rate_bps", "fidelity", "input_size"}
+    if unknown:
+        raise StepError(f"bad arguments: unknown {sorted(unknown)}")
+    out: dict[str, Any] = {}
+    if "topology" in args:
+        out["topology"] = _int(args["topology"], "topology", 1, 3)
+    for name, allowed in (("transport", pipeline.TRANSPORTS), ("on_loss", pipeline.ON_LOSS)):
+        if name in args:
+            if args[name] not in allowed:
+                raise StepError(f"{name} must be one of {allowed}, got {P.shorten(args[name])}")
+            out[name] = args[name]
+    if args.get("rate_bps") is not None:
+        out["rate_bps"] = float(_int(args["rate_bps"], "rate_bps", 1, 2**40))
+    if "fidelity" in args:
+        out["fidelity"] = bool(_opt_bool(args["fidelity"], "fidelity"))
+    if args.get("input_size") is not None:
+        out["input_size"] = _int(args["input_size"], "input_size", 1, P.MAX_DIM)
+    return out
+
+
+def _stream(stream: Any) -> dict[str, Any]:
+    """``stream: {fps, duration_s, queue}`` of ``run`` (None: single mode)."""
+    if stream is None:
+        return {}
+    if not isinstance(stream, dict) or set(stream) - {"fps", "duration_s", "queue"}:
+        raise StepError("stream must be an object with fps, duration_s and queue")
+    fps = _opt_seconds(stream.get("fps", 30.0), "stream.fps", 10_000.0)
+    duration = _opt_seconds(stream.get("duration_s", 10.0), "stream.duration_s", 24 * 3600.0)
+    if not fps or not duration or fps * duration > MAX_SAMPLES:
+        raise StepError(f"stream: fps and duration_s must be positive, at most {MAX_SAMPLES} frames")
+    return {"mode": "stream", "fps": fps, "duration_s": duration,
+            "queue": _int(stream.get("queue", 2), "stream.queue", 1, 10_000)}
+
+
 class Agent:
     """State of one node: loaded parts, staged parts, the peer link, inputs, last outputs."""
 
@@ -193,6 +229,9 @@ class Agent:
     # RemoteState for pipeline.serve_data_connection
     def tail(self) -> Part | None:
         return self.parts.get("tail")
+
+    def part(self, role: str) -> Part | None:
+        return self.parts.get(role)
 
     def staged(self, sha256: str) -> bytes | bytearray | None:
         return self._staged.get(sha256)
@@ -440,22 +479,30 @@ class Agent:
     def op_run(self, payload: bytearray, samples: int, warmup: int = 0, codec: str = "raw",
                input_encoding: str = "raw", model_outputs: list[str] | None = None,
                clock_shared: bool | None = None, max_seconds: float | None = None,
-               clock_offset_ns: int | None = None) -> tuple[Any, list[Any]]:
+               clock_offset_ns: int | None = None,
+               stream: dict[str, Any] | None = None, **data_path: Any,
+               ) -> tuple[Any, list[Any]]:
+        """Samples (or a stream) through the data plane; ``data_path`` holds the
+        keys of ``_data_path`` (topology, transport, on_loss, rate_bps, fidelity,
+        input_size); ``clock_offset_ns`` (remote - local) when the orchestrator
+        measured it (an ssh remote's clock)."""
         spec = RunSpec(_int(samples, "samples", 1, MAX_SAMPLES),
                        _int(warmup, "warmup", 0, MAX_SAMPLES), _text(codec, "codec"),
                        _text(input_encoding, "input_encoding"),
                        _names(model_outputs, "model_outputs"),
                        _opt_bool(clock_shared, "clock_shared"),
                        _opt_seconds(max_seconds, "max_seconds", 30 * 24 * 3600.0),
-                       _opt_int(clock_offset_ns, "clock_offset_ns", -MAX_OFFSET_NS, MAX_OFFSET_NS))
+                       offset_ns=_opt_int(clock_offset_ns, "clock_offset_ns", -MAX_OFFSET_NS, MAX_OFFSET_NS),
+                       **_data_path(data_path), **_stream(stream))
+        role = "head" if spec.topology == 1 else "tail"
         with self._run_lock, self._link_guard():
             result = pipeline.run_samples(
-                self.link, self.parts.get("head"), self.inputs, spec,
+                self.link, self.parts.get(role), self.inputs, spec,
                 observe=lambda part, s: self.metrics.inference(part, s), cpu=self.cpu)
         for _ in range(len(result.rows) + spec.warmup):
             self.metrics.sample_served("local")
         self.last_outputs = {n: np.array(a) for n, a in result.final.items()}
-        return {"samples": result.rows, "phases": result.phases}, []
+        return {"samples": result.rows, "phases": result.phases, "stream": result.stream}, []
 
     def op_outputs(self, payload: bytearray) -> tuple[Any, list[Any]]:
         """The final outputs of the last sample, as raw tensors in the payload."""

@@ -50,12 +50,39 @@ remote returns its tail outputs plus received tensors that are model outputs: th
 tail does not read, plus any named in ``model_outputs``. With no head (k = 0) the input
 itself crosses, encoded with ``input_encoding``; with no tail (k = N) nothing crosses.
 
+**Topologies** (``RunSpec.topology``; clause 2 of the evaluation framework):
+
+1. source and head on the UE (local), tail on the remote: the cut goes *up* (above);
+2. source on the UE, head on the remote, tail on the UE: the input goes up (with
+   ``input_encoding``), the remote runs the head, the cut comes *down* (with ``codec``)
+   and the local runs the tail;
+3. source and head on the remote, tail on the UE: the local sends a small ``trigger``
+   (which input), the remote takes that input from its own inputs, runs the head and
+   sends the cut down. ``e2e_s`` runs from the remote's head start (clock-corrected)
+   to the tail's output on the UE; ``uplink_s`` is 0 (the trigger is not data).
+
+In every topology ``head_s`` / ``tail_s`` are the invokes of the head and tail part
+wherever they run, ``encode_s`` the local's encoding, ``remote_encode_s`` the remote's,
+and ``head_cpu_s`` / ``tail_cpu_s`` the CPU time (user + sys) the node running that
+part used during the invoke (its cgroup's counter; the process's when there is none).
+
+**Codecs** (``nodes.tensor_codecs``) apply where the cut is produced: the local in
+topology 1, the remote in 2 and 3 (the codec travels in every frame, so the same link
+can carry a reference pass and the measured samples). **Fidelity**
+(``RunSpec.fidelity``): before the samples, each input runs once uncompressed (raw,
+TCP): those final outputs are the reference every sample on that input is compared
+with (``nodes.fidelity``). **UDP** (``RunSpec.transport``): the frame carrying the
+cut sends its payload as datagrams (``nodes.udp``); missing bytes are zero-filled or
+the sample is dropped (``on_loss``). **Streams** are ``nodes.stream``'s, which drives
+the two halves of a sample here (``send_half`` / ``receive_half``) from two threads.
+
 This module owns the data-plane conversation; ``nodes.agent`` owns the servers, the
 loaded parts and the control operations; ``nodes.protocol`` owns the frame format.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
@@ -67,11 +94,17 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from nodes import protocol as P
+from nodes import udp
 from nodes.codecs import IMAGE_CODECS
 from nodes.cpu_account import NO_SNAPSHOT, CpuAccount, CpuSnapshot
+from nodes.fidelity import compare, json_safe
 from nodes.part import Part, sha256_of
+from nodes.tensor_codecs import CodecRegistry, parse_chain
 
-CODECS = P.codec_registry(IMAGE_CODECS)
+CODECS = CodecRegistry(IMAGE_CODECS)
+TOPOLOGIES = (1, 2, 3)
+TRANSPORTS = ("tcp", "udp")
+ON_LOSS = ("zero", "drop")
 log = logging.getLogger("nodes.agent")
 PING_COUNT = 8
 #: A data-plane read or write that stalls this long means the peer is gone. Generous:
@@ -127,20 +160,190 @@ def link_facts(sock: socket.socket) -> dict[str, int | None]:
     return out
 
 
+_TCPI_TOTAL_RETRANS = 100  # offset of tcpi_total_retrans in Linux's struct tcp_info
+
+
+def retransmits(sock: socket.socket) -> int | None:
+    """Segments this socket has retransmitted so far (None where TCP_INFO lacks it).
+
+    A sample's retransmissions are the link's loss as TCP saw it: netem loss, a
+    queue overflow, or the interface going down and up (a link flap)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return None
+    if len(info) < _TCPI_TOTAL_RETRANS + 4:
+        return None
+    return int.from_bytes(info[_TCPI_TOTAL_RETRANS:_TCPI_TOTAL_RETRANS + 4], "little")
+
+
 class RemoteState(Protocol):
     """What the remote side of a data connection needs from its agent."""
 
     token: str
     name: str
     cpu: CpuAccount
+    inputs: list[dict[str, np.ndarray]]  # topology 3: the source is here
 
     def tail(self) -> Part | None: ...
+    def part(self, role: str) -> Part | None: ...
     def staged(self, sha256: str) -> bytes | None: ...
     def tail_lock(self) -> threading.Lock: ...
     def observe(self, part: str, seconds: float, role: str | None = None) -> None: ...
 
 
+
+# --------------------------------------------------------------------------- shared helpers
+
+def part_run(part: Part, feed: Mapping[str, np.ndarray], cpu: CpuAccount,
+             ) -> tuple[dict[str, np.ndarray], int, int, float | None]:
+    """Invoke a part; returns (outputs, start ns, end ns, CPU seconds its node used meanwhile)."""
+    c0, p0 = cpu.snapshot().usage_ns, time.process_time_ns()
+    t0 = now()
+    out = part.run(feed)
+    t1 = now()
+    c1 = cpu.snapshot().usage_ns
+    used = (c1 - c0) if c0 is not None and c1 is not None else time.process_time_ns() - p0
+    return out, t0, t1, max(0, used) / 1e9
+
+
+@dataclass
+class UdpPeer:
+    """One side's UDP path for a run: socket (connected to the peer), key, how to send."""
+
+    sock: socket.socket
+    key: bytes
+    mtu: int | None = None
+    rate_bps: float | None = None   # pacing of what this side sends
+    on_loss: str = "zero"
+    deadline_s: float = 0.1        # added to the ideal transfer time (a frame period)
+    frames: int = 0
+    receiver: udp.Receiver | None = None  # on the side the cut comes to
+
+    def listen(self) -> "UdpPeer":
+        self.receiver = udp.Receiver(self.sock, self.key)
+        return self
+
+    def close(self) -> None:
+        if self.receiver is not None:
+            self.receiver.close()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def deadline_for(self, nbytes: int) -> float:
+        """How long the receiver waits after the header: the payload's time at the paced
+        rate (plus the link's delay, which the header has already paid) + a frame period."""
+        wire = nbytes + -(-max(nbytes, 1) // udp.payload_size(self.mtu)) * (udp.HEAD.size + 58)
+        return min(udp.MAX_DEADLINE_S, (wire * 8 / self.rate_bps if self.rate_bps else 0.0) + self.deadline_s)
+
+
+def send_tensors(sock: socket.socket, header: dict[str, Any], bufs: list[Any], path: UdpPeer | None,
+                 ) -> tuple[int, int | None]:
+    """Send a tensors/result frame, its payload over UDP when ``path`` is given.
+
+    Returns (bytes on the wire, datagrams sent or None over TCP)."""
+    if path is None:
+        return P.send_frame(sock, header, bufs), None
+    nbytes = sum(memoryview(b).nbytes for b in bufs)
+    path.frames += 1
+    packets = max(1, -(-nbytes // udp.payload_size(path.mtu)))
+    header = {**header, "udp": {"frame": path.frames, "packets": packets, "bytes": nbytes,
+                                "deadline_s": path.deadline_for(nbytes)}}
+    tcp = P.send_frame(sock, header, [])
+    sent = udp.send(path.sock, path.key, path.frames, [memoryview(b) for b in bufs], path.mtu, path.rate_bps)
+    return tcp + sent.wire_bytes, sent.packets
+
+
+def recv_tensors(frame: P.Frame, path: UdpPeer | None,
+                 ) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
+    """Decode a tensors/result frame's tensors, gathering a UDP payload first.
+
+    Returns (arrays or None when the frame is dropped for loss, UDP facts)."""
+    meta = frame.header.get("udp")
+    if meta is None:
+        return P.decode_tensors(frame.header.get("tensors"), frame.payload, CODECS), {}
+    if path is None or path.receiver is None or not isinstance(meta, dict):
+        raise P.FrameError("a UDP frame on a run without a UDP path")
+    frame_id, packets, nbytes = (_bounded_int(meta.get(k), k) for k in ("frame", "packets", "bytes"))
+    deadline = meta.get("deadline_s")
+    if not isinstance(deadline, (int, float)) or isinstance(deadline, bool) or not 0 <= deadline <= 3600:
+        raise P.FrameError("udp.deadline_s must be a number of seconds")
+    descs = P.parse_descs(frame.header.get("tensors"))
+    if sum(d.nbytes for d in descs) != nbytes or packets > nbytes // 64 + 2:
+        raise P.FrameError("udp frame: descriptors, byte count and packet count disagree")
+    t_start = now()
+    got = path.receiver.receive(frame_id, nbytes, packets, float(deadline))
+    arrived = got.t_last_ns or frame.t_last_ns
+    # the last datagram may have arrived before this thread got to the frame (a lag, like
+    # TCP's receive lag); waiting for datagrams that never came is the deadline's cost:
+    # both reported on their own, never as decoding
+    ready = max(t_start, arrived)
+    waited = (now() - ready) if got.lost else 0
+    facts = {"packets_sent": packets, "packets_lost": got.lost, "udp_wait_s": max(0, waited) / 1e9,
+             "t_udp_last": arrived, "t_udp_ready": ready}
+    if got.lost and path.on_loss == "drop":
+        return None, facts
+    return _decode_with_holes(descs, got), facts
+
+
+def _bounded_int(v: Any, name: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= P.MAX_PAYLOAD_BYTES:
+        raise P.FrameError(f"udp.{name} must be an integer in 0..{P.MAX_PAYLOAD_BYTES}")
+    return v
+
+
+def _decode_with_holes(descs: list[P.TensorDesc], got: udp.Received) -> dict[str, np.ndarray]:
+    """Decode each tensor; elements whose bytes were lost become zeros (a compressed or
+    image-coded tensor with any hole becomes all zeros: its bytes decode to nothing)."""
+    out: dict[str, np.ndarray] = {}
+    view = memoryview(got.payload)
+    offset = 0
+    for d in descs:
+        end = offset + d.nbytes
+        if got.complete(offset, end):
+            out[d.name] = CODECS[d.codec].decode(view[offset:end], d)
+        else:
+            out[d.name] = _zero_filled(d, view[offset:end], got.have[offset:end])
+        offset = end
+    return out
+
+
+def _zero_filled(d: P.TensorDesc, data: memoryview, have: np.ndarray) -> np.ndarray:
+    zeros = np.zeros(d.shape, dtype=d.dtype)
+    try:
+        chain = parse_chain(d.codec)
+    except ValueError:
+        return zeros  # png/jpeg
+    if chain.compressor is not None or zeros.size == 0:
+        return zeros
+    side = 8 * d.shape[-1] if chain.lossy == "int8-per-channel" and d.params.get("q") != "none" else 0
+    if side and not have[:side].all():
+        return zeros
+    arr = np.array(CODECS[d.codec].decode(data, d))  # a writable copy
+    width = (have.size - side) // max(1, arr.size)
+    ok = have[side:side + width * arr.size].reshape(arr.size, width).all(axis=1)
+    arr.reshape(-1)[~ok] = 0
+    return arr
+
+
 # --------------------------------------------------------------------------- remote side
+
+@dataclass
+class Session:
+    """The remote's view of one run, fixed by ``begin``."""
+
+    topology: int = 1
+    model_outputs: set[str] = field(default_factory=set)
+    want: list[str] | None = None  # topologies 2/3: the tensors the local's tail reads
+    udp: UdpPeer | None = None
+
+    def close(self) -> None:
+        if self.udp is not None:
+            self.udp.close()
+            self.udp = None
+
 
 def serve_data_connection(conn: socket.socket, state: RemoteState) -> None:
     """Serve one authenticated data connection until the peer closes it or sends garbage.
@@ -153,7 +356,7 @@ def serve_data_connection(conn: socket.socket, state: RemoteState) -> None:
     """
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     stamped = P.enable_kernel_stamps(conn)
-    model_outputs: set[str] = set()
+    session = Session()
     cpu_mark = state.cpu.snapshot()  # the window of the next sample starts here
     try:
         while True:
@@ -163,20 +366,15 @@ def serve_data_connection(conn: socket.socket, state: RemoteState) -> None:
             if kind == "ping":
                 P.send_frame(conn, {"kind": "pong", "t": now()})
             elif kind == "begin":
-                mo = h.get("model_outputs") or []
-                if not isinstance(mo, list) or not all(isinstance(x, str) for x in mo):
-                    raise P.FrameError("'model_outputs' must be a list of names")
-                model_outputs = set(mo)
-                tail = state.tail()
-                P.send_frame(conn, {"kind": "ready",
-                                    "tail_inputs": tail.input_names if tail else None,
-                                    "tail_outputs": tail.output_names if tail else None,
-                                    "link": link_facts(conn)})
+                session.close()
+                session = _begin(conn, h, state)
                 cpu_mark = state.cpu.snapshot()
-            elif kind == "tensors":
-                cpu_mark = _answer_sample(conn, frame, state, model_outputs, cpu_mark)
+            elif kind in ("tensors", "trigger"):
+                cpu_mark = _answer_sample(conn, frame, state, session, cpu_mark)
             elif kind == "fetch":
                 _answer_fetch(conn, h, state)
+            elif kind == "stats":
+                P.send_frame(conn, {"kind": "stats", "retrans": retransmits(conn)})
             else:
                 raise P.FrameError(f"unknown data frame kind {kind!r}")
     except P.PeerClosed:
@@ -187,7 +385,50 @@ def serve_data_connection(conn: socket.socket, state: RemoteState) -> None:
     except OSError:
         pass  # peer vanished (reset, timeout): nothing to answer
     finally:
+        session.close()
         conn.close()
+
+
+def _begin(conn: socket.socket, h: Mapping[str, Any], state: RemoteState) -> Session:
+    mo, want = h.get("model_outputs") or [], h.get("want")
+    if not isinstance(mo, list) or not all(isinstance(x, str) for x in mo):
+        raise P.FrameError("'model_outputs' must be a list of names")
+    if want is not None and (not isinstance(want, list) or not all(isinstance(x, str) for x in want)):
+        raise P.FrameError("'want' must be a list of names or null")
+    topology = h.get("topology", 1)
+    if topology not in TOPOLOGIES:
+        raise P.FrameError(f"'topology' must be one of {TOPOLOGIES}")
+    session = Session(topology, set(mo), want)
+    part = state.part("tail" if topology == 1 else "head")
+    reply: dict[str, Any] = {"kind": "ready", "link": link_facts(conn),
+                             "tail_inputs": part.input_names if part else None,
+                             "tail_outputs": part.output_names if part else None}
+    if isinstance(h.get("udp"), dict):
+        session.udp, reply["udp"] = _udp_remote(conn, h["udp"], state.token)
+        if topology == 1:  # the cut comes up to this node
+            session.udp.listen()
+    P.send_frame(conn, reply)
+    return session
+
+
+def _udp_remote(conn: socket.socket, u: Mapping[str, Any], token: str) -> tuple[UdpPeer, dict[str, Any]]:
+    """The remote's UDP socket for a run, connected to the port the local announced."""
+    try:
+        nonce_l = bytes.fromhex(u["nonce"])
+        port = int(u["port"])
+        rate = u.get("rate_bps")
+        on_loss, frame_s = u.get("on_loss", "zero"), float(u.get("frame_s", 0.1))
+    except (KeyError, TypeError, ValueError) as e:
+        raise P.FrameError(f"bad udp setup: {e}") from e
+    if len(nonce_l) != 16 or not 0 < port < 65536 or on_loss not in ON_LOSS or not 0 <= frame_s <= 60:
+        raise P.FrameError("bad udp setup: nonce, port, on_loss or frame_s out of range")
+    if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0):
+        raise P.FrameError("bad udp setup: rate_bps")
+    sock = udp.open_socket(conn.getsockname()[0])
+    sock.connect((conn.getpeername()[0], port))
+    nonce_r = udp.nonce()
+    peer = UdpPeer(sock, udp.session_key(token, nonce_l, nonce_r), link_facts(conn)["mtu"], rate, on_loss, frame_s)
+    return peer, {"nonce": nonce_r.hex(), "port": sock.getsockname()[1]}
 
 
 def _try_send(conn: socket.socket, header: dict[str, Any]) -> None:
@@ -197,39 +438,95 @@ def _try_send(conn: socket.socket, header: dict[str, Any]) -> None:
         pass
 
 
-def _answer_sample(conn: socket.socket, frame: P.Frame, state: RemoteState,
-                   model_outputs: set[str], cpu_mark: CpuSnapshot) -> CpuSnapshot:
-    """Run the tail on one sample and send the result; returns the CPU counters
+def _answer_sample(conn: socket.socket, frame: P.Frame, state: RemoteState, session: Session,
+                   cpu_mark: CpuSnapshot) -> CpuSnapshot:
+    """Run this node's part on one sample and send the result; returns the CPU counters
     read just before sending, where the next sample's window starts."""
-    t_rx = frame.t_last_ns
-    cut = P.decode_tensors(frame.header.get("tensors"), frame.payload, CODECS)
-    t_dec = now()
-    tail = state.tail()
-    if tail is None:
+    h = frame.header
+    up_udp = session.udp if session.topology == 1 else None
+    if h.get("kind") == "trigger":
+        received, facts = _source_input(h, state, session), {}
+    else:
+        received, facts = recv_tensors(frame, up_udp)
+    udp_ready = facts.pop("t_udp_ready", None)
+    arrived = facts.pop("t_udp_last", None)
+    stamps = {"rx_first": frame.t_first_ns, "rx_arrived": arrived or frame.t_arrived_ns,
+              "rx_last": udp_ready or frame.t_last_ns, "decoded": now()}
+    if received is None:  # dropped for loss (on_loss: drop)
+        retrans = retransmits(conn)
+        stamps["tx"] = now()
+        P.send_frame(conn, {"kind": "result", "seq": h.get("seq"), "tensors": [], "dropped": True,
+                            "t": stamps, "udp_rx": facts, "retrans": retrans})
+        return cpu_mark
+    role = "tail" if session.topology == 1 else "head"
+    part = state.part(role)
+    if part is None and session.topology == 1:
         _try_send(conn, {"kind": "error", "error": "no tail part loaded on the remote"})
         return cpu_mark
     try:
-        with state.tail_lock():
-            t_tail0 = now()
-            out = tail.run(cut)
-            t_tail = now()
+        out, stamps["run_start"], stamps["run_done"], part_cpu = _run_part(part, received, state)
     except (KeyError, ValueError) as e:
-        _try_send(conn, {"kind": "error", "error": f"tail: {e}"})
+        _try_send(conn, {"kind": "error", "error": f"{role}: {e}"})
         return cpu_mark
-    state.observe("tail", (t_tail - t_tail0) / 1e9, role="remote")
-    back = dict(out)
-    for name, arr in cut.items():
-        if name in model_outputs or name not in tail.input_names:
-            back[name] = arr  # a view into this frame's payload, alive until sent
-    descs, bufs, _ = P.encode_tensors(back, CODECS)
-    t_enc = now()
+    if part is not None:
+        state.observe(role, (stamps["run_done"] - stamps["run_start"]) / 1e9, role="remote")
+    back, codec = _outgoing(session, part, received, out, h)
+    descs, bufs, raw = P.encode_tensors(back, CODECS, codec)
+    stamps["encoded"] = now()
     cpu_now = state.cpu.snapshot()
-    stamps = {"rx_first": frame.t_first_ns, "rx_arrived": frame.t_arrived_ns, "rx_last": t_rx,
-              "decoded": t_dec, "tail_start": t_tail0, "tail_done": t_tail, "encoded": t_enc}
+    retrans = retransmits(conn)  # before this result: its own retransmissions count in the next mark
     stamps["tx"] = now()
-    P.send_frame(conn, {"kind": "result", "seq": frame.header.get("seq"), "tensors": descs,
-                        "t": stamps, "cpu": cpu_now.since(cpu_mark)}, bufs)
+    header = {"kind": "result", "seq": h.get("seq"), "tensors": descs, "t": stamps, "raw_bytes": raw,
+              "cpu": cpu_now.since(cpu_mark), "part_cpu_s": part_cpu, "udp_rx": facts, "retrans": retrans}
+    down_udp = session.udp if session.topology != 1 and h.get("udp_reply") else None
+    send_tensors(conn, header, bufs, down_udp)
     return cpu_now
+
+
+def _source_input(h: Mapping[str, Any], state: RemoteState, session: Session) -> dict[str, np.ndarray]:
+    """Topology 3: the sample's input is this node's own (the source is here)."""
+    if session.topology != 3:
+        raise P.FrameError("a trigger frame outside topology 3")
+    idx = h.get("input")
+    if not state.inputs:
+        raise P.FrameError("topology 3 needs inputs on the remote: set_inputs there first")
+    if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(state.inputs):
+        raise P.FrameError(f"trigger: input index must be in 0..{len(state.inputs) - 1}")
+    return state.inputs[idx]
+
+
+def _run_part(part: Part | None, feed: Mapping[str, np.ndarray], state: RemoteState,
+              ) -> tuple[dict[str, np.ndarray], int, int, float | None]:
+    if part is None:  # topology 2/3 at k = 0: nothing to run, the input itself crosses
+        t = now()
+        return {}, t, t, None
+    with state.tail_lock():
+        return part_run(part, feed, state.cpu)
+
+
+def _outgoing(session: Session, part: Part | None, received: Mapping[str, np.ndarray],
+              out: dict[str, np.ndarray], h: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], Callable[[str], str]]:
+    """What goes back down, and each tensor's codec.
+
+    Topology 1: the tail's outputs plus received tensors that are model outputs
+    (raw). Topologies 2/3: the head's outputs plus the inputs the local's tail reads
+    (inputs with ``input_encoding``, the rest with the frame's ``codec``)."""
+    back = dict(out)
+    if session.topology == 1:
+        reads = set(part.input_names) if part is not None else set()
+        for name, arr in received.items():
+            if name in session.model_outputs or name not in reads:
+                back[name] = arr  # a view into this frame's payload, alive until sent
+        return back, lambda n: "raw"
+    want = set(session.want or ()) | session.model_outputs  # no tail on the UE: just the final outputs
+    for name, arr in received.items():
+        if name not in back and name in want:
+            back[name] = arr
+    codec, enc = str(h.get("codec") or "raw"), str(h.get("input_encoding") or "raw")
+    for name in (codec, enc):
+        if name not in CODECS:
+            raise P.FrameError(f"unknown codec {name!r}")
+    return back, (lambda n: enc if n in received else codec)
 
 
 def _answer_fetch(conn: socket.socket, h: Mapping[str, Any], state: RemoteState) -> None:
@@ -253,6 +550,15 @@ class Plan:
     clock: str = "shared"
     choose: Callable[[str], str] = field(default=lambda name: "raw")
     link: dict[str, int | None] = field(default_factory=dict)  # mss/mtu per direction
+    topology: int = 1
+    udp: UdpPeer | None = None
+    codec: str = "raw"
+    input_encoding: str = "raw"
+    model_outputs: frozenset[str] = frozenset()
+
+    def close(self) -> None:
+        if self.udp is not None:
+            self.udp.close()
 
 
 class LocalLink:
@@ -261,6 +567,7 @@ class LocalLink:
     def __init__(self, host: str, port: int, token: str, timeout: float = 10.0,
                  io_timeout: float = IO_TIMEOUT_S):
         self.address = (host, port)
+        self.token = token
         self.lock = threading.Lock()
         try:
             self.sock = socket.create_connection((host, port), timeout=timeout)
@@ -317,31 +624,92 @@ class RunSpec:
     clock_shared: bool | None = None
     max_seconds: float | None = None
     offset_ns: int | None = None  # remote - local, measured by the orchestrator: use as given
+    topology: int = 1
+    transport: str = "tcp"
+    on_loss: str = "zero"
+    rate_bps: float | None = None   # UDP: pacing rate of the direction the cut takes
+    fidelity: bool = False          # compare every sample with the uncompressed split
+    input_size: int | None = None   # model input height (keypoint scaling)
+    mode: str = "single"
+    fps: float = 30.0
+    duration_s: float = 10.0
+    queue: int = 2
 
 
-def plan_run(link: LocalLink | None, head: Part | None, input_names: Sequence[str],
+def plan_run(link: LocalLink | None, part: Part | None, input_names: Sequence[str],
              spec: RunSpec) -> Plan:
-    """Handshake with the remote and fix what crosses, which codec, which clock."""
+    """Handshake with the remote and fix what crosses, which codec, which clock.
+
+    ``part`` is this node's part: the head in topology 1, the tail in 2 and 3."""
     for name in (spec.codec, spec.input_encoding):
         if name not in CODECS:
-            raise StepError(f"unknown codec {name!r} (have {sorted(CODECS)})")
+            raise StepError(f"unknown codec {name!r} (have {sorted(CODECS)} and chains of "
+                            "fp16/int8/int8-per-channel with zstd[:level]/lz4)")
+    base = {"topology": spec.topology, "codec": spec.codec, "input_encoding": spec.input_encoding,
+            "model_outputs": frozenset(spec.model_outputs)}
     if link is None:
-        if head is None:
-            raise StepError("no head part loaded and no peer connected: nothing to run")
-        return Plan(cut=[], remote=False)
-    P.send_frame(link.sock, {"kind": "begin", "model_outputs": list(spec.model_outputs)})
-    ready = link.expect("ready").header
-    tail_inputs = ready.get("tail_inputs")
-    if tail_inputs is None:  # k = N: everything stays local
-        if head is None:
-            raise StepError("neither a head here nor a tail on the remote is loaded")
-        return Plan(cut=[], remote=False)
-    head_out = head.output_names if head else []
-    cut = list(head_out) + [n for n in input_names if n in tail_inputs and n not in head_out]
-    missing = [n for n in tail_inputs if n not in cut]
-    if missing:
-        raise StepError(f"the remote tail needs {missing}, which neither the head outputs "
-                        f"nor the inputs provide (have {cut})")
+        if part is None or spec.topology == 3:
+            raise StepError("no part loaded here and no peer connected: nothing to run")
+        return Plan(cut=[], remote=False, **base)
+    begin: dict[str, Any] = {"kind": "begin", "model_outputs": list(spec.model_outputs),
+                             "topology": spec.topology}
+    if spec.topology != 1:
+        begin["want"] = part.input_names if part is not None else None
+    sock = nonce_l = None
+    if spec.transport == "udp":
+        sock, nonce_l = udp.open_socket(link.sock.getsockname()[0]), udp.nonce()
+        begin["udp"] = {"nonce": nonce_l.hex(), "port": sock.getsockname()[1], "on_loss": spec.on_loss,
+                        "frame_s": 1.0 / spec.fps, "rate_bps": spec.rate_bps if spec.topology != 1 else None}
+    try:
+        P.send_frame(link.sock, begin)
+        ready = link.expect("ready").header
+        path = _udp_local(link, sock, nonce_l, ready, spec) if sock is not None else None
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
+    plan = _plan_from_ready(link, part, input_names, spec, ready, base)
+    plan.udp = path
+    if not plan.remote and path is not None:
+        path.close()
+        plan.udp = None
+    return plan
+
+
+def _udp_local(link: LocalLink, sock: socket.socket, nonce_l: bytes, ready: Mapping[str, Any],
+               spec: RunSpec) -> UdpPeer:
+    u = ready.get("udp")
+    if not isinstance(u, dict):
+        raise StepError("the remote did not set up the UDP path")
+    try:
+        nonce_r, port = bytes.fromhex(u["nonce"]), int(u["port"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise P.FrameError(f"bad udp reply: {e}") from e
+    sock.connect((link.sock.getpeername()[0], port))
+    mtu = link_facts(link.sock)["mtu"]
+    rate = spec.rate_bps if spec.topology == 1 else None
+    peer = UdpPeer(sock, udp.session_key(link.token, nonce_l, nonce_r), mtu, rate, spec.on_loss, 1.0 / spec.fps)
+    return peer.listen() if spec.topology != 1 else peer  # topologies 2/3: the cut comes down here
+
+
+def _plan_from_ready(link: LocalLink, part: Part | None, input_names: Sequence[str], spec: RunSpec,
+                     ready: Mapping[str, Any], base: dict[str, Any]) -> Plan:
+    remote_inputs = ready.get("tail_inputs")
+    if remote_inputs is None and spec.topology != 3:  # nothing runs remote: everything stays local
+        if part is None:
+            raise StepError("neither a part here nor one on the remote is loaded")
+        return Plan(cut=[], remote=False, **base)
+    if spec.topology == 1:
+        head_out = part.output_names if part else []
+        cut = list(head_out) + [n for n in input_names if n in remote_inputs and n not in head_out]
+        missing = [n for n in remote_inputs if n not in cut]
+        if missing:
+            raise StepError(f"the remote tail needs {missing}, which neither the head outputs "
+                            f"nor the inputs provide (have {cut})")
+    elif spec.topology == 2:
+        cut = [n for n in input_names if n in remote_inputs]
+    else:
+        cut = []
     shared = link.clock_shared if spec.clock_shared is None else spec.clock_shared
     if spec.offset_ns is not None:
         shared, offset = False, spec.offset_ns
@@ -352,8 +720,8 @@ def plan_run(link: LocalLink | None, head: Part | None, input_names: Sequence[st
     up, down = link_facts(link.sock), ready.get("link") or {}
     facts = {"uplink_mss": up["mss"], "uplink_mtu": up["mtu"],
              "downlink_mss": _int_or_none(down.get("mss")), "downlink_mtu": _int_or_none(down.get("mtu"))}
-    return Plan(cut=cut, remote=True, offset_ns=offset,
-                clock="shared" if shared else "derived", choose=choose, link=facts)
+    return Plan(cut=cut, remote=True, offset_ns=offset, clock="shared" if shared else "derived",
+                choose=choose, link=facts, **base)
 
 
 def _int_or_none(v: Any) -> int | None:
@@ -363,93 +731,292 @@ def _int_or_none(v: Any) -> int | None:
 @dataclass
 class RunResult:
     """What one ``run`` produced: the samples, the last final outputs, and where the
-    call's time went (``handshake_s`` begin/ready + clock offset, ``warmup_s``,
-    ``sampling_s``), so the orchestrator can account for every phase."""
+    call's time went (``handshake_s`` begin/ready + clock offset + reference pass,
+    ``warmup_s``, ``sampling_s``), so the orchestrator can account for every phase.
+    ``stream`` holds a stream run's totals (``nodes.stream``), empty otherwise."""
 
     rows: list[dict[str, Any]]
     final: dict[str, np.ndarray]
     phases: dict[str, float]
+    stream: dict[str, Any] = field(default_factory=dict)
 
 
-def run_samples(link: LocalLink | None, head: Part | None,
+Observe = Callable[[str, float], None]
+
+
+def run_samples(link: LocalLink | None, part: Part | None,
                 inputs: Sequence[Mapping[str, np.ndarray]], spec: RunSpec,
-                observe: Callable[[str, float], None] = lambda part, s: None,
+                observe: Observe = lambda part, s: None,
                 cpu: CpuAccount | None = None) -> RunResult:
-    """Run warm-up + samples.
+    """Run warm-up + samples (or a stream, ``spec.mode``).
 
-    Stops early (after at least one sample) once ``max_seconds`` have passed since
-    the call began. ``cpu`` (this node's cgroup counters) adds ``local_cpu_s`` and
-    the throttling columns to every row.
+    Single mode stops early (after at least one sample) once ``max_seconds`` have
+    passed since the call began. ``cpu`` (this node's cgroup counters) adds
+    ``local_cpu_s`` and the throttling columns to every row. ``part`` is this
+    node's part (the head in topology 1, the tail in 2 and 3).
     """
     if not inputs:
         raise StepError("no input set: call set_inputs first")
+    cpu = cpu if cpu is not None else CpuAccount(None, None, None)
     start = time.monotonic()
-    plan = plan_run(link, head, list(inputs[0]), spec)
-    planned = warmed = time.monotonic()
+    plan = plan_run(link, part, list(inputs[0]), spec)
+    try:
+        refs = _references(link, part, inputs, spec, plan, cpu) if spec.fidelity else None
+        planned = time.monotonic()
+        if spec.mode == "stream":
+            from nodes.stream import run_stream
+            return run_stream(link, part, inputs, spec, plan, cpu, observe, refs, started=start,
+                              planned=planned)
+        return _single(link, part, inputs, spec, plan, cpu, observe, refs, start, planned)
+    finally:
+        plan.close()
+
+
+def _single(link: LocalLink | None, part: Part | None, inputs: Sequence[Mapping[str, np.ndarray]],
+            spec: RunSpec, plan: Plan, cpu: CpuAccount, observe: Observe,
+            refs: list[dict[str, np.ndarray]] | None, start: float, planned: float) -> RunResult:
+    warmed = planned
     rows: list[dict[str, Any]] = []
     final: dict[str, np.ndarray] = {}
+    marks: list[int | None] = []  # the remote's retransmission count before each result
     for i in range(spec.warmup + spec.samples):
-        row, final = _one_sample(link, head, inputs[i % len(inputs)], plan, i, observe, cpu)
+        idx = i % len(inputs)
+        row, out = sample(link, part, inputs[idx], plan, i, idx, observe, cpu)
+        final = out if out is not None else final
+        marks.append(row.pop("_remote_retrans", None))
         if i + 1 == spec.warmup:
             warmed = time.monotonic()
         if i >= spec.warmup:
             row["sample"] = i - spec.warmup
+            row["_run_index"] = i
+            add_fidelity(row, refs, idx, out, spec.input_size)
             rows.append(row)
             if spec.max_seconds is not None and time.monotonic() - start > spec.max_seconds:
                 break
     end = time.monotonic()
+    _downlink_retrans(link, plan, rows, marks)
     return RunResult(rows, final, {"handshake_s": planned - start, "warmup_s": warmed - planned,
                                    "sampling_s": end - warmed})
 
 
-def _one_sample(link: LocalLink | None, head: Part | None, feed: Mapping[str, np.ndarray],
-                plan: Plan, seq: int, observe: Callable[[str, float], None],
-                cpu: CpuAccount | None = None,
-                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    cpu_before = cpu.snapshot() if cpu is not None else NO_SNAPSHOT
-    t0 = now()
-    head_out = head.run(feed) if head is not None else {}
-    t1 = now()
-    if head is not None:
-        observe("head", (t1 - t0) / 1e9)
+def _downlink_retrans(link: LocalLink | None, plan: Plan, rows: list[dict[str, Any]],
+                      marks: list[int | None]) -> None:
+    """Each sample's downlink retransmissions: the remote's count just before the
+    next result went out (the local sends the next sample only once it has the
+    whole result, so every retransmission of this result happened before) minus
+    its count before this one; after the last sample the remote is asked."""
+    final = None
+    if link is not None and plan.remote and rows:
+        P.send_frame(link.sock, {"kind": "stats"})
+        got = link.expect("stats").header.get("retrans")
+        final = got if isinstance(got, int) and not isinstance(got, bool) else None
+    marks = [*marks, final]
+    for row in rows:
+        i = row.pop("_run_index")
+        before, after = marks[i], marks[i + 1]
+        ok = all(isinstance(x, int) and not isinstance(x, bool) for x in (before, after))
+        row["downlink_retrans"] = max(0, after - before) if ok and plan.remote else (0 if not plan.remote else None)
+
+
+def _references(link: LocalLink | None, part: Part | None, inputs: Sequence[Mapping[str, np.ndarray]],
+                spec: RunSpec, plan: Plan, cpu: CpuAccount) -> list[dict[str, np.ndarray]]:
+    """Final outputs of the uncompressed split (raw, TCP) for every input: the fidelity reference."""
+    ref_plan = dataclasses.replace(plan, choose=lambda n: "raw", codec="raw", input_encoding="raw", udp=None)
+    refs = []
+    for idx, feed in enumerate(inputs):
+        _, out = sample(link, part, feed, ref_plan, -1 - idx, idx, lambda p, s: None, cpu)
+        refs.append({n: np.array(a) for n, a in (out or {}).items()})
+    return refs
+
+
+def add_fidelity(row: dict[str, Any], refs: list[dict[str, np.ndarray]] | None, idx: int,
+                 out: Mapping[str, np.ndarray] | None, input_size: int | None) -> None:
+    if refs is not None and out is not None:
+        row.update(json_safe(compare(refs[idx], out, input_size)))
+
+
+def sample(link: LocalLink | None, part: Part | None, feed: Mapping[str, np.ndarray], plan: Plan,
+           seq: int, index: int, observe: Observe, cpu: CpuAccount,
+           ) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+    """One sample, start to end (final outputs None when the frame was dropped for loss)."""
     if not plan.remote:
-        raw = sum(a.nbytes for a in head_out.values())
-        row = _row(head_s=t1 - t0, e2e_s=t1 - t0, clock="shared")
-        row.update(cut_bytes_raw=raw, cut_bytes_wire=0, uplink_bytes=0, downlink_bytes=0)
-        row.update(_cpu_columns("local", cpu, cpu_before))
-        return row, head_out
+        return _local_only(part, feed, plan, observe, cpu)
     assert link is not None
+    pending = send_half(link, part, feed, plan, seq, index, observe, cpu)
+    return receive_half(link, part, plan, pending, observe, cpu)
+
+
+def _local_only(part: Part | None, feed: Mapping[str, np.ndarray], plan: Plan, observe: Observe,
+                cpu: CpuAccount) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    assert part is not None
+    before = cpu.snapshot()
+    out, t0, t1, used = part_run(part, feed, cpu)
+    role = "head" if plan.topology == 1 else "tail"
+    observe(role, (t1 - t0) / 1e9)
+    row = _row(e2e_s=t1 - t0, clock="shared", **{f"{role}_s": t1 - t0})
+    row.update(cut_bytes_raw=sum(a.nbytes for a in out.values()) if role == "head" else 0,
+               cut_bytes_wire=0, uplink_bytes=0, downlink_bytes=0, uplink_retrans=0, topology=plan.topology,
+               **{f"{role}_cpu_s": used})
+    row.update(_cpu_columns("local", cpu, before))
+    return row, out
+
+
+@dataclass
+class Pending:
+    """A sample whose first half (up to the first byte out) is done."""
+
+    seq: int
+    index: int
+    feed: Mapping[str, np.ndarray]
+    t0: int
+    t_sent: int
+    cpu_before: CpuSnapshot
+    row: dict[str, Any]
+    arrival_ns: int | None = None  # streams: when the frame arrived at the source
+    retrans_before: int | None = None  # segments the data socket had retransmitted before this send
+
+
+def send_half(link: LocalLink, part: Part | None, feed: Mapping[str, np.ndarray], plan: Plan, seq: int,
+              index: int, observe: Observe, cpu: CpuAccount) -> Pending:
+    """Topology 1: head, encode, send the cut; 2: encode and send the input; 3: send a trigger."""
+    before = cpu.snapshot()
+    t0 = now()
+    fields: dict[str, Any] = {}
+    if plan.topology == 3:
+        retrans_before = retransmits(link.sock)
+        up = P.send_frame(link.sock, {"kind": "trigger", "seq": seq, "input": index, "codec": plan.codec,
+                                      "input_encoding": plan.input_encoding, "udp_reply": plan.udp is not None})
+        return Pending(seq, index, feed, t0, t0, before, {"uplink_bytes": up, "encode_s": 0.0},
+                       retrans_before=retrans_before)
+    head_out: dict[str, np.ndarray] = {}
+    t1 = t0
+    if plan.topology == 1 and part is not None:
+        head_out, t0, t1, fields["head_cpu_s"] = part_run(part, feed, cpu)
+        observe("head", (t1 - t0) / 1e9)
+        fields["head_s"] = (t1 - t0) / 1e9
     tensors = [(n, head_out[n] if n in head_out else feed[n]) for n in plan.cut]
     descs, bufs, raw = P.encode_tensors(tensors, CODECS, plan.choose)
-    wire = sum(d["nbytes"] for d in descs)
+    retrans_before = retransmits(link.sock)
     t2 = now()  # encoding done = first byte about to go out
-    up = P.send_frame(link.sock, {"kind": "tensors", "seq": seq, "tensors": descs}, bufs)
+    header: dict[str, Any] = {"kind": "tensors", "seq": seq, "tensors": descs}
+    if plan.topology == 2:
+        header.update(codec=plan.codec, input_encoding=plan.input_encoding, udp_reply=plan.udp is not None)
+    up, packets = send_tensors(link.sock, header, bufs, plan.udp if plan.topology == 1 else None)
+    fields.update(encode_s=(t2 - t1) / 1e9, uplink_bytes=up)
+    if plan.topology == 1:
+        fields.update(cut_bytes_raw=raw, cut_bytes_wire=sum(d["nbytes"] for d in descs),
+                      codec=",".join(sorted({d["codec"] for d in descs})) or "raw")
+        if packets is not None:
+            fields["packets_sent"] = packets
+    return Pending(seq, index, feed, t0, t2, before, fields, retrans_before=retrans_before)
+
+
+def receive_half(link: LocalLink, part: Part | None, plan: Plan, pending: Pending, observe: Observe,
+                 cpu: CpuAccount) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+    """Wait for the sample's result frame; topologies 2/3 then run the tail here."""
     frame = link.expect("result")
-    final = P.decode_tensors(frame.header.get("tensors"), frame.payload, CODECS)
+    retrans_after = retransmits(link.sock)
+    st = _stamps(frame.header.get("t"))
+    down_udp = plan.udp if plan.topology != 1 else None
+    got, facts = recv_tensors(frame, down_udp) if not frame.header.get("dropped") else (None, {})
+    t_last = facts.pop("t_udp_ready", None) or frame.t_last_ns
+    arrived = facts.pop("t_udp_last", None) or frame.t_arrived_ns
     t_dec = now()
-    st = frame.header.get("t", {})
     off = plan.offset_ns
-    try:
-        rx, dec, t_a, t_b, enc, tx = (int(st[k]) for k in
-                                      ("rx_last", "decoded", "tail_start", "tail_done",
-                                       "encoded", "tx"))
-        arrived = int(st.get("rx_arrived", rx))
-    except (KeyError, TypeError, ValueError) as e:
-        raise P.FrameError(f"result frame lacks timestamps: {e}") from e
-    arrived = min(arrived, rx)
-    row = _row(head_s=t1 - t0 if head is not None else 0, encode_s=t2 - t1,
-               uplink_s=(arrived - off) - t2, remote_rx_lag_s=rx - arrived,
-               remote_decode_s=dec - rx, tail_s=t_b - t_a, remote_encode_s=enc - t_b,
-               downlink_s=frame.t_arrived_ns - (tx - off),
-               local_rx_lag_s=frame.t_last_ns - frame.t_arrived_ns,
-               decode_s=t_dec - frame.t_last_ns, e2e_s=t_dec - t0, clock=plan.clock)
-    row.update(cut_bytes_raw=raw, cut_bytes_wire=wire, uplink_bytes=up,
-               downlink_bytes=frame.wire_bytes,
-               codec=",".join(sorted({d["codec"] for d in descs})) or "raw")
-    row.update(_cpu_columns("local", cpu, cpu_before))
+    row = _row(clock=plan.clock)
+    row.update(pending.row)
+    wait_here = float(facts.get("udp_wait_s") or 0.0)
+    wait_there = _nonneg((frame.header.get("udp_rx") or {}).get("udp_wait_s")) or 0.0
+    row.update(remote_rx_lag_s=(st["rx_last"] - st["rx_arrived"]) / 1e9,
+               remote_decode_s=(st["decoded"] - st["rx_last"]) / 1e9 - wait_there,
+               downlink_s=(arrived - (st["tx"] - off)) / 1e9, local_rx_lag_s=(t_last - arrived) / 1e9,
+               decode_s=(t_dec - t_last) / 1e9 - wait_here, udp_wait_s=wait_here + wait_there,
+               downlink_bytes=frame.wire_bytes + _udp_wire(frame, facts),
+               topology=plan.topology, transport="udp" if plan.udp is not None else "tcp")
+    if plan.topology != 3:
+        row["uplink_s"] = (st["rx_arrived"] - off - pending.t_sent) / 1e9
+    elif "run_start" in st:  # the trigger waited at the remote for the head (streams)
+        row["remote_queue_s"] = max(0, st["run_start"] - st["rx_last"]) / 1e9
+    final, t_end = _finish(frame, got, part, plan, pending, row, observe, cpu, t_dec)
+    e2e_start = pending.t0 if plan.topology != 3 else st["run_start"] - off
+    row["e2e_s"] = (t_end - e2e_start) / 1e9 if final is not None else None
+    row.update(_loss_columns(frame, facts, row))
+    row.update(_cpu_columns("local", cpu, pending.cpu_before))
     row.update(_remote_cpu(frame.header.get("cpu")))
     row.update(plan.link)
+    before = pending.retrans_before
+    row["uplink_retrans"] = (retrans_after - before) if None not in (before, retrans_after) else None
+    row["_remote_retrans"] = frame.header.get("retrans")
     return row, final
+
+
+def _finish(frame: P.Frame, got: dict[str, np.ndarray] | None, part: Part | None, plan: Plan,
+            pending: Pending, row: dict[str, Any], observe: Observe, cpu: CpuAccount, t_dec: int,
+            ) -> tuple[dict[str, np.ndarray] | None, int]:
+    """Row fields from the remote's part and the local tail; the final outputs."""
+    h = frame.header
+    st = _stamps(h.get("t"))
+    run_s = (st["run_done"] - st["run_start"]) / 1e9 if "run_start" in st else 0.0
+    enc_s = (st["encoded"] - st["run_done"]) / 1e9 if "run_done" in st else 0.0
+    remote_role = "tail" if plan.topology == 1 else "head"
+    row.update({f"{remote_role}_s": run_s, f"{remote_role}_cpu_s": _nonneg(h.get("part_cpu_s")),
+                "remote_encode_s": enc_s})
+    if got is None:
+        return None, t_dec
+    if plan.topology == 1:
+        return got, t_dec
+    descs = P.parse_descs(h.get("tensors"))
+    row.update(cut_bytes_raw=_nonneg_int(h.get("raw_bytes")), cut_bytes_wire=sum(d.nbytes for d in descs),
+               codec=",".join(sorted({d.codec for d in descs})) or "raw")
+    if part is None:
+        return got, t_dec
+    feed = {**{n: a for n, a in pending.feed.items() if n in part.input_names}, **got}
+    out, t_a, t_b, row["tail_cpu_s"] = part_run(part, feed, cpu)
+    observe("tail", (t_b - t_a) / 1e9)
+    row["tail_s"] = (t_b - t_a) / 1e9
+    reads = set(part.input_names)
+    final = dict(out)
+    final.update({n: a for n, a in got.items() if n in plan.model_outputs or n not in reads})
+    return final, t_b
+
+
+def _stamps(st: Any) -> dict[str, int]:
+    if not isinstance(st, dict):
+        raise P.FrameError("result frame lacks timestamps")
+    out = {}
+    for k in ("rx_first", "rx_arrived", "rx_last", "decoded", "run_start", "run_done", "encoded", "tx"):
+        v = st.get(k)
+        if isinstance(v, int) and not isinstance(v, bool):
+            out[k] = v
+    if not {"rx_arrived", "rx_last", "decoded", "tx"} <= set(out):
+        raise P.FrameError("result frame lacks timestamps")
+    out["rx_arrived"] = min(out["rx_arrived"], out["rx_last"])
+    return out
+
+
+def _udp_wire(frame: P.Frame, facts: Mapping[str, Any]) -> int:
+    """Wire bytes of a UDP payload (datagram headers included), 0 over TCP."""
+    if not facts or "udp" not in frame.header:
+        return 0
+    u = frame.header["udp"]
+    return int(u["bytes"]) + int(u["packets"]) * (udp.HEAD.size + udp.TAG_BYTES + udp.IP_UDP_BYTES + udp.L2_BYTES)
+
+
+def _loss_columns(frame: P.Frame, facts: Mapping[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:
+    rx = facts or frame.header.get("udp_rx") or {}
+    sent = row.get("packets_sent", rx.get("packets_sent"))
+    lost = rx.get("packets_lost")
+    return {"packets_sent": sent if isinstance(sent, int) else None,
+            "packets_lost": lost if isinstance(lost, int) else None,
+            "dropped": bool(frame.header.get("dropped")) or (facts and row.get("e2e_s") is None) or False}
+
+
+def _nonneg(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else None
+
+
+def _nonneg_int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
 def _cpu_columns(prefix: str, cpu: CpuAccount | None, before: CpuSnapshot) -> dict[str, Any]:

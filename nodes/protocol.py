@@ -20,8 +20,10 @@ is allocated or read (``recv_frame(admit=...)``):
   ``profile_layers`` (exactly the sizes their arguments announce) carry a payload;
   every other request carries none;
 * data frames (``admit_data_frame``): ``tensors``/``result`` carry exactly what their
-  descriptors add up to, ``part`` a model part; ``hello``, ``challenge``, ``auth``,
-  ``welcome``, ``ping``, ``pong``, ``begin``, ``ready``, ``fetch``, ``error`` carry none.
+  descriptors add up to (nothing when they announce ``udp``: the bytes come as
+  datagrams, ``nodes.udp``), ``part`` a model part; ``hello``, ``challenge``, ``auth``,
+  ``welcome``, ``ping``, ``pong``, ``begin``, ``ready``, ``trigger``, ``fetch``, ``error``
+  carry none.
 
 Tensors travel as descriptors in the header (``name, dtype, shape, codec, nbytes`` plus
 codec ``params``; at most ``MAX_DIMS`` dimensions of at most ``MAX_DIM`` each) and their
@@ -532,7 +534,9 @@ def admit_data_frame(header: Mapping[str, Any], plen: int) -> None:
     kind = header.get("kind")
     if kind in ("tensors", "result"):
         declared = sum(d.nbytes for d in parse_descs(header.get("tensors")))
-        if declared != plen:
+        if "udp" in header:  # the payload travels as datagrams (nodes.udp): none here
+            no_payload(header, plen)
+        elif declared != plen:
             raise FrameError(f"{kind} frame: descriptors add up to {declared} bytes, "
                              f"payload declares {plen}")
     elif kind not in DATA_PAYLOAD_KINDS:

@@ -4,7 +4,7 @@ mean; standard deviation with ddof = 1 (the sample standard deviation: an
 estimate of the population's, and 0 for a single value); percentiles by linear
 interpolation between the sorted values (numpy's default, "type 7"). The
 result files, the benchmark KPIs, per-layer latencies and the live metrics all
-use these, and the README's result columns say so. numpy only: the agent uses it.
+use these, and docs/results.md ("Statistics") says so. numpy only: the agent uses it.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ APT_PACKAGES=(
   iproute2 iputils-ping iperf3 kmod nftables
   docker.io debootstrap
   prometheus prometheus-pushgateway
+  adb
 )
 # tests/vm: qemu boots Debian's linux-image-cloud-amd64 (it has sch_netem); that
 # kernel is installed *inside* the guest's debootstrap root file system by
@@ -90,10 +91,13 @@ start_dockerd() {
 
 # Node images: the base (python:3.11-slim when a registry answers, else Debian
 # bookworm made offline by docker/build-base-image.sh) and the node image, tagged
-# splitbed-node:<content hash> so this only builds when nodes/ or docker/ changed.
+# splitbed-node:<content hash> so this only builds when nodes/, the Dockerfile or
+# the node's dependency ranges in pyproject.toml changed. --prune then removes
+# older splitbed-node images: the current one, the one before it and any image a
+# container (running or stopped) uses stay.
 build_node_image() {
-  log "node image (builds only when nodes/ or docker/ changed)"
-  .venv/bin/python -m testbed.deploy.image
+  log "node image (builds only when nodes/, docker/Dockerfile or pyproject's ranges changed; prunes old ones)"
+  .venv/bin/python -m testbed.deploy.image --prune
 }
 
 install_apt

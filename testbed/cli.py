@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -50,14 +51,15 @@ app = typer.Typer(
 
 @app.callback()
 def _root(ctx: typer.Context,
-          debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")) -> None:
+          debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+          ) -> None:
     ctx.meta["testbed.debug"] = debug
 
 
 def _register() -> None:
     # Imported here, after ``app`` exists, so the command modules stay free of
     # import cycles with this one; heavy imports live inside the commands.
-    from testbed.commands import check, hosts, model_tools, models, monitor, netem, report, run
+    from testbed.commands import android, check, hosts, model_tools, models, monitor, netem, report, run
 
     model_tools.register(app)    # inspect, split, profile
     run.register(app)            # run, cleanup
@@ -67,6 +69,7 @@ def _register() -> None:
     app.add_typer(netem.app, name="netem")
     app.add_typer(monitor.app, name="monitor")
     app.add_typer(hosts.app, name="hosts")
+    app.add_typer(android.app, name="android")
 
 
 _register()

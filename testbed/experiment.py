@@ -25,6 +25,9 @@ Example::
       remote: {cpus: 2}
     network: [ladder-50mbit, ladder-10mbit]
     runs: {warmup: 2, samples: 10, min_seconds: 0, max_seconds: 10}
+    topology: 1                 # 1 head on the UE | 2 head remote, source UE | 3 source+head remote
+    codec: int8+zstd            # chain of the cut tensors (nodes.tensor_codecs)
+    transport: {protocol: udp, on_loss: zero, nft_loss: 5%}
 
 A remote node on another machine (``backend: ssh``; see docs/ssh.md)::
 
@@ -40,11 +43,11 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, PrivateAttr, field_validator, model_validator
+from pydantic import AfterValidator, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from testbed.config import Frozen, Int, Located, Number, check_regular_file, load_yaml, validate
 from testbed.errors import ConfigError
-from testbed.units import Bytes, Seconds
+from testbed.units import Bytes, Percent, Seconds
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _RANGE = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?")
@@ -134,7 +137,7 @@ class NodeConfig(Frozen):
     ``cpuset`` pins the node to host CPUs (``"2-3"``); by default the sweep
     decides (``nodes.pinning``, see ``testbed.deploy.cpus``)."""
 
-    backend: Literal["auto", "docker", "netns", "ssh"] = "auto"
+    backend: Literal["auto", "docker", "netns", "ssh", "android"] = "auto"
     cpus: Number | None = Field(default=None, ge=MIN_CPUS, le=MAX_CPUS)
     cpu_period: Seconds = 0.1
     memory: Bytes | None = Field(default=None, le=MAX_MEMORY_BYTES)
@@ -187,6 +190,28 @@ class NodeConfig(Frozen):
         import getpass
         return self.user or getpass.getuser()
 
+    # backend: android (local node only; testbed.android): the phone and its benchmark binary
+    serial: str | None = None                # auto (the only phone) or a serial
+    benchmark_model: PathText | None = None  # host path of TFLite's Android benchmark_model
+    cores: str | None = None                 # big | all | hexadecimal CPU mask
+    delegate: Literal["cpu", "xnnpack", "gpu", "nnapi"] | None = None
+    adb_port: Int | None = Field(default=None, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _android_fields(self) -> "NodeConfig":
+        phone = ("serial", "benchmark_model", "cores", "delegate", "adb_port")
+        given = [k for k in phone if getattr(self, k) is not None]
+        if self.backend != "android" and given:
+            raise ValueError(f"{', '.join(given)} belong to backend: android")
+        if self.backend == "android":
+            if self.benchmark_model is None:
+                raise ValueError("backend android needs benchmark_model: the host path of TFLite's Android "
+                                 "benchmark binary (downloaded once)")
+            if self.cores is not None and self.cores not in ("big", "all") and \
+                    not re.fullmatch(r"(0x)?[0-9a-fA-F]{1,16}", self.cores):
+                raise ValueError(f"cores: expected big, all or a hexadecimal CPU mask such as f0, got {self.cores!r}")
+        return self
+
     @field_validator("cpu_period")
     @classmethod
     def _cfs_period(cls, v: float) -> float:
@@ -237,8 +262,14 @@ class Nodes(Frozen):
         a, b = self.local.backend, self.remote.backend
         if a == "ssh":
             raise ValueError("the local node runs on this host: backend ssh is for the remote node")
-        if b == "ssh":
-            return self
+        if b == "android":
+            raise ValueError("backend android is for the local node (the phone runs the head); "
+                             "the remote node runs on this host (auto, docker or netns)")
+        if a == "android" and b == "ssh":
+            raise ValueError("a phone as the local node needs a remote on this host (its proxy local node "
+                             "shares the remote's backend); backend ssh is not available with it yet")
+        if b == "ssh" or a == "android":
+            return self           # an ssh remote is on another machine; a phone's proxy uses the remote's backend
         if a != b and "auto" not in (a, b):
             raise ValueError(f"local and remote must use the same backend (got {a} and {b})")
         return self
@@ -246,10 +277,16 @@ class Nodes(Frozen):
     @property
     def backend(self) -> str:
         """The backend of the nodes on this host (``auto`` when none is named). With an
-        ssh remote that is the local node's (``remote_ssh`` says the rest)."""
+        ssh remote that is the local node's (``remote_ssh`` says the rest); with a phone as the
+        local node (``android``) the remote's, which the phone's proxy local node shares."""
         if self.remote_ssh:
             return self.local.backend
-        return next((b for b in (self.local.backend, self.remote.backend) if b != "auto"), "auto")
+        return next((b for b in (self.local.backend, self.remote.backend) if b not in ("auto", "android")), "auto")
+
+    @property
+    def android(self) -> NodeConfig | None:
+        """The local node's config when it is a phone."""
+        return self.local if self.local.backend == "android" else None
 
     @property
     def remote_ssh(self) -> bool:
@@ -278,6 +315,11 @@ class Runs(Frozen):
     max_seconds: Seconds = Field(default=60.0, le=MAX_CONFIG_SECONDS)
     kpi_runs: Int = Field(default=10, ge=1, le=10_000)
     layer_runs: Int = Field(default=10, ge=1, le=10_000)
+    # streams (nodes.stream): frames arrive at fps for duration whether or not the pipeline keeps up
+    mode: Literal["single", "stream"] = "single"
+    fps: Number = Field(default=30.0, gt=0, le=10_000)
+    duration: Seconds = Field(default=20.0, gt=0, le=MAX_CONFIG_SECONDS)
+    queue: Int = Field(default=2, ge=1, le=10_000)
 
     @model_validator(mode="after")
     def _bounds(self) -> "Runs":
@@ -285,7 +327,33 @@ class Runs(Frozen):
             raise ValueError("max_seconds must be positive")
         if self.min_seconds > self.max_seconds:
             raise ValueError(f"min_seconds ({self.min_seconds:g}s) exceeds max_seconds ({self.max_seconds:g}s)")
+        if self.mode == "stream" and self.fps * self.duration > 1_000_000:
+            raise ValueError(f"a stream of {self.fps:g} fps for {self.duration:g}s is more than 1,000,000 frames")
         return self
+
+
+class Transport(Frozen):
+    """How the cut tensors cross: ``tcp`` (the data link) or ``udp`` (``nodes.udp``:
+    packetised at the path MTU, paced to the direction's rate, no retransmission,
+    missing bytes zero-filled or the frame dropped, ``on_loss``). ``nft_loss`` drops
+    that percentage of the cut direction's packets with an nftables rule on the
+    sending node's data interface (``testbed.link.nft_loss``), removed at the end."""
+
+    protocol: Literal["tcp", "udp"] = "tcp"
+    on_loss: Literal["zero", "drop"] = "zero"
+    nft_loss: Percent = Field(default=0.0, ge=0, le=100)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"protocol": v} if isinstance(v, str) else v
+
+    @field_validator("nft_loss")
+    @classmethod
+    def _whole(cls, v: float) -> float:
+        if v != int(v):
+            raise ValueError("nftables draws whole percents (numgen random mod 100): write e.g. 5%")
+        return v
 
 
 class InputSpec(Frozen):
@@ -383,7 +451,9 @@ class Experiment(Frozen):
     runs: Runs = Runs()
     input: InputSpec = InputSpec()
     input_encoding: Literal["raw", "png", "jpeg"] = "raw"
-    codec: Literal["raw"] = "raw"
+    codec: str = "raw"
+    topology: Literal[1, 2, 3] = 1
+    transport: Transport = Transport()
     metrics: MetricsSpec = MetricsSpec()
     output: PathText = "results"
 
@@ -395,6 +465,40 @@ class Experiment(Frozen):
     def _check_splits(cls, v: Any) -> Any:
         parse_splits(v)
         return v
+
+    @field_validator("runs")
+    @classmethod
+    def _phone_single(cls, v: Runs, info: ValidationInfo) -> Runs:
+        nodes = info.data.get("nodes")
+        if v.mode == "stream" and nodes is not None and nodes.local.backend == "android":
+            raise ValueError("mode: stream is not available with a phone as the local node "
+                             "(the phone's head times are composed per sample; use mode: single)")
+        return v
+
+    @field_validator("topology")
+    @classmethod
+    def _phone_topology(cls, v: int, info: ValidationInfo) -> int:
+        nodes = info.data.get("nodes")
+        if v != 1 and nodes is not None and nodes.local.backend == "android":
+            raise ValueError(f"topology {v} runs the head in the network; a phone as the local node "
+                             "measures the head on the phone, so it needs topology 1")
+        return v
+
+    @field_validator("transport")
+    @classmethod
+    def _loss_here(cls, v: Transport, info: ValidationInfo) -> Transport:
+        nodes, topology = info.data.get("nodes"), info.data.get("topology", 1)
+        if v.nft_loss and topology != 1 and nodes is not None and nodes.remote_ssh:
+            raise ValueError(f"nft_loss drops on the interface of the node that sends the cut, the ssh "
+                             f"remote in topology {topology}; this host does not change the remote's "
+                             "firewall (use topology 1, or netem loss in the profile)")
+        return v
+
+    @field_validator("codec")
+    @classmethod
+    def _codec_chain(cls, v: str) -> str:
+        from nodes.tensor_codecs import parse_chain
+        return parse_chain(v).name
 
     @field_validator("network", mode="before")
     @classmethod

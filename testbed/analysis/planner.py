@@ -9,7 +9,12 @@ for split point ``k`` of an ``N``-layer model,
            + result_bytes·8 / downlink rate + downlink delay        (k < N)
 
 ``k = N`` sends nothing; ``k = 0`` sends the model input. An unshaped direction
-(no rate) costs only its delay. Loss, jitter and TCP's slow start are not
+(no rate) costs only its delay. The other topologies (``topology`` 2: the input
+goes up, the head runs remote, the cut comes down, the tail runs locally; 3: the
+source is remote, so only the cut comes down) price the same terms in their order.
+A stream sustains ``max_fps`` = 1 / the busiest stage (a part's compute, or a
+direction's serialisation: delay adds latency, not occupancy); ``best(..., min_fps=)``
+chooses among the split points that sustain a frame rate. Loss, jitter and TCP's slow start are not
 modelled: the prediction is the link's ideal, the measurement says how far off
 that is (the report plots the error).
 
@@ -96,41 +101,87 @@ class Prediction:
     uplink_s: float
     tail_s: float
     downlink_s: float
+    topology: int = 1
+    busy_s: tuple[float, ...] = ()  # each stage's occupancy per frame (streams)
 
     @property
     def e2e_s(self) -> float:
         return self.head_s + self.uplink_s + self.tail_s + self.downlink_s
 
+    @property
+    def max_fps(self) -> float | None:
+        """Frames per second a pipelined stream sustains (None: nothing takes time)."""
+        slowest = max(self.busy_s or (self.head_s, self.uplink_s, self.tail_s, self.downlink_s))
+        return 1.0 / slowest if slowest > 0 else None
+
     def row(self) -> dict[str, Any]:
-        return {"profile": self.profile, "split": self.split, "head_s": self.head_s, "uplink_s": self.uplink_s,
-                "tail_s": self.tail_s, "downlink_s": self.downlink_s, "e2e_s": self.e2e_s}
+        return {"profile": self.profile, "topology": self.topology, "split": self.split, "head_s": self.head_s,
+                "uplink_s": self.uplink_s, "tail_s": self.tail_s, "downlink_s": self.downlink_s,
+                "e2e_s": self.e2e_s, "max_fps": self.max_fps}
 
 
-def predict(model: ModelProfile, link: Link, splits: Iterable[int] | None = None) -> list[Prediction]:
+def _serialise_s(nbytes: float, rate_bps: float | None) -> float:
+    return nbytes * 8.0 / rate_bps if rate_bps else 0.0
+
+
+def predict(model: ModelProfile, link: Link, splits: Iterable[int] | None = None,
+            topology: int = 1) -> list[Prediction]:
     """Predicted times for every split point (default: all the model can price)."""
     n = model.num_layers
     out = []
     for k in sorted(set(model.splits() if splits is None else splits)):
         if not 0 <= k <= n:
             raise TestbedError(f"split point {k} is outside 0-{n}")
-        head = math.fsum(model.local_s[:k])
-        tail = math.fsum(model.remote_s[k:])
-        if k == n:
-            up = down = 0.0
-        else:
-            if k not in model.cut_bytes:
-                raise TestbedError(f"no cut size known for split point {k}")
-            up = link.uplink_s(model.cut_bytes[k])
-            down = link.downlink_s(model.result_bytes)
-        out.append(Prediction(link.name, k, head, up, tail, down))
+        if k not in model.cut_bytes and k != n:
+            raise TestbedError(f"no cut size known for split point {k}")
+        out.append(_price(model, link, k, topology))
     return out
 
 
-def best(predictions: Sequence[Prediction]) -> Prediction:
-    """Lowest predicted e2e; a tie goes to the larger k (less leaves the device)."""
+def _price(model: ModelProfile, link: Link, k: int, topology: int) -> Prediction:
+    n, cut = model.num_layers, model.cut_bytes
+    if topology == 1:
+        head, tail = math.fsum(model.local_s[:k]), math.fsum(model.remote_s[k:])
+        up_bytes, down_bytes = (0, 0) if k == n else (cut[k], model.result_bytes)
+    else:  # the head in the network, the tail on the UE
+        head, tail = math.fsum(model.remote_s[:k]), math.fsum(model.local_s[k:])
+        crosses = topology == 3 or k > 0
+        up_bytes = cut.get(0, 0) if topology == 2 and k > 0 else 0
+        down_bytes = (cut[k] if k < n else model.result_bytes) if crosses else 0
+    up = link.uplink_s(up_bytes) if up_bytes else 0.0
+    down = link.downlink_s(down_bytes) if down_bytes else 0.0
+    busy = (head, _serialise_s(up_bytes, link.uplink_rate_bps), tail,
+            _serialise_s(down_bytes, link.downlink_rate_bps))
+    return Prediction(link.name, k, head, up, tail, down, topology, busy)
+
+
+def best(predictions: Sequence[Prediction], min_fps: float | None = None) -> Prediction:
+    """Lowest predicted e2e; a tie goes to the larger k (less leaves the device).
+
+    ``min_fps``: only split points whose stream sustains that frame rate qualify."""
     if not predictions:
         raise TestbedError("nothing to choose from: no split point could be priced")
+    if min_fps is not None:
+        ok = [p for p in predictions if p.max_fps is None or p.max_fps >= min_fps]
+        if not ok:
+            top = max(predictions, key=lambda p: p.max_fps or math.inf)
+            raise TestbedError(f"no split point sustains {min_fps:g} frames/s on {predictions[0].profile}; "
+                               f"the fastest, k = {top.split}, sustains {top.max_fps:.1f}")
+        predictions = ok
     return min(predictions, key=lambda p: (p.e2e_s, -p.split))
+
+
+def compare_topologies(model: ModelProfile, link: Link, topologies: Iterable[int] = (1, 2, 3),
+                       min_fps: float | None = None) -> list[Prediction]:
+    """The best split of each topology on one link (a topology none of whose
+    split points sustains ``min_fps`` is left out)."""
+    out = []
+    for t in topologies:
+        try:
+            out.append(best(predict(model, link, topology=t), min_fps))
+        except TestbedError:
+            continue
+    return out
 
 
 # --- building the model profile from result files -----------------------------
@@ -333,7 +384,8 @@ def evaluate(run_dir: str | Path, model: ModelProfile | None = None) -> Evaluati
     configs, choices = [], []
     for link in links_from_summary(summary):
         rows = {r["split"]: r for r in summary if r["profile"] == link.name}
-        preds = {p.split: p for p in predict(model, link, [k for k in rows if k in model.splits()])}
+        topology = int(next(iter(rows.values())).get("topology") or 1)
+        preds = {p.split: p for p in predict(model, link, [k for k in rows if k in model.splits()], topology)}
         for k, p in sorted(preds.items()):
             m = rows[k]
             mean, p50 = m.get("e2e_mean_s"), m.get("e2e_p50_s")

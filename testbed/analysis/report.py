@@ -3,7 +3,9 @@
 Owns what the report says and how it is laid out: the tables (computed from the
 result files, written as CSV and shown in the HTML with the very same values),
 the order of sections, and the self-contained ``report.html`` (PNGs embedded as
-base64, inline CSS, no script, nothing fetched). Reads result files only (via
+base64, inline CSS, no script, nothing fetched). The page's markup is the
+jinja2 template ``templates/report.html.j2`` (package data), rendered with
+autoescape on; this module hands it plain values. Reads result files only (via
 ``testbed.analysis.run_data``), so a report rebuilds from a copied folder. Figures are
 drawn by ``testbed.analysis.plots``; predictions come from ``testbed.analysis.planner``.
 
@@ -18,12 +20,14 @@ from __future__ import annotations
 
 import base64
 import csv
-import html
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
+
+import jinja2
 
 from testbed.analysis import plots
 from testbed.analysis.run_data import RunData
@@ -105,22 +109,25 @@ def best_split_table(runs: Sequence[RunData]) -> Table:
             if not cfg:
                 continue
             b = min(cfg, key=lambda r: (r["e2e_p50_s"], -r["split"]))
-            row = {"run": run.label, "profile": prof, "uplink_rate_bps": b.get("uplink_rate_bps"),
+            row = {"run": run.label, "profile": prof, "topology": run.topology,
+                   "uplink_rate_bps": b.get("uplink_rate_bps"),
                    "downlink_rate_bps": b.get("downlink_rate_bps"), "best_split": b["split"],
                    "e2e_p50_s": b["e2e_p50_s"], "e2e_p90_s": b.get("e2e_p90_s"),
                    "cut_bytes_wire": b.get("cut_bytes_wire") if b["split"] != run.num_layers else 0}
-            for name, k in (("network", 0), ("device", run.num_layers)):
+            anchors = run.anchors
+            for name in ("network", "device"):
+                k = anchors.get(name)
                 a = run.row(prof, k) if k is not None else None
                 row[f"{name}_anchor_p50_s"] = a.get("e2e_p50_s") if a else None
                 row[f"speedup_vs_{name}"] = _speedup(row[f"{name}_anchor_p50_s"], b["e2e_p50_s"])
             rows.append(row)
-    cols = [Column("run", "run"), Column("profile", "profile"),
+    cols = [Column("run", "run"), Column("profile", "profile"), Column("topology", "topology", "int"),
             Column("uplink_rate_bps", "uplink", "rate"), Column("downlink_rate_bps", "downlink", "rate"),
             Column("best_split", "best split k", "int"), Column("e2e_p50_s", "e2e p50", "ms"),
             Column("e2e_p90_s", "e2e p90", "ms"), Column("cut_bytes_wire", "intermediate data", "bytes"),
-            Column("network_anchor_p50_s", "network anchor (k=0) p50", "ms"),
+            Column("network_anchor_p50_s", "network anchor p50 (k=0; topologies 2/3: k=N)", "ms"),
             Column("speedup_vs_network", "speedup vs network", "ratio"),
-            Column("device_anchor_p50_s", "device anchor (k=N) p50", "ms"),
+            Column("device_anchor_p50_s", "device anchor p50 (k=N; topologies 2/3: k=0)", "ms"),
             Column("speedup_vs_device", "speedup vs device", "ratio")]
     if len(runs) == 1:
         cols = cols[1:]
@@ -366,42 +373,42 @@ GLOSSARY = [
 
 
 # --- HTML ----------------------------------------------------------------------------
-
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:1250px;
-color:#222;padding:0 1em;line-height:1.4}
-h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;font-size:.85em;margin:.6em 0}th,td{border:1px solid #ddd;padding:3px 7px}td{white-space:nowrap}
-th{background:#f3f3f3;text-align:left}td{text-align:right;font-variant-numeric:tabular-nums}
-td.t{text-align:left}tr:nth-child(even) td{background:#fafafa}
-figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
-.note{font-size:.85em;color:#555}.kpi{font-size:1.1em}summary{cursor:pointer;color:#1a5fb4}
-code{background:#f3f3f3;padding:0 3px}
-"""
+# The page itself is templates/report.html.j2 (package data), rendered with autoescape on:
+# values reach the template unescaped and the template escapes every one of them.
 
 
-def _table_html(t: Table) -> str:
-    head = "".join(f"<th>{html.escape(c.title)}</th>" for c in t.columns)
-    body = []
-    for r in t.rows:
-        cells = []
-        for c in t.columns:
-            v = r.get(c.key)
-            cls = ' class="t"' if c.kind == "text" else ""
-            cells.append(f'<td{cls} data-v="{html.escape(csv_cell(v), quote=True)}">{html.escape(display(v, c.kind))}</td>')
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    table = (f'<table id="tbl-{t.name}" data-csv="{t.name}.csv" data-keys="{html.escape(",".join(c.key for c in t.columns))}">'
-             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
-    note = f'<p class="note">{html.escape(t.note)} CSV: <code>{t.name}.csv</code></p>'
-    if t.collapsed:
-        return f"<details><summary>{html.escape(t.title)} ({len(t.rows)} rows)</summary>{table}</details>{note}"
-    return f"<h3>{html.escape(t.title)}</h3>{table}{note}"
+@dataclass
+class Figure:
+    """A figure as the page embeds it."""
+
+    stem: str
+    file: str      # the PNG's file name beside report.html
+    caption: str
+    data: str      # the PNG, base64
 
 
-def _figure_html(path: Path, caption: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f'<figure id="fig-{path.stem}"><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{html.escape(caption)} (<code>{path.name}</code>)</figcaption></figure>")
+@dataclass
+class Section:
+    """One ``<h2>`` of the page: a figure (or a note saying why there is none), the planner's
+    headline ratio, then tables."""
+
+    title: str
+    figure: Figure | None = None
+    note: str = ""
+    ratio: float | None = None
+    tables: list[Table] = field(default_factory=list)
+
+
+def _figure(path: Path, caption: str) -> Figure:
+    return Figure(path.stem, path.name, caption, base64.b64encode(path.read_bytes()).decode("ascii"))
+
+
+def _render(**context: Any) -> str:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("testbed.analysis", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["csv_cell"] = csv_cell
+    env.filters["display"] = display
+    return env.get_template("report.html.j2").render(**context)
 
 
 @dataclass
@@ -460,7 +467,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None,
     warnings: list[str] = []
 
     figures: dict[str, Path] = {}
-    sections: list[str] = []
+    sections: list[Section] = []
     tables = [best_split_table(runs), configurations_table(runs), layer_table(runs), kpi_table(runs),
               fidelity_table(runs), phase_table(runs)]
     if runs[0].repeats > 1:
@@ -472,28 +479,28 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None,
         if stem == "repeatability" and runs[0].repeats < 2:
             continue  # a single sweep has no repeats to compare
         path = fn(runs, out / f"{stem}.png")
-        sections.append(f"<h2>{html.escape(title)}</h2>")
+        section = Section(title, tables=after.get(stem, []))
         if path is None:
             warnings.append(f"{title}: nothing to draw in this run")
-            sections.append("<p class='note'>Nothing recorded for this figure.</p>")
+            section.note = "Nothing recorded for this figure."
         else:
             figures[stem] = path
-            sections.append(_figure_html(path, caption))
-        sections += [_table_html(t) for t in after.get(stem, [])]
+            section.figure = _figure(path, caption)
+        sections.append(section)
 
-    evaluation = _planner_section(runs[0], out, sections, figures, tables, warnings)
+    data_path_sections = _data_path_sections(runs, out, figures)
+    sections += data_path_sections
+    tables += [t for sec in data_path_sections for t in sec.tables]
+    planner_section, evaluation = _planner_section(runs[0], out, figures, warnings)
+    sections.append(planner_section)
+    tables += planner_section.tables
     env = environment_table(runs)
     tables.append(env)
-    sections.append(f"<h2>Environment</h2>{_table_html(env)}")
-    gl = "".join(f"<tr><td class='t'>{html.escape(a)}</td><td class='t'><code>{html.escape(b)}</code></td></tr>"
-                 for a, b in GLOSSARY)
-    sections.append("<h2>Metric names</h2><p class='note'>Metrics follow the 3GPP SA4 evaluation framework "
-                    "for split inference (TR 26.927); columns hold base units (s, bytes, bit/s).</p>"
-                    f"<table id='glossary'><thead><tr><th>SA4 metric</th><th>columns</th></tr></thead>"
-                    f"<tbody>{gl}</tbody></table>")
+    sections.append(Section("Environment", tables=[env]))
 
     table_paths = {t.name: write_csv(t, out) for t in tables}
-    page = _page(runs, sections, evaluation, warnings)
+    page = _render(title=f"Split inference report: {(runs[0].config or {}).get('name') or runs[0].label}",
+                   facts=_facts(runs), warnings=warnings, sections=sections, glossary=GLOSSARY)
     html_path = out / "report.html"
     tmp = html_path.with_suffix(".html.tmp")
     tmp.write_text(page, encoding="utf-8")
@@ -501,33 +508,49 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None,
     return Report(html_path, figures, table_paths, evaluation, warnings)
 
 
-def _planner_section(run: RunData, out: Path, sections: list[str], figures: dict[str, Path],
-                     tables: list[Table], warnings: list[str]) -> Any:
+def _data_path_sections(runs: Sequence[RunData], out: Path, figures: dict[str, Path]) -> list[Section]:
+    """Topology, codec, fidelity, streams, UDP and CPU per part (``data_path_report``): one
+    section per figure, the tables under the last."""
+    from testbed.analysis import data_path_report
+
+    drawn, extra = data_path_report.section(runs, out, figures)
+    sections = []
+    for title, path, caption in drawn:
+        section = Section(f"Data path: {title}")
+        if path is None:
+            section.note = "Nothing recorded for this figure."
+        else:
+            section.figure = _figure(path, caption)
+        sections.append(section)
+    if not sections:
+        sections.append(Section("Data path"))
+    sections[-1].tables = list(extra)
+    return sections
+
+
+def _planner_section(run: RunData, out: Path, figures: dict[str, Path], warnings: list[str]) -> tuple[Section, Any]:
+    """The planner's section and its evaluation (None when the run cannot be planned)."""
     from testbed.analysis import planner
 
-    sections.append("<h2>Split-point planner</h2>")
+    section = Section("Split-point planner")
     try:
         evaluation = planner.evaluate(run.path)
     except TestbedError as e:
         warnings.append(f"planner: {e}")
-        sections.append(f"<p class='note'>Planner not evaluated: {html.escape(str(e))}</p>")
-        return None
+        section.note = f"Planner not evaluated: {e}"
+        return section, None
     path = plots.planner(evaluation, out / "planner.png")
     if path is not None:
         figures["planner"] = path
-        sections.append(_figure_html(path, "Predicted (per-layer latencies + bytes·8/rate + delay) vs measured "
-                                           "mean e2e, and the distribution of the prediction error."))
-    worst = evaluation.worst_ratio()
-    if worst is not None:
-        sections.append(f"<p class='kpi' id='planner-ratio'>Worst measured e2e of the planner's choice ÷ best "
-                        f"measured e2e over the profiles: <b>{worst:.3f}</b> (goal ≤ 1.05)</p>")
-    for t in planner_tables(evaluation):
-        tables.append(t)
-        sections.append(_table_html(t))
-    return evaluation
+        section.figure = _figure(path, "Predicted (per-layer latencies + bytes·8/rate + delay) vs measured "
+                                       "mean e2e, and the distribution of the prediction error.")
+    section.ratio = evaluation.worst_ratio()
+    section.tables = planner_tables(evaluation)
+    return section, evaluation
 
 
-def _page(runs: Sequence[RunData], sections: list[str], evaluation: Any, warnings: list[str]) -> str:
+def _facts(runs: Sequence[RunData]) -> list[tuple[str, str]]:
+    """The page's opening table: what was run, on what, how much."""
     run = runs[0]
     cfg = run.config or {}
     n_cfg = len(run.summary)
@@ -544,12 +567,4 @@ def _page(runs: Sequence[RunData], sections: list[str], evaluation: Any, warning
     ]
     if len(runs) > 1:
         facts.append(("compared with", ", ".join(r.label for r in runs[1:])))
-    fact_html = "".join(f"<tr><th>{html.escape(k)}</th><td class='t'>{html.escape(v)}</td></tr>" for k, v in facts)
-    warn = ("<p class='note'>" + "<br>".join(html.escape(w) for w in warnings) + "</p>") if warnings else ""
-    title = f"Split inference report: {cfg.get('name') or run.label}"
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            f"<meta name='viewport' content='width=device-width,initial-scale=1'>"
-            # An empty data: icon keeps the browser from asking for /favicon.ico (a console error on file://).
-            f"<link rel='icon' href='data:,'><title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><table id='facts'>{fact_html}</table>{warn}"
-            + "".join(sections) + "</body></html>\n")
+    return facts

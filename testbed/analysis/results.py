@@ -1,7 +1,7 @@
 """The run folder: what a sweep leaves on disk, written as it goes.
 
-Owns the file names, the column names and units (documented in the README,
-"Result files"), appending after every configuration so an interrupted sweep
+Owns the file names, the column names and units (documented in
+docs/results.md), appending after every configuration so an interrupted sweep
 keeps what it measured and ``--resume`` knows what is finished, and reading the
 files back with typed values (the report and the planner read only these).
 Measuring is ``testbed.sweep``'s job; plotting ``testbed.analysis.report``'s.
@@ -49,8 +49,7 @@ from nodes.stats import describe
 log = logging.getLogger("testbed.analysis.results")
 
 SAMPLES, SUMMARY, PARTS, LAYERS = "samples.csv", "summary.csv", "parts.csv", "layers.csv"
-FAILURES = "failures.csv"
-FAILURE_COLUMNS = ("repeat", "profile", "split", "time", "error")
+FAILURES = "failures.csv"          # configurations that failed (a node died, a phone unplugged); --resume redoes them
 ENVIRONMENT, CONFIG, MANIFEST = "environment.json", "config.yaml", "manifest.json"
 
 # Per-sample timings in the order the measurement contract lists them.
@@ -72,6 +71,33 @@ CONFIG_KEY = ("repeat", "profile", "split")
 CPU_COLUMNS = tuple(f"{node}_{c}" for node in ("local", "remote")
                     for c in ("cpu_s", "throttled_periods", "throttled_s", "runq_wait_s"))
 
+# A phone as the local node (testbed.sweep.android): where each sample's head time came from
+# (phone | none; empty without a phone) and the proxy local node's own head time it replaced.
+PHONE_SAMPLE_COLUMNS = ("head_source", "proxy_head_s")
+# summary.csv: the phone's state before/after the configuration and what it means.
+PHONE_SUMMARY_COLUMNS = (
+    "head_source", "phone_serial", "phone_mask", "phone_measured",
+    "phone_temp_before_c", "phone_temp_after_c", "phone_freq_ratio_before", "phone_freq_ratio_after",
+    "phone_thermal_status", "phone_battery_level", "phone_charging", "phone_throttled", "phone_hotter",
+)
+# The data path (docs/data-path.md): topology and transport; per part, the CPU time of
+# the node running it during its invoke; fidelity against the uncompressed split;
+# UDP datagrams; stream frames (index, arrival, queueing).
+DATA_PATH_SAMPLE_COLUMNS = (
+    "topology", "transport", "head_cpu_s", "tail_cpu_s",
+    "max_abs_err", "snr_db", "bitwise_equal", "kp_drift_mean_px", "kp_drift_max_px",
+    "packets_sent", "packets_lost", "udp_wait_s", "dropped", "frame", "arrival_s", "queue_s", "remote_queue_s",
+    "uplink_bytes", "downlink_bytes",
+)
+DATA_PATH_SUMMARY_COLUMNS = (
+    "topology", "transport", "on_loss", "nft_loss_pct", "mode", "fps", "queue", "cut_ratio",
+    "frames_offered", "frames_dropped", "frames_lost", "frames_completed", "drop_rate", "throughput_fps",
+    "stream_s", "uplink_bitrate_bps", "downlink_bitrate_bps", "uplink_utilisation", "downlink_utilisation",
+    "max_sustainable_fps", "head_node", "tail_node", "head_cpu_mean_s", "tail_cpu_mean_s",
+    "max_abs_err_max", "snr_db_p50", "snr_db_p10", "bitwise_equal_samples", "kp_drift_mean_px", "kp_drift_max_px",
+    "packets_sent", "packets_lost", "packet_loss_pct",
+)
+
 SAMPLE_COLUMNS = (
     "repeat", "profile", "split", "sample", "input_index", "codec", "input_encoding",
     "emulation_uplink", "emulation_downlink", "clock",
@@ -80,6 +106,8 @@ SAMPLE_COLUMNS = (
     "uplink_ideal_s", "downlink_ideal_s", "uplink_over_ideal", "downlink_over_ideal",
     *CPU_COLUMNS,
     "clock_offset_s", "clock_uncertainty_s",
+    "uplink_retrans", "downlink_retrans", *PHONE_SAMPLE_COLUMNS,
+    *DATA_PATH_SAMPLE_COLUMNS,
 )
 
 # Where each direction was shaped, and the two nodes' clocks when they differ (an ssh
@@ -102,6 +130,8 @@ SUMMARY_COLUMNS = (
     "local_throttled_samples", "remote_throttled_samples", "local_cpu_mean_s", "remote_cpu_mean_s",
     "local_runq_wait_p50_s", "remote_runq_wait_p50_s",
     *SHAPING_COLUMNS, *CLOCK_COLUMNS,
+    "retrans_samples", *PHONE_SUMMARY_COLUMNS,
+    *DATA_PATH_SUMMARY_COLUMNS,
 )
 
 KPI_COLUMNS = (
@@ -112,18 +142,29 @@ PART_COLUMNS = (
     "repeat", "profile", "split", "part", "node", "file_bytes", "sha256", "delivery_s", "kpi_profile", *KPI_COLUMNS,
 )
 
+# A configuration that could not be measured: where it was, what died and why.
+# It has no summary row, so --resume measures it again.
+FAILURE_COLUMNS = ("repeat", "profile", "split", "phase", "node", "cause", "error", "at")
+
 LAYER_COLUMNS = (
     "node", "layer", "op", "output_bytes", "params", "param_bytes", "macs",
     "mean_s", "std_s", "p50_s", "p90_s", "runs", "threads", "cpus",
 )
 
 _TEXT = {"profile", "codec", "input_encoding", "emulation_uplink", "emulation_downlink", "clock",
+         "part", "node", "sha256", "kpi_profile", "op", "phase", "cause", "error", "at",
+         "head_source", "phone_serial", "phone_mask",
          "uplink_shaped_at", "downlink_shaped_at",
-         "part", "node", "sha256", "kpi_profile", "op"}
+         "transport", "on_loss", "mode", "head_node", "tail_node", "bitwise_equal", "dropped"}
 _INT_SUFFIX = ("_bytes", "_bytes_raw", "_bytes_wire")
 _INTS = {"repeat", "split", "sample", "input_index", "count", "warmup", "layer", "params", "macs", "runs",
          "threads", "uplink_rate_bps", "downlink_rate_bps", "local_throttled_periods", "remote_throttled_periods",
-         "local_throttled_samples", "remote_throttled_samples"}
+         "local_throttled_samples", "remote_throttled_samples", "uplink_retrans", "downlink_retrans",
+         "retrans_samples", "phone_measured", "phone_thermal_status",
+         "phone_battery_level", "phone_charging", "phone_throttled", "phone_hotter",
+         "topology", "frame", "queue", "packets_sent",
+         "packets_lost", "frames_offered", "frames_dropped", "frames_lost", "frames_completed",
+         "bitwise_equal_samples"}
 
 
 def summarize(values: Sequence[float | None]) -> dict[str, float | None]:
@@ -226,6 +267,9 @@ def sample_statistics(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         cpu = [x[f"{node}_cpu_s"] for x in samples if x.get(f"{node}_cpu_s") is not None]
         row[f"{node}_cpu_mean_s"] = float(np.mean(cpu)) if cpu else None
         row[f"{node}_runq_wait_p50_s"] = _median(x.get(f"{node}_runq_wait_s") for x in samples)
+    counts = [(x.get("uplink_retrans"), x.get("downlink_retrans")) for x in samples]
+    row["retrans_samples"] = (sum(1 for up, down in counts if (up or 0) + (down or 0) > 0)
+                              if any(v is not None for pair in counts for v in pair) else None)
     return row
 
 
@@ -457,15 +501,12 @@ class RunFolder:
         _append(self.path / SUMMARY, SUMMARY_COLUMNS, [row])
         return row
 
-    def mark_failed(self, repeat: int, profile: str, split: int, error: str) -> None:
-        """Record a configuration that failed mid-way (it stays unfinished: no summary row)."""
-        import time as _time
-
-        _append(self.path / FAILURES, FAILURE_COLUMNS, [{"repeat": repeat, "profile": profile, "split": split,
-                                                          "time": _time.time(), "error": error}])
+    def append_failure(self, row: dict[str, Any]) -> None:
+        """Record a configuration that failed (it stays unfinished: --resume retries it)."""
+        _append(self.path / FAILURES, FAILURE_COLUMNS, [row])
 
     def failures(self) -> list[dict[str, Any]]:
-        return read_csv(self.path / FAILURES)
+        return _with_repeat(read_csv(self.path / FAILURES))
 
     def append_layers(self, rows: Iterable[dict[str, Any]]) -> None:
         _append(self.path / LAYERS, LAYER_COLUMNS, rows)

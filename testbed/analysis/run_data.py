@@ -105,15 +105,18 @@ class RunData:
         return max(counts) if counts else None
 
     @property
+    def topology(self) -> int:
+        """The data-path topology of the run (1 for runs written before topologies)."""
+        return int(next((r["topology"] for r in self.summary if r.get("topology")), 1))
+
+    @property
     def anchors(self) -> dict[str, int]:
-        """``network`` (k = 0) and ``device`` (k = N) anchors among the measured points."""
-        out = {}
-        if 0 in self.splits:
-            out["network"] = 0
+        """``network`` and ``device`` anchors among the measured points: k = 0 and k = N
+        in topology 1; the other way round in topologies 2 and 3, where the head runs in
+        the network (k = 0: everything on the UE; k = N: everything in the network)."""
         n = self.num_layers
-        if n is not None and n in self.splits:
-            out["device"] = n
-        return out
+        ks = {"network": 0, "device": n} if self.topology == 1 else {"network": n, "device": 0}
+        return {name: k for name, k in ks.items() if k is not None and k in self.splits}
 
     @property
     def input_bytes(self) -> int | None:

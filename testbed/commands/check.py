@@ -8,22 +8,22 @@ raises ``PreflightError`` whose problems ``testbed.cli`` prints one per line
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 
 
 def check(
-    experiment: Path = typer.Argument(..., help="Experiment file, e.g. experiments/posenet_sweep.yaml.",
-                                      dir_okay=False),
-    resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN_DIR",
-                                          help="Check a resume of this run folder (what is left to do)."),
-    metrics_listen: Optional[str] = typer.Option(None, "--metrics-listen", metavar="HOST:PORT",
-                                                 help="As for run: the /metrics address to check."),
-    backend: Optional[str] = typer.Option(None, "--backend", metavar="auto|docker|netns",
-                                          help="As for run: override the experiment's node backend."),
-    output: Optional[Path] = typer.Option(None, "--output", metavar="DIR",
-                                          help="As for run: parent folder of the run folder."),
+    experiment: Annotated[Path, typer.Argument(help="Experiment file, e.g. experiments/posenet_sweep.yaml.",
+                                               dir_okay=False)],
+    resume: Annotated[Path | None, typer.Option("--resume", metavar="RUN_DIR",
+                                                help="Check a resume of this run folder (what is left to do).")] = None,
+    metrics_listen: Annotated[str | None, typer.Option("--metrics-listen", metavar="HOST:PORT",
+                                                       help="As for run: the /metrics address to check.")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", metavar="auto|docker|netns",
+                                                help="As for run: override the experiment's node backend.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", metavar="DIR",
+                                                help="As for run: parent folder of the run folder.")] = None,
 ) -> None:
     """Check an experiment without running it: files, model, split points, profiles,
     backend, kernel, ports, disk; print what the run would do and an estimated duration.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -41,8 +42,11 @@ def _layers_title(graph: ModelGraph) -> str:
     return f"{graph.num_layers} layers{folded}"
 
 
-def inspect(model: Path = typer.Argument(..., help="a TFLite model file"),
-            as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables")) -> None:
+ModelFile = Annotated[Path, typer.Argument(help="a TFLite model file")]
+
+
+def inspect(model: ModelFile,
+            as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False) -> None:
     """Layers in execution order (op, output shapes/bytes, params, MACs) and the cut at every split point.
 
     Layers are the operators that compute on activations; constant operators (a
@@ -79,14 +83,14 @@ def inspect(model: Path = typer.Argument(..., help="a TFLite model file"),
     console.print(cuts)
 
 
-def split(model: Path = typer.Argument(..., help="a TFLite model file"),
-          at: list[int] = typer.Option(None, "--at", help="split point k (repeatable)"),
-          all_: bool = typer.Option(False, "--all", help="every split point 0..N"),
-          out: Path = typer.Option(..., "--out", "-o", help="directory for the parts and manifest.json"),
-          verify: bool = typer.Option(True, "--verify/--no-verify",
-                                      help="run every split once with LiteRT, head feeding tail, and refuse "
-                                           "parts that fail to load or run (default: on)"),
-          as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON")) -> None:
+def split(model: ModelFile, *,  # keyword-only: --out (required) keeps its place in --help
+          at: Annotated[list[int] | None, typer.Option("--at", help="split point k (repeatable)")] = None,
+          all_: Annotated[bool, typer.Option("--all", help="every split point 0..N")] = False,
+          out: Annotated[Path, typer.Option("--out", "-o", help="directory for the parts and manifest.json")],
+          verify: Annotated[bool, typer.Option(
+              "--verify/--no-verify", help="run every split once with LiteRT, head feeding tail, and refuse parts "
+                                           "that fail to load or run (default: on)")] = True,
+          as_json: Annotated[bool, typer.Option("--json", help="print the manifest as JSON")] = False) -> None:
     """Write head/tail parts and manifest.json for the given split points.
 
     --out must be new, empty, or an earlier split (nothing else is ever deleted).
@@ -127,11 +131,12 @@ def _verified(v: dict | None) -> str:
     return {True: "runs, exact", False: "runs, differs", None: "runs"}[v["exact"]]
 
 
-def profile(model: Path = typer.Argument(..., help="a TFLite model file"),
-            runs: int = typer.Option(50, "--runs", help="steady-state runs"),
-            warmup: int = typer.Option(5, "--warmup", help="warm-up runs after the first inference"),
-            threads: int = typer.Option(None, "--threads", help="interpreter threads (default: runtime's)"),
-            as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+def profile(model: ModelFile,
+            runs: Annotated[int, typer.Option("--runs", help="steady-state runs")] = 50,
+            warmup: Annotated[int, typer.Option("--warmup", help="warm-up runs after the first inference")] = 5,
+            threads: Annotated[int | None, typer.Option(
+                "--threads", help="interpreter threads (default: runtime's)")] = None,
+            as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """benchmark_model KPIs (fresh process) and per-layer latency (one-layer models) on this host.
 
     Example: testbed profile posenet.tflite --runs 20 --warmup 3 --threads 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -19,12 +20,12 @@ app = typer.Typer(help="Build, fetch, register and list models.\n\n"
 
 
 @app.command("build")
-def build(name: str = typer.Argument(..., help="built-in model name (posenet)"),
-          out: Path = typer.Option(..., "--out", "-o", help="file to write"),
-          seed: int = typer.Option(0, "--seed", help="weight seed: same seed, same bytes"),
-          scheme: str = typer.Option("float32", "--scheme",
-                                     help="float32 | float16 | dynamic | int8 | uint8 | int16x8 "
-                                          "(TFLite's quantization schemes; float32 is the pinned built-in)")) -> None:
+def build(name: Annotated[str, typer.Argument(help="built-in model name (posenet)")],
+          out: Annotated[Path, typer.Option("--out", "-o", help="file to write")],
+          seed: Annotated[int, typer.Option("--seed", help="weight seed: same seed, same bytes")] = 0,
+          scheme: Annotated[str, typer.Option(
+              "--scheme", help="float32 | float16 | dynamic | int8 | uint8 | int16x8 "
+                               "(TFLite's quantization schemes; float32 is the pinned built-in)")] = "float32") -> None:
     """Write a built-in model (TFLite, seeded weights, no download), float32 or quantized.
 
     Example: testbed models build posenet --out posenet_fp16.tflite --scheme float16
@@ -38,8 +39,9 @@ def build(name: str = typer.Argument(..., help="built-in model name (posenet)"),
 
 
 @app.command("fetch")
-def fetch(name: str = typer.Argument("posenet", help="official model name (posenet)"),
-          dest: Path = typer.Option(None, "--dest", help="directory to download into (default: the cache)")) -> None:
+def fetch(name: Annotated[str, typer.Argument(help="official model name (posenet)")] = "posenet",
+          dest: Annotated[Path | None, typer.Option(
+              "--dest", help="directory to download into (default: the cache)")] = None) -> None:
     """Download the official model, verify its pinned sha256 and register it.
 
     Example: testbed models fetch posenet --dest models/
@@ -50,8 +52,8 @@ def fetch(name: str = typer.Argument("posenet", help="official model name (posen
 
 
 @app.command("add")
-def add(name: str = typer.Argument(..., help="name to register under"),
-        path: Path = typer.Argument(..., help="a TFLite file")) -> None:
+def add(name: Annotated[str, typer.Argument(help="name to register under")],
+        path: Annotated[Path, typer.Argument(help="a TFLite file")]) -> None:
     """Register a TFLite file (e.g. one fetched by hand) under NAME.
 
     Example: testbed models add posenet ~/Downloads/posenet_mobilenet_v1_100_257x257_multi_kpt_stripped.tflite
@@ -61,7 +63,7 @@ def add(name: str = typer.Argument(..., help="name to register under"),
 
 
 @app.command("list")
-def list_(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+def list_(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Show built-in and registered models with sizes and checksums.
 
     Example: testbed models list --json

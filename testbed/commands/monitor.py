@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
-app = typer.Typer(help="A Prometheus (and Grafana with docker) that scrapes running sweeps live.",
+app = typer.Typer(help="A Prometheus (and Grafana with docker) that scrapes running sweeps live.\n\n"
+                       "Example: testbed monitor up --backend compose",
                   no_args_is_help=True)
 
-_DIR = typer.Option(None, "--dir", metavar="DIR",
-                    help="Monitor folder (config, targets, data); default ~/.cache/testbed/monitor "
-                         "or $TESTBED_MONITOR_DIR.")
+MonitorDir = Annotated[Path | None, typer.Option(
+    "--dir", metavar="DIR",
+    help="Monitor folder (config, targets, data); default ~/.cache/testbed/monitor or $TESTBED_MONITOR_DIR.")]
 
 
 def _print(status, console: Console) -> None:
-    from testbed.metrics.monitor import REPO
+    from testbed.metrics.dashboards import DASHBOARD_DIR
 
     if not status.running:
         console.print(f"monitor: not running ({status.monitor_dir})")
@@ -30,21 +31,22 @@ def _print(status, console: Console) -> None:
         console.print(f"Grafana:    {status.grafana_url}  (dashboards: Sweep overview, Per-layer, Nodes, Link)")
     else:
         console.print(f"Grafana:    not started with the binary backend; add {status.prometheus_url} as a "
-                      f"Prometheus data source and import {REPO / 'grafana' / 'dashboards'}/*.json")
+                      f"Prometheus data source and import {DASHBOARD_DIR}/*.json")
     console.print(f"Targets:    {status.monitor_dir / 'targets'}/<run>.json (kept current by testbed run)")
 
 
 @app.command("up")
 def up(
-    monitor_dir: Optional[Path] = _DIR,
-    listen: str = typer.Option("127.0.0.1:9090", "--listen", metavar="HOST:PORT",
-                               help="Prometheus listen address (keep it on loopback)."),
-    backend: str = typer.Option("auto", "--backend", metavar="auto|binary|compose",
-                                help="binary = the installed prometheus; compose = docker/monitoring-compose.yml."),
-    scrape_interval: str = typer.Option("1s", "--scrape-interval", metavar="DURATION"),
-    pushgateway: Optional[str] = typer.Option(None, "--pushgateway", metavar="URL",
-                                              help="Also scrape this Pushgateway (experiment metrics.pushgateway)."),
-    grafana_port: int = typer.Option(3000, "--grafana-port", help="Grafana port (compose backend)."),
+    monitor_dir: MonitorDir = None,
+    listen: Annotated[str, typer.Option("--listen", metavar="HOST:PORT",
+                                        help="Prometheus listen address (keep it on loopback).")] = "127.0.0.1:9090",
+    backend: Annotated[str, typer.Option(
+        "--backend", metavar="auto|binary|compose",
+        help="binary = the installed prometheus; compose = docker/monitoring-compose.yml.")] = "auto",
+    scrape_interval: Annotated[str, typer.Option("--scrape-interval", metavar="DURATION")] = "1s",
+    pushgateway: Annotated[str | None, typer.Option(
+        "--pushgateway", metavar="URL", help="Also scrape this Pushgateway (experiment metrics.pushgateway).")] = None,
+    grafana_port: Annotated[int, typer.Option("--grafana-port", help="Grafana port (compose backend).")] = 3000,
 ) -> None:
     """Start Prometheus (scrape config generated; targets follow running sweeps) and print its URL.
 
@@ -70,7 +72,7 @@ def up(
 
 
 @app.command("down")
-def down(monitor_dir: Optional[Path] = _DIR) -> None:
+def down(monitor_dir: MonitorDir = None) -> None:
     """Stop the monitoring stack (its data stays, so finished runs can still be compared).
 
     Example: testbed monitor down
@@ -82,7 +84,7 @@ def down(monitor_dir: Optional[Path] = _DIR) -> None:
 
 
 @app.command("status")
-def status(monitor_dir: Optional[Path] = _DIR) -> None:
+def status(monitor_dir: MonitorDir = None) -> None:
     """Say whether the monitoring stack runs, where, and how many targets it scrapes.
 
     Example: testbed monitor status

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -19,14 +19,16 @@ from testbed.link.profile import DIRECTIONS, Direction, list_profiles, load_prof
 from testbed.link.target import Target
 from testbed.units import format_duration, format_rate
 
-app = typer.Typer(help="Link profiles and the shaper (tc/netem through netlink).", no_args_is_help=True)
+app = typer.Typer(help="Link profiles and the shaper (tc/netem through netlink).\n\n"
+                       "Example: testbed netem apply ladder-10mbit --dev veth0 --netns ue --direction uplink",
+                  no_args_is_help=True)
 
-_DEV = typer.Option(..., "--dev", help="Interface to shape (its egress).")
-_NETNS = typer.Option(None, "--netns", help="Named network namespace holding the interface.")
-_PID = typer.Option(None, "--pid", help="A process (e.g. a container) whose network namespace holds it.")
+Netns = Annotated[str | None, typer.Option("--netns", help="Named network namespace holding the interface.")]
+Pid = Annotated[int | None, typer.Option(
+    "--pid", help="A process (e.g. a container) whose network namespace holds it.")]
 
 
-def _target(dev: str, netns: Optional[str], pid: Optional[int]) -> Target:
+def _target(dev: str, netns: str | None, pid: int | None) -> Target:
     try:
         return Target(dev, netns=netns, pid=pid)
     except ValueError as e:
@@ -65,7 +67,7 @@ def list_cmd() -> None:
 
 
 @app.command()
-def validate(file: str = typer.Argument(..., help="A profile file (or a shipped profile's name).")) -> None:
+def validate(file: Annotated[str, typer.Argument(help="A profile file (or a shipped profile's name).")]) -> None:
     """Check one profile file; errors name file, line and field.
 
     Example: testbed netem validate netem_profiles/lte.yaml
@@ -75,12 +77,14 @@ def validate(file: str = typer.Argument(..., help="A profile file (or a shipped 
 
 
 @app.command()
-def apply(profile: str = typer.Argument(..., help="Profile name or file."),
-          dev: str = _DEV, netns: Optional[str] = _NETNS, pid: Optional[int] = _PID,
-          direction: str = typer.Option("uplink", "--direction", help="uplink or downlink."),
-          arrangement: str = typer.Option("auto", "--arrangement", help="auto (=tbf; htb with overhead), tbf, htb or netem."),
-          duration: Optional[float] = typer.Option(
-              None, "--duration", help="Time-varying profiles: step for this many seconds (default: until Ctrl-C).")
+def apply(profile: Annotated[str, typer.Argument(help="Profile name or file.")],
+          dev: Annotated[str, typer.Option("--dev", help="Interface to shape (its egress).")],
+          netns: Netns = None, pid: Pid = None,
+          direction: Annotated[str, typer.Option("--direction", help="uplink or downlink.")] = "uplink",
+          arrangement: Annotated[str, typer.Option(
+              "--arrangement", help="auto (=tbf; htb with overhead), tbf, htb or netem.")] = "auto",
+          duration: Annotated[float | None, typer.Option(
+              "--duration", help="Time-varying profiles: step for this many seconds (default: until Ctrl-C).")] = None,
           ) -> None:
     """Apply one direction of PROFILE to the egress of DEV (in place if already shaped).
 
@@ -122,10 +126,10 @@ def apply(profile: str = typer.Argument(..., help="Profile name or file."),
 
 
 @app.command()
-def show(dev: Optional[str] = typer.Option(None, "--dev", help="Interface (default: every one the testbed "
-                                                                 "recorded as shaped)."),
-         netns: Optional[str] = _NETNS, pid: Optional[int] = _PID,
-         as_json: bool = typer.Option(False, "--json", help="Everything read back, as JSON.")) -> None:
+def show(dev: Annotated[str | None, typer.Option(
+             "--dev", help="Interface (default: every one the testbed recorded as shaped).")] = None,
+         netns: Netns = None, pid: Pid = None,
+         as_json: Annotated[bool, typer.Option("--json", help="Everything read back, as JSON.")] = False) -> None:
     """Read the qdiscs on DEV back from the kernel.
 
     Example: testbed netem show --dev veth0 --netns ue
@@ -170,10 +174,10 @@ def _print_show(info: dict, as_json: bool) -> None:
 
 
 @app.command()
-def clear(dev: Optional[str] = typer.Option(None, "--dev", help="Interface to clear."),
-          netns: Optional[str] = _NETNS, pid: Optional[int] = _PID,
-          all_: bool = typer.Option(False, "--all", help="Clear every interface the testbed recorded "
-                                                          "(after a crashed run).")) -> None:
+def clear(dev: Annotated[str | None, typer.Option("--dev", help="Interface to clear.")] = None,
+          netns: Netns = None, pid: Pid = None,
+          all_: Annotated[bool, typer.Option(
+              "--all", help="Clear every interface the testbed recorded (after a crashed run).")] = False) -> None:
     """Remove what the testbed added to DEV (or, with --all, everywhere it recorded).
 
     Example: testbed netem clear --dev veth0 --netns ue

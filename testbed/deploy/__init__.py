@@ -81,6 +81,22 @@ class Deployment:
     def nodes(self) -> list[Node]:
         return [self.local, self.remote]
 
+    def death(self, role: str) -> str | None:
+        """Why the ``role`` node is no longer running, in a few words (None: it runs).
+
+        Read from the backend (docker: the container's state, OOMKilled and exit
+        code; netns: the agent process and its memory cgroup's OOM counter; an ssh
+        remote: its connection), so a failed configuration can say "OOM-killed"
+        rather than "connection reset"."""
+        node = self.local if role == "local" else self.remote
+        if role == "remote" and self.remote_conn is not None:
+            return self.lost()  # an ssh remote: what this host can see is its connection
+        if node.backend == "docker":
+            from testbed.deploy import docker as dk
+            return dk.death_cause(node)
+        from testbed.deploy import netns as ns
+        return ns.death_cause(node)
+
     def environment(self) -> dict[str, Any]:
         """JSON-ready facts for environment.json (no token)."""
         return {"backend": self.backend, "backend_reason": self.reason,
@@ -386,4 +402,5 @@ def cleanup(run_id: str | None = None) -> list[str]:
         r for r, o in ns.run_owners().items() if not owner.alive(o))
     for rid in runs:
         removed += ns.remove_run(rid) + _forget_shaping(rid, set())
-    return removed
+    from testbed.metrics.monitor import remove_dead_targets
+    return removed + remove_dead_targets()

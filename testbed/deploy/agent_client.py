@@ -290,12 +290,20 @@ class AgentClient:
                      codec: str = "raw", input_encoding: str = "raw",
                      model_outputs: Sequence[str] = (), clock_shared: bool | None = None,
                      max_seconds: float | None = None, timeout: float | None = 3600.0,
-                     clock_offset_ns: int | None = None) -> dict[str, Any]:
+                     clock_offset_ns: int | None = None, **data_path: Any) -> dict[str, Any]:
         """Like ``run``, returning ``{"samples": [...], "phases": {"handshake_s",
-        "warmup_s", "sampling_s"}}``: where the call's time went on the node."""
+        "warmup_s", "sampling_s"}, "stream": {...}}``: where the call's time went on the node.
+
+        ``data_path`` (optional, see ``nodes.agent._data_path``): ``topology`` (1..3),
+        ``transport`` (tcp|udp), ``on_loss`` (zero|drop), ``rate_bps`` (UDP pacing),
+        ``fidelity`` (compare with the uncompressed split), ``input_size``, and
+        ``stream={"fps", "duration_s", "queue"}`` for a stream run. ``clock_offset_ns``
+        as in ``run``."""
         if inputs is not None:
             self.set_inputs(inputs)
-        extra: dict[str, Any] = {"clock_offset_ns": int(clock_offset_ns)} if clock_offset_ns is not None else {}
+        extra = {k: v for k, v in data_path.items() if v is not None}
+        if clock_offset_ns is not None:
+            extra["clock_offset_ns"] = int(clock_offset_ns)
         result = self.call("run", timeout=timeout, samples=int(samples), warmup=int(warmup),
                            codec=codec, input_encoding=input_encoding,
                            model_outputs=list(model_outputs), clock_shared=clock_shared,

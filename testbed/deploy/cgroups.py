@@ -154,6 +154,23 @@ def _create_v2(g: Group, cpus: float | None, memory_bytes: int | None, period_us
                                         if v is not None) or "accounting only, no limits asked") + ")"
 
 
+def oom_kills(dirs: list[str]) -> int:
+    """Processes the kernel's OOM killer took from these groups (v1 memory.oom_control,
+    v2 memory.events: ``oom_kill N``); 0 where nothing says so."""
+    total = 0
+    for d in dirs:
+        for name in ("memory.oom_control", "memory.events"):
+            try:
+                text = Path(d, name).read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill" and value.strip().isdigit():
+                    total += int(value)
+    return total
+
+
 def pids(dirs: list[str]) -> set[int]:
     """Processes still in any of the groups."""
     out: set[int] = set()

@@ -116,6 +116,50 @@ def build_image(client: docker.DockerClient, context_dir: str, tag: str, *,
         raise NodeError(f"building {tag} failed: {e}") from e
 
 
+def labelled_images(client: docker.DockerClient, label: str, value: str) -> list[tuple[str | None, str]]:
+    """(tag or None when dangling, image id) of every image labelled ``label=value``, newest first.
+
+    An image with several tags appears once per tag.
+    """
+    try:
+        images = client.images.list(filters={"label": f"{label}={value}"})  # dangling top-level ones too
+    except (APIError, DockerException) as e:
+        raise NodeError(f"cannot list images: {e}") from e
+    out: list[tuple[str | None, str]] = []
+    for image in sorted(images, key=_created, reverse=True):
+        out += [(tag, image.id) for tag in image.tags] or [(None, image.id)]
+    return out
+
+
+def _created(image) -> tuple[str, float]:
+    # "2026-12-01T09:11:11.7562746Z": fractions have varying lengths, so they do not sort as text.
+    stamp = str(image.attrs.get("Created", "")).rstrip("Z")
+    whole, _, fraction = stamp.partition(".")
+    return whole, float(f"0.{fraction}") if fraction.isdigit() else 0.0
+
+
+def images_in_use(client: docker.DockerClient) -> set[str]:
+    """Image ids of every container, running or stopped (docker would refuse to remove them)."""
+    try:
+        # sparse: no inspect per container, which would fail on one removed meanwhile
+        return {c.attrs.get("ImageID", "") for c in client.containers.list(all=True, sparse=True)} - {""}
+    except (APIError, DockerException) as e:
+        raise NodeError(f"cannot list containers: {e}") from e
+
+
+def remove_image(client: docker.DockerClient, ref: str) -> bool:
+    """Untag/remove ``ref`` (a tag or an id) without force; False when docker refuses
+    (a container uses it, or it is gone already)."""
+    try:
+        client.images.remove(ref, noprune=False)
+        return True
+    except NotFound:
+        return False
+    except APIError as e:
+        log.info("keeping image %s: %s", ref, e.explanation)
+        return False
+
+
 # --- one run's networks and containers ---------------------------------------
 
 def _labels(run_id: str, **extra: str) -> dict[str, str]:
@@ -271,6 +315,37 @@ def alive_check(client: docker.DockerClient, name: str) -> Callable[[], tuple[bo
             return True, None, ""
         return False, state.get("ExitCode"), logs(c)
     return check
+
+
+def death_cause(node: Node, client: docker.DockerClient | None = None) -> str | None:
+    """Why a node's container no longer runs (None while it runs)."""
+    try:
+        c = (client or connect()).containers.get(node.details["container"])
+    except NotFound:
+        return "its container vanished"
+    except (APIError, DockerException) as e:
+        return f"its container cannot be inspected ({e})"
+    state = c.attrs["State"]
+    if state.get("Running") and not state.get("OOMKilled"):
+        return None
+    return describe_exit(state.get("ExitCode"), oom=bool(state.get("OOMKilled")), memory=node.memory_bytes)
+
+
+def describe_exit(code: int | None, *, oom: bool, memory: int | None) -> str:
+    """"OOM-killed (memory limit 100 MiB)", "killed by signal 9 (SIGKILL)", "exited with status 3"."""
+    import signal as _signal
+
+    if oom:
+        return "OOM-killed" + (f" (memory limit {memory / 2**20:.0f} MiB)" if memory else "")
+    if code is not None and code > 128:  # the shell convention docker reports: 128 + signal
+        code = -(code - 128)
+    if code is not None and code < 0:
+        try:
+            name = _signal.Signals(-code).name
+        except ValueError:
+            name = "?"
+        return f"killed by signal {-code} ({name})"
+    return f"exited with status {code}" if code is not None else "exited"
 
 
 def start(run_id: str, specs: dict[str, NodeSpec], token: str, *, image: str,

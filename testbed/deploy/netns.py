@@ -8,7 +8,8 @@ Per run, per role (``local``, ``remote``):
 - one DATA veth pair joining the two namespaces (``data0`` in each), which is the
   link the shaper acts on: ``Node.shaping = Target(dev="data0", netns=<name>)``;
 - the agent, ``python -m nodes.agent``, started in the namespace with the host's
-  interpreter, inside a cgroup carrying the node's CPU / memory limits where the
+  interpreter and the ``nodes`` package the orchestrator imports (site-packages
+  when installed, the checkout otherwise), inside a cgroup carrying the node's CPU / memory limits where the
   host allows (see ``testbed.deploy.cgroups``), without any capability (util-linux
   ``setpriv`` empties its bounding set and sets no-new-privileges, so the agent
   cannot reshape its own link; it stays uid 0 because the host interpreter may live
@@ -39,6 +40,7 @@ import os
 import random
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
@@ -54,7 +56,6 @@ from testbed.errors import NodeError
 log = logging.getLogger("testbed.deploy")
 
 STATE_DIR = Path("/run/testbed/netns")
-REPO = Path(__file__).resolve().parents[2]
 DATA_DEV = "data0"
 CONTROL_DEV = "ctl0"
 # Control /30s and the data /30 of a run come out of one 10.213.X.0/24; X is
@@ -150,6 +151,20 @@ def _drop_privileges() -> list[str]:
     return [setpriv, "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--"]
 
 
+def _nodes_pythonpath() -> dict[str, str]:
+    """``PYTHONPATH`` for the agent so it runs the ``nodes`` package this process imports.
+
+    Installed (site-packages): none, the same interpreter finds it. From a checkout
+    (an editable install, or the tests' working directory): the folder holding it.
+    The agent starts in its own working directory, so nothing else would point there.
+    """
+    from testbed.resources import package_path
+
+    root = package_path("nodes").parent
+    site_dirs = {Path(p).resolve() for p in (*site.getsitepackages(), site.getusersitepackages())}
+    return {} if root in site_dirs else {"PYTHONPATH": str(root)}
+
+
 def _spawn(run_id: str, role: str, addrs: dict, group: cgroups.Group, spec: NodeSpec,
            token: str, workdir: str, agent_argv: Sequence[str] | None,
            lease_s: float | None = None) -> subprocess.Popen:
@@ -172,7 +187,7 @@ def _spawn(run_id: str, role: str, addrs: dict, group: cgroups.Group, spec: Node
             "nsenter", f"--net={kernel.NETNS_DIR}/{ns}", "--", *_drop_privileges(),
             *program, *args]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": workdir, "LANG": "C.UTF-8",
-           "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "TESTBED_TOKEN": token}
+           **_nodes_pythonpath(), "PYTHONUNBUFFERED": "1", "TESTBED_TOKEN": token}
     logf = open(os.path.join(workdir, "agent.log"), "ab")
     cpuset = spec.cpuset
 
@@ -211,6 +226,25 @@ def _alive_check(proc: subprocess.Popen, workdir: str) -> Callable[[], tuple[boo
         return False, (97 if code == 97 else code), (
             "cannot join the node's cgroup" if code == 97 else _log_tail(workdir))
     return check
+
+
+def death_cause(node: Node) -> str | None:
+    """Why a netns node's agent no longer runs (None while it runs)."""
+    from testbed.deploy.docker import describe_exit
+
+    pid = int(node.details["pid"])
+    code: int | None = None
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        elif _running(pid):
+            return None
+    except ChildProcessError:  # not our child (cleanup from another process) or reaped already
+        if _running(pid):
+            return None
+    return describe_exit(code, oom=cgroups.oom_kills(node.details.get("cgroups") or []) > 0,
+                         memory=node.memory_bytes)
 
 
 def start(run_id: str, specs: dict[str, NodeSpec], token: str, *,

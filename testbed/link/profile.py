@@ -33,11 +33,13 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from testbed import resources
 from testbed.config import Frozen, Int, Located, load_yaml, validate
 from testbed.errors import ConfigError
 from testbed.units import Bytes, Percent, RateBps, Seconds
 
-PROFILE_DIR = Path(__file__).resolve().parents[2] / "netem_profiles"
+# The shipped profiles: netem_profiles/ in a checkout, package data in an install.
+PROFILE_DIR = resources.folder("netem_profiles")
 DIRECTIONS = ("uplink", "downlink")
 # Profile names key result rows and Prometheus labels and appear in one-line messages.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"

@@ -2,8 +2,8 @@
 
 Owns: the order of qdisc operations on one interface's egress, refusing what
 the kernel cannot do *before* touching anything, the rule that the root qdisc
-stays between configurations (``change`` edits the htb class / netem leaf in
-place, so traffic is never blackholed), the state record (``testbed.link.state``)
+stays between configurations (``change`` edits the root's rate limiter — the
+tbf, or the htb class — and the netem leaf in place, so traffic is never blackholed), the state record (``testbed.link.state``)
 that lets ``clear`` and crashed-run cleanup remove exactly what we added, and
 ``capabilities()``.
 

@@ -6,7 +6,8 @@ and target, a known schemaVersion), substituting template variables the way
 Grafana would, and running every panel query over Prometheus' HTTP API. This is
 how the dashboards are proven without a Grafana: tests (and anyone with a running
 monitor) call ``check_queries``. It leaves the dashboards' content to
-``grafana/generate_dashboards.py`` and the Prometheus process to ``testbed.metrics.monitor``.
+``grafana/generate_dashboards.py``, the Prometheus process to ``testbed.metrics.monitor``
+and finding the shipped folder to ``testbed.resources``.
 """
 
 from __future__ import annotations
@@ -20,16 +21,20 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
+from testbed import resources
 from testbed.errors import TestbedError
 
-DASHBOARD_DIR = Path(__file__).resolve().parents[2] / "grafana" / "dashboards"
+# grafana/dashboards in a checkout, package data in an install (testbed.resources).
+DASHBOARD_DIR = resources.folder("grafana") / "dashboards"
 # Grafana 9.4 .. 11.x write these; older ones migrate, newer ones we have not seen.
 SCHEMA_VERSIONS = range(36, 42)
 # What Grafana substitutes for its built-in interval variables on a short range
 # with a 1 s scrape interval; wide enough that a rate over it has two points.
 BUILTINS = {"__rate_interval": "1m", "__interval": "15s", "__range": "1h", "__range_s": "3600"}
+# Prefix of the series only a run with an Android phone has (testbed.metrics.phone).
+PHONE_SERIES = "testbed_phone_"
 
 
 @dataclass(frozen=True)
@@ -182,8 +187,14 @@ def series_range(url: str, expr: str, start: float, end: float, step: float = 1.
     return data["result"]
 
 
+def needs_phone(query: PanelQuery) -> bool:
+    """True for the Android phone row's queries: they have data only in runs with a phone."""
+    return PHONE_SERIES in query.expr
+
+
 def check_queries(url: str, values: Mapping[str, str], at: float | None = None, start: float | None = None,
-                  folder: Path | str = DASHBOARD_DIR) -> dict[PanelQuery, str]:
+                  folder: Path | str = DASHBOARD_DIR,
+                  select: Callable[[PanelQuery], bool] | None = None) -> dict[PanelQuery, str]:
     """Run every panel query of every dashboard; return the ones that failed, with why.
 
     A query passes when Prometheus parses it and returns at least one finite
@@ -192,13 +203,16 @@ def check_queries(url: str, values: Mapping[str, str], at: float | None = None, 
     the end of the dashboard's time range. With ``start``, time-series queries
     are evaluated over ``[start, at]`` as Grafana draws them, so a finished
     run's panels are checked over the run's window (targets that went away at
-    its end are stale afterwards).
+    its end are stale afterwards). ``select`` keeps only the queries it is true
+    for (a run without a phone has no phone series: ``lambda q: not needs_phone(q)``).
     """
     failed: dict[PanelQuery, str] = {}
     for name, dashboard in load_dashboards(folder).items():
         instants = {(p.get("id"), t.get("refId")) for p in panels(dashboard)
                     for t in p.get("targets", []) if t.get("instant")}
         for q in queries(name, dashboard):
+            if select is not None and not select(q):
+                continue
             expr = substitute(q.expr, values)
             try:
                 if start is not None and (q.panel_id, q.ref_id) not in instants:

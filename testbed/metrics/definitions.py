@@ -13,6 +13,8 @@ plain decimal integers, the same numbers as in the CSV files.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Latency buckets, 0.1 ms .. 100 s, 6 per decade. A sweep spans sub-millisecond
@@ -155,7 +157,20 @@ class Definitions:
                              "Wall time of the sweep by phase (link, tail_load, delivery, head_load, kpi, warmup, "
                              "sampling, write, other); the phases of a configuration add up to its wall time.",
                              b + ("profile", "phase"))
+        self.failed = counter("testbed_configurations_failed_total",
+                              "Configurations that could not be measured (a node died, hung or refused), by the "
+                              "node that died (none: it still ran).", b + ("profile", "node"))
         self.push_failures = counter("testbed_pushgateway_failures_total",
                                      "Configuration summaries the Pushgateway did not accept (after the first).", b)
 
 
+@dataclass(frozen=True)
+class ConfigurationSummary:
+    """What ``configuration_done`` computed from the samples it saw."""
+
+    split: int
+    profile: str
+    samples: int
+    e2e_mean_s: float | None
+    e2e_p50_s: float | None
+    e2e_p90_s: float | None

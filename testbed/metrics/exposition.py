@@ -14,7 +14,6 @@ import statistics
 import threading
 import time
 from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app
@@ -22,10 +21,8 @@ from prometheus_client.exposition import push_to_gateway
 
 from nodes.addresses import parse_host_port
 from testbed.errors import TestbedError
-from testbed.metrics.definitions import PUSH_JOB
+from testbed.metrics.definitions import PUSH_JOB, ConfigurationSummary
 
-if TYPE_CHECKING:
-    from testbed.metrics.recording import ConfigurationSummary
 
 def push_summary(gateway: str, experiment: str, run: str, summary: ConfigurationSummary,
                  *, timeout: float = 10.0) -> None:

@@ -6,8 +6,8 @@ Owns the generated ``prometheus.yml`` (one job, file-based service discovery ove
 Prometheus process: the distribution's ``prometheus`` binary on loopback when it
 is installed, tracked by a pid file, otherwise ``docker/monitoring-compose.yml``
 (Prometheus + Grafana images) for machines that can pull images. It leaves the
-metric names to ``testbed.metrics`` and ``nodes/agent.py``, and the dashboards to
-``grafana/``.
+metric names to ``testbed.metrics`` and ``nodes/agent.py``, the dashboards to
+``grafana/``, and where those shipped files are to ``testbed.resources``.
 
 Layout of ``monitor_dir`` (default ``~/.cache/testbed/monitor``, or
 ``$TESTBED_MONITOR_DIR``)::
@@ -41,11 +41,13 @@ from typing import Iterable, Mapping
 
 import yaml
 
+from testbed import resources
+from testbed.deploy import owner
 from testbed.errors import TestbedError
 
 JOB = "testbed"
-REPO = Path(__file__).resolve().parents[2]
-COMPOSE_FILE = REPO / "docker" / "monitoring-compose.yml"
+# Shipped with the package (testbed.resources); it mounts ../grafana, shipped beside it.
+COMPOSE_FILE = resources.folder("docker") / "monitoring-compose.yml"
 COMPOSE_PROJECT = "testbed-monitor"
 DEFAULT_LISTEN = "127.0.0.1:9090"
 DEFAULT_GRAFANA_PORT = 3000
@@ -95,12 +97,36 @@ def publish_targets(run_id: str, experiment: str, orchestrator: str | None,
     for node, address in sorted(agents.items()):
         targets.append((address, {"component": "agent", "node": node, "experiment": experiment, "run": run_id}))
     folder = Path(monitor_dir) if monitor_dir else default_dir()
-    return write_targets(folder / "targets" / f"{run_id}.json", targets)
+    path = write_targets(folder / "targets" / f"{run_id}.json", targets)
+    # Who published it: `testbed cleanup` removes the targets of runs whose owner died.
+    _owner_file(path).write_text(owner.tag() + "\n")
+    return path
+
+
+def _owner_file(targets: Path) -> Path:
+    return targets.with_name(targets.name + ".owner")
 
 
 def remove_targets(path: Path | str) -> None:
     """Stop Prometheus scraping a finished run (tolerates "already gone")."""
     Path(path).unlink(missing_ok=True)
+    _owner_file(Path(path)).unlink(missing_ok=True)
+
+
+def remove_dead_targets(monitor_dir: Path | str | None = None) -> list[str]:
+    """Targets files of runs whose orchestrator is gone (killed before it could
+    remove them): Prometheus would scrape their vanished endpoints forever."""
+    folder = (Path(monitor_dir) if monitor_dir else default_dir()) / "targets"
+    removed = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            tag = _owner_file(path).read_text().strip()
+        except OSError:
+            continue  # no owner recorded (a hand-written file, an old run): not ours to judge
+        if not owner.alive(tag):
+            remove_targets(path)
+            removed.append(f"prometheus targets {path}")
+    return removed
 
 
 # --------------------------------------------------------------------------- config

@@ -23,14 +23,13 @@ import math
 import statistics
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Gauge
 
 from nodes.stats import quantile as _quantile
 from testbed.errors import TestbedError
-from testbed.metrics.definitions import _CODEC_KEYS, DIRECTIONS, Definitions
+from testbed.metrics.definitions import _CODEC_KEYS, DIRECTIONS, ConfigurationSummary, Definitions
 from testbed.metrics.exposition import push_summary
 
 
@@ -50,18 +49,6 @@ def _num(sample: Mapping[str, Any], key: str) -> float | None:
         return None
     return None if math.isnan(number) else number
 
-
-
-@dataclass(frozen=True)
-class ConfigurationSummary:
-    """What ``configuration_done`` computed from the samples it saw."""
-
-    split: int
-    profile: str
-    samples: int
-    e2e_mean_s: float | None
-    e2e_p50_s: float | None
-    e2e_p90_s: float | None
 
 
 
@@ -155,7 +142,8 @@ class SweepMetrics:
             m.e2e.labels(**cfg).observe(e2e)
             with self._lock:
                 self._e2e.setdefault((cfg["split"], cfg["profile"]), []).append(e2e)
-        for key, node, part in (("head_s", "local", "head"), ("tail_s", "remote", "tail")):
+        nodes = ("local", "remote") if sample.get("topology") in (None, 1) else ("remote", "local")
+        for key, node, part in (("head_s", nodes[0], "head"), ("tail_s", nodes[1], "tail")):
             value = _num(sample, key)
             if value is not None and value > 0:
                 m.inference.labels(**cfg, node=node, part=part).observe(value)
@@ -270,6 +258,12 @@ class SweepMetrics:
         for phase, seconds in phases.items():
             if seconds > 0:
                 self._m.phase.labels(**self._base, profile=str(profile), phase=phase).inc(seconds)
+
+    def configuration_failed(self, split: int, profile: str, node: str) -> None:
+        """Count a configuration that failed; forget its samples (it is retried on --resume)."""
+        with self._lock:
+            self._e2e.pop((_label(split), _label(profile)), None)
+        self._m.failed.labels(**self._base, profile=_label(profile), node=node).inc()
 
     def configuration_done(self, split: int, profile: str, *, done: int | None = None,
                            eta_s: float | None = None) -> ConfigurationSummary:

@@ -16,10 +16,12 @@ How the nodes time things is the agents'; how rows are written ``results``'.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from testbed.analysis.results import ConfigurationResult, RunFolder, ideal_transfer_s
 from testbed.experiment import Runs
+from testbed.sweep import data_path
 from testbed.sweep.phases import PhaseClock
 from testbed.sweep.placement import NodePair
 from testbed.sweep.plan import Configuration, Plan
@@ -29,12 +31,38 @@ if TYPE_CHECKING:
     from testbed.link.link import Link
     from testbed.link.profile import Direction, LinkProfile
     from testbed.metrics import SweepMetrics
+    from testbed.sweep.android import PhoneHead
     from testbed.sweep.parts import Parts
 
 # Extra samples taken to reach min_seconds are asked for in batches sized from
 # the time per sample so far, at most this many per control round trip.
 _MAX_BATCH = 50
 DIRECTIONS = ("uplink", "downlink")
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """How long each step of a configuration may take before its node counts as
+    hung: three times its estimate plus a margin (the estimate knows the bytes,
+    the rate and the samples), instead of one fixed bound for every configuration."""
+
+    load_s: float = 120.0
+    delivery_s: float = 600.0
+    kpi_s: float = 900.0
+    warmup_s: float = 600.0
+    run_s: float = 3600.0
+
+    @classmethod
+    def from_estimate(cls, phases: dict[str, float] | None) -> Deadlines:
+        if not phases:
+            return cls()
+
+        def bound(*names: str, margin: float = 30.0) -> float:
+            return 3.0 * sum(phases.get(n, 0.0) for n in names) + margin
+
+        return cls(load_s=bound("tail_load", "head_load", margin=60.0), delivery_s=bound("delivery", "head_load"),
+                   kpi_s=bound("kpi", margin=120.0), warmup_s=bound("warmup", margin=60.0),
+                   run_s=bound("sampling", "warmup"))
 
 
 # --------------------------------------------------------------------------- the link as results see it
@@ -84,7 +112,8 @@ def link_columns(prof: LinkProfile) -> dict[str, Any]:
 
 def take_samples(nodes: NodePair, runs: Runs, input_encoding: str, codec: str, n_inputs: int,
                  model_outputs: list[str], clock: PhaseClock, parts: tuple[bool, bool],
-                 clock_offset_ns: int | None = None) -> list[dict[str, Any]]:
+                 path: dict[str, Any] | None = None, stream: dict[str, Any] | None = None,
+                 deadlines: Deadlines = Deadlines(), clock_offset_ns: int | None = None) -> list[dict[str, Any]]:
     """Warm-up, then ``runs.samples`` samples, stopped early (after at least one)
     once ``max_seconds`` have passed; then more, in batches, while under
     ``min_seconds``. The agent enforces ``max_seconds`` itself, so a slow
@@ -93,32 +122,42 @@ def take_samples(nodes: NodePair, runs: Runs, input_encoding: str, codec: str, n
     Warm-up invokes each part ``runs.warmup`` times on its own node (first
     invokes pack weights, fill caches) without sending anything: the link needs
     no warming (a rate-limited TCP connection is at full rate from the first
-    segment), and at low rates a warm-up sample through it took seconds."""
+    segment), and at low rates a warm-up sample through it took seconds.
+
+    ``path`` holds the data-path arguments (``data_path.run_args``: topology,
+    transport, stream ...); a stream's totals are put into ``stream``."""
     t0 = time.monotonic()
-    has_head, has_tail = parts
+    path = path or {}
+    (ue_has, ue_role), (net_has, net_role) = parts_on_nodes(parts, path.get("topology", 1))
     if runs.warmup:
         with clock("warmup"):
-            nodes.both((lambda: nodes.local.warm("head", runs.warmup)) if has_head else None,
-                       (lambda: nodes.remote.warm("tail", runs.warmup)) if has_tail else None)
+            nodes.both((lambda: nodes.local.warm(ue_role, runs.warmup, timeout=deadlines.warmup_s))
+                       if ue_has else None,
+                       (lambda: nodes.remote.warm(net_role, runs.warmup, timeout=deadlines.warmup_s))
+                       if net_has else None)
     with clock("sampling"):
         result = nodes.local.run_detailed(samples=runs.samples, warmup=0, codec=codec,
                                           input_encoding=input_encoding, max_seconds=runs.max_seconds,
-                                          model_outputs=model_outputs, clock_offset_ns=clock_offset_ns)
+                                          model_outputs=model_outputs, timeout=deadlines.run_s,
+                                          clock_offset_ns=clock_offset_ns, **path)
     clock.add("warmup", result["phases"].get("handshake_s", 0.0), taken_from="sampling")
     samples = result["samples"]
+    if stream is not None:
+        stream.update(result.get("stream") or {})
     # the agent cycles through the inputs from the first sample of each call
     for s in samples:
-        s["input_index"] = s.get("sample", 0) % n_inputs
-    while samples:
+        s.setdefault("input_index", s.get("sample", 0) % n_inputs)
+    while samples and "stream" not in path:
         elapsed = time.monotonic() - t0
         if elapsed >= runs.min_seconds or elapsed >= runs.max_seconds:
             break
         per_sample = elapsed / len(samples)
         want = max(1, min(_MAX_BATCH, int((runs.min_seconds - elapsed) / per_sample) + 1))
         with clock("sampling"):
-            more = nodes.local.run(samples=want, warmup=0, codec=codec, input_encoding=input_encoding,
-                                   max_seconds=runs.max_seconds - elapsed, model_outputs=model_outputs,
-                                   clock_offset_ns=clock_offset_ns)
+            more = nodes.local.run_detailed(samples=want, warmup=0, codec=codec, input_encoding=input_encoding,
+                                            max_seconds=runs.max_seconds - elapsed, model_outputs=model_outputs,
+                                            timeout=deadlines.run_s, clock_offset_ns=clock_offset_ns,
+                                            **path)["samples"]
         for s in more:
             s["input_index"] = s.get("sample", 0) % n_inputs
         samples += more
@@ -130,13 +169,21 @@ def take_samples(nodes: NodePair, runs: Runs, input_encoding: str, codec: str, n
     return samples
 
 
+def parts_on_nodes(parts: tuple[bool, bool], topology: int) -> tuple[tuple[bool, str], tuple[bool, str]]:
+    """((UE has a part, its role), (remote has a part, its role)) from (has head, has tail)."""
+    has_head, has_tail = parts
+    net_role, ue_role = data_path.roles(topology)
+    has = {"head": has_head, "tail": has_tail}
+    return (has[ue_role], ue_role), (has[net_role], net_role)
+
+
 # --------------------------------------------------------------------------- KPIs
 
 KpiCache = dict[tuple[int, str], dict[str, Any]]
 
 
-def _kpis(client: AgentClient, role: str, runs: Runs, threads: int | None) -> dict[str, Any]:
-    return client.kpis(role=role, runs=runs.kpi_runs, warmup=max(1, runs.warmup), threads=threads)
+def _kpis(client: AgentClient, role: str, runs: Runs, threads: int | None, timeout: float) -> dict[str, Any]:
+    return client.kpis(role=role, runs=runs.kpi_runs, warmup=max(1, runs.warmup), threads=threads, timeout=timeout)
 
 
 def kpis_from(run: RunFolder) -> KpiCache:
@@ -153,13 +200,22 @@ def kpis_from(run: RunFolder) -> KpiCache:
 
 def _part_rows(p: Plan, nodes: NodePair, c: Configuration, entry: dict[str, Any], head: bytes | None,
                tail: bytes | None, delivery_s: float | None, kpis: KpiCache, metrics: SweepMetrics,
-               clock: PhaseClock) -> list[dict[str, Any]]:
-    """parts.csv rows of the configuration, measuring KPIs the first time a part is seen."""
+               clock: PhaseClock, deadlines: Deadlines, phone: PhoneHead | None = None) -> list[dict[str, Any]]:
+    """parts.csv rows of the configuration, measuring KPIs the first time a part is seen
+    (with a phone as the local node, the head's KPIs are the phone's: ``testbed.sweep.android``)."""
     exp, k = p.experiment, c.split
+    if phone is not None and head is not None:
+        if k not in phone.measured:
+            with clock("kpi"):
+                phone.head(k, head)
+        kpis.setdefault((k, "head"), {**phone.kpis(k), "kpi_profile": c.profile.name})
     roles = (("head", "local", nodes.local, head, entry["head_sha256"], exp.nodes.local.threads),
              ("tail", "remote", nodes.remote, tail, entry["tail_sha256"], exp.nodes.remote.threads))
+    if exp.topology != 1:  # the head runs in the network, the tail on the UE
+        roles = (("head", "remote", nodes.remote, head, entry["head_sha256"], exp.nodes.remote.threads),
+                 ("tail", "local", nodes.local, tail, entry["tail_sha256"], exp.nodes.local.threads))
     jobs: list[Callable[[], Any] | None] = [
-        (lambda cl=client, r=role, t=threads: _kpis(cl, r, exp.runs, t))
+        (lambda cl=client, r=role, t=threads: _kpis(cl, r, exp.runs, t, deadlines.kpi_s))
         if data is not None and (k, role) not in kpis else None
         for role, _, client, data, _, threads in roles]
     if any(jobs):
@@ -174,8 +230,10 @@ def _part_rows(p: Plan, nodes: NodePair, c: Configuration, entry: dict[str, Any]
             continue
         kp = kpis[(k, role)]
         metrics.set_part(node_name, role, k, kp, file_bytes=len(data))
+        if phone is not None and role == "head":
+            node_name = "phone"
         rows.append({"part": role, "node": node_name, "file_bytes": len(data), "sha256": sha,
-                     "delivery_s": delivery_s if role == "head" else None, **kp})
+                     "delivery_s": delivery_s if node_name == "local" else None, **kp})
     return rows
 
 
@@ -201,42 +259,37 @@ def _clock_check(nodes: NodePair) -> Any:
 
 
 def run_configuration(p: Plan, nodes: NodePair, link: Link, c: Configuration, kpis: KpiCache,
-                      metrics: SweepMetrics, clock: PhaseClock, parts: Parts) -> ConfigurationResult:
-    """Measure one configuration; every step charged to ``clock``."""
+                      metrics: SweepMetrics, clock: PhaseClock, parts: Parts,
+                      deadlines: Deadlines = Deadlines(), phone: PhoneHead | None = None) -> ConfigurationResult:
+    """Measure one configuration; every step charged to ``clock``, bounded by ``deadlines``. With
+    ``phone`` the head is also measured on the phone and e2e composed (``testbed.sweep.android``).
+
+    Raises:
+        NodeError / ProtocolError: a node died, hung past its deadline or failed a step.
+    """
     exp = p.experiment
     prof, k = c.profile, c.split
     clocks = _clock_check(nodes)
     offset = clocks.start().offset_ns if clocks is not None else None
+    phone_before = phone.state() if phone is not None else None
+    phone_measured = phone is not None and head_needs_phone(phone, k)
     with clock("split"):
         entry = parts.entry(k)
         head, tail = parts.read(entry["head"]), parts.read(entry["tail"])
-    # The tail lives in the network: the orchestrator hands it to the remote node
-    # over the (unshaped) control plane. The head is delivered from the remote to
-    # the local node over the shaped downlink, as the scenario delivers the split
-    # model from the network to the device; that delivery is timed by the agents.
-    with clock("tail_load"):
-        nodes.remote.load_part("tail", tail, entry["tail_sha256"], threads=exp.nodes.remote.threads)
-    delivery_s = delivery_ideal_s = None
-    if head is not None:
-        with clock("delivery"):
-            timing = nodes.remote.deliver_part(nodes.local, head, entry["head_sha256"], role="head",
-                                               threads=exp.nodes.local.threads, clock_offset_ns=offset)
-        clock.add("head_load", float(timing.get("load_s") or 0.0), taken_from="delivery")
-        delivery_s = float(timing["delivery_s"])
-        delivery_ideal_s = ideal(prof, "downlink", timing.get("wire_bytes"), timing.get("mss"), timing.get("mtu"))
-        metrics.observe_delivery(k, prof.name, delivery_s, size_bytes=len(head))
-    else:
-        with clock("head_load"):
-            nodes.local.load_part("head", None)
-    part_rows = _part_rows(p, nodes, c, entry, head, tail, delivery_s, kpis, metrics, clock)
+    delivery_s, delivery_ideal_s = _place_parts(p, nodes, prof, k, entry, {"head": head, "tail": tail},
+                                                metrics, clock, deadlines, offset)
+    part_rows = _part_rows(p, nodes, c, entry, head, tail, delivery_s, kpis, metrics, clock, deadlines, phone)
 
     t_sampling = time.monotonic()
+    stream: dict[str, Any] = {}
     samples = take_samples(nodes, exp.runs, exp.input_encoding, exp.codec, p.n_inputs,
                            [o.name for o in p.graph.outputs], clock, (head is not None, tail is not None),
-                           clock_offset_ns=offset)
+                           data_path.run_args(p, prof), stream, deadlines, clock_offset_ns=offset)
     sampling_s = time.monotonic() - t_sampling
     if clocks is not None:
         clocks.finish()
+    if phone is not None:
+        phone.compose(samples, k, c.key)
     for s in samples:
         s.setdefault("codec", exp.codec)
         s.setdefault("input_encoding", exp.input_encoding)
@@ -254,18 +307,63 @@ def run_configuration(p: Plan, nodes: NodePair, link: Link, c: Configuration, kp
         "head_file_bytes": entry.get("head_bytes"), "tail_file_bytes": entry.get("tail_bytes"),
         "delivery_s": delivery_s, "delivery_ideal_s": delivery_ideal_s, "sampling_s": sampling_s,
         **shaped_at(nodes), **(clocks.summary_columns() if clocks is not None else {}),
+        **data_path.summary_columns(p, prof, samples, stream),
     }
+    if phone is not None:
+        summary.update(phone.summary(k, phone_before, phone.state(), phone_measured))
     return ConfigurationResult(profile=prof.name, split=k, samples=samples, summary=summary, parts=part_rows,
                                repeat=c.repeat)
 
 
+def head_needs_phone(phone: PhoneHead, k: int) -> bool:
+    """The phone benchmarks head part ``k`` in this configuration (not measured before)."""
+    return k > 0 and k not in phone.measured
+
+
+def _place_parts(p: Plan, nodes: NodePair, prof: LinkProfile, k: int, entry: dict[str, Any],
+                 blobs: dict[str, bytes | None], metrics: SweepMetrics, clock: PhaseClock,
+                 deadlines: Deadlines, clock_offset_ns: int | None = None,
+                 ) -> tuple[float | None, float | None]:
+    """The network's part to the remote over the control plane; the UE's part
+    delivered remote -> local over the shaped downlink (timed), as the scenario
+    delivers the split model from the network to the device. Topology 1: head on
+    the UE; 2 and 3: tail on the UE. Returns (delivery_s, its ideal)."""
+    exp = p.experiment
+    net_role, ue_role = data_path.roles(exp.topology)
+    with clock("tail_load"):
+        if exp.topology != 1:  # a remote keeps its parts across configurations: one role each
+            nodes.remote.load_part(ue_role, None, timeout=deadlines.load_s)
+        nodes.remote.load_part(net_role, blobs[net_role], entry[f"{net_role}_sha256"],
+                               threads=exp.nodes.remote.threads, timeout=deadlines.load_s)
+    ue_part = blobs[ue_role]
+    if ue_part is None:
+        with clock("head_load"):
+            nodes.local.load_part(ue_role, None, timeout=deadlines.load_s)
+        return None, None
+    with clock("delivery"):
+        timing = nodes.remote.deliver_part(nodes.local, ue_part, entry[f"{ue_role}_sha256"], role=ue_role,
+                                           threads=exp.nodes.local.threads, timeout=deadlines.delivery_s,
+                                           clock_offset_ns=clock_offset_ns)
+    clock.add("head_load", float(timing.get("load_s") or 0.0), taken_from="delivery")
+    delivery_s = float(timing["delivery_s"])
+    metrics.observe_delivery(k, prof.name, delivery_s, size_bytes=len(ue_part))
+    return delivery_s, ideal(prof, "downlink", timing.get("wire_bytes"), timing.get("mss"), timing.get("mtu"))
+
+
 # --------------------------------------------------------------------------- layers
 
-def profile_layers(p: Plan, nodes: NodePair, run: RunFolder, metrics: SweepMetrics) -> None:
-    """Per-layer latency on each node under its limits, once per run (both at once when allowed)."""
+def profile_layers(p: Plan, nodes: NodePair, run: RunFolder, metrics: SweepMetrics,
+                   phone: PhoneHead | None = None) -> None:
+    """Per-layer latency on each node under its limits, once per run (both at once when allowed).
+    With a phone, the local node's layers are the phone's (the whole model with op profiling)."""
     from testbed.model.layers import one_layer_models
 
     done = run.layer_nodes()
+    if phone is not None and "local" not in done:
+        rows = phone.layer_rows(p.model_path.read_bytes())
+        run.append_layers(rows)
+        metrics.set_layers("local", [r for r in rows if r.get("mean_s") is not None])
+        done = done | {"local"}
     targets = [(n, cfg) for n, cfg in (("local", p.experiment.nodes.local), ("remote", p.experiment.nodes.remote))
                if n not in done]
     if not targets:

@@ -80,6 +80,7 @@ class RunShape:
     local_parallelism: float              # min(cpus, threads) of the node
     remote_parallelism: float
     repeat: int = 1
+    stream_s: float | None = None         # runs.mode stream: each configuration streams this long
     parallel_nodes: bool = True           # both nodes on disjoint CPUs: KPIs, warm-up, layers at once
     macs_per_s: float = DEFAULT_MACS_PER_S
     # per-layer seconds measured on each node (layers.csv), replacing MACs when known
@@ -114,6 +115,8 @@ def configuration_phases(shape: RunShape, link: LinkShape, k: int, kpis: bool) -
     per_sample = head_s + tail_s + crossing + SAMPLE_OVERHEAD_S
     count = min(shape.samples, math.floor(shape.max_seconds / per_sample) + 1) if per_sample > 0 else shape.samples
     sampling = max(count * per_sample, min(shape.min_seconds, shape.max_seconds))
+    if shape.stream_s is not None:  # a stream lasts its duration (and drains), whatever the samples say
+        sampling = shape.stream_s + per_sample
     head_bytes, tail_bytes = sum(shape.layer_param_bytes[:k]), sum(shape.layer_param_bytes[k:])
     phases = dict.fromkeys(PHASES, 0.0)
     phases.update(CONFIG_OVERHEAD_S)
@@ -355,4 +358,5 @@ def shape_for(exp: Any, graph: Any, profiles: list[Any], splits: list[int], *, b
         min_seconds=exp.runs.min_seconds, max_seconds=exp.runs.max_seconds, kpi_runs=exp.runs.kpi_runs,
         layer_runs=exp.runs.layer_runs, local_parallelism=_share(exp.nodes.local, host_cpus),
         remote_parallelism=_share(exp.nodes.remote, host_cpus), repeat=exp.runs.repeat,
+        stream_s=exp.runs.duration if exp.runs.mode == "stream" else None,
         parallel_nodes=parallel_nodes, macs_per_s=macs_per_s)

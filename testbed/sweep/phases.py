@@ -22,13 +22,20 @@ class PhaseClock:
     def __init__(self, start: float | None = None) -> None:
         self.start = time.monotonic() if start is None else start
         self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.current: str | None = None    # the phase being timed now
+        self.failed_in: str | None = None  # the innermost phase an exception left
 
     @contextlib.contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
         t = time.monotonic()
+        outer, self.current = self.current, phase
         try:
             yield
+        except BaseException:
+            self.failed_in = self.failed_in or phase
+            raise
         finally:
+            self.current = outer
             self.seconds[phase] += time.monotonic() - t
 
     def add(self, phase: str, seconds: float, taken_from: str | None = None) -> None:

@@ -48,6 +48,12 @@ def cpu_plan(exp: Experiment) -> CpuPlan:
                      remote_set=n.remote.cpu_list)
 
 
+def parallel(exp: Experiment, plan: CpuPlan) -> bool:
+    """The two nodes can work at the same time without slowing each other: disjoint
+    CPU sets here, or a remote on another machine (ssh)."""
+    return disjoint(plan) or exp.nodes.remote_ssh
+
+
 def without_remote(plan: CpuPlan) -> CpuPlan:
     """The plan when the remote node runs on another machine (an ssh remote): no CPU
     of this host is its, the orchestrator gets every one the local node leaves."""

@@ -431,6 +431,18 @@ def _kernel(run: _Run) -> None:
         run.problem(how_to_get(sorted(lacking), caps.kernel))
 
 
+def _nft(run: _Run) -> None:
+    """``transport.nft_loss`` needs the nft and nsenter commands on this host."""
+    import shutil
+
+    if not run.exp.transport.nft_loss:
+        return
+    missing = [c for c in ("nft", "nsenter") if shutil.which(c) is None]
+    if missing:
+        run.problem(run.exp.error(f"nft_loss needs {' and '.join(missing)} (apt-get install nftables util-linux)",
+                                  ("transport", "nft_loss")))
+
+
 def _asks(prof: Any, directions: list[str]) -> str:
     """What a profile asks beyond a rate (the reason it needs netem)."""
     names = ("delay_s", "jitter_s", "loss", "duplicate", "corrupt", "reorder", "slot")
@@ -535,8 +547,11 @@ def _summary(run: _Run, shape: RunShape | None) -> None:
     todo = len(shape.configurations) if shape is not None else total
     resumed = f", {total - todo} already done" if todo != total else ""
     run.fact("configurations", f"{total} = {len(run.profiles)} profile(s) x {len(run.splits)} split point(s)"
-                               f"{resumed}; per configuration {exp.runs.warmup} warm-up + {exp.runs.samples} "
-                               f"sample(s), at least {exp.runs.min_seconds:g} s, at most {exp.runs.max_seconds:g} s")
+                               f"{resumed}; per configuration {exp.runs.warmup} warm-up + " + (
+                                   f"a stream of {exp.runs.fps:g} frames/s for {exp.runs.duration:g} s (queue "
+                                   f"{exp.runs.queue})" if exp.runs.mode == "stream" else
+                                   f"{exp.runs.samples} sample(s), at least {exp.runs.min_seconds:g} s, "
+                                   f"at most {exp.runs.max_seconds:g} s"))
     if shape is not None:
         run.result.estimate_s = estimate_duration(shape)
         build = " (includes building the node image)" if shape.build_image else ""
@@ -564,6 +579,7 @@ def check(path: str | Path, options: Any = None) -> Check:
     shape = _shape(run, backend) if backend is not None and run.graph is not None else None
     _ssh_remote(run)
     _kernel(run)
+    _nft(run)
     _listen(run)
     _disk(run, shape)
     if run.profiles:

@@ -25,15 +25,17 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from rich.console import Console
 
-from testbed.analysis.results import RunFolder
+from testbed.analysis.results import ConfigurationResult, RunFolder
 from testbed.errors import ConfigError, Interrupted, NodeError, ProtocolError, TestbedError
 from testbed.experiment import Experiment, load_experiment, parse_host_port, resolved_dict
 from testbed.sweep import environment, placement
-from testbed.sweep.configuration import KpiCache, kpis_from, loss_pct, profile_layers, run_configuration
+from testbed.sweep.configuration import Deadlines, KpiCache, kpis_from, loss_pct, profile_layers, run_configuration
+from testbed.sweep.estimate import Eta, human
 from testbed.sweep.parts import Parts
 from testbed.sweep.phases import PhaseClock
 from testbed.sweep.plan import Configuration, Plan, SweepOptions, inputs, open_run, pending, plan
 from testbed.sweep.progress import Timing, estimate, progress_bar
+from testbed.sweep.session import FailureBudget, Session
 from testbed.sweep.signals import Signals
 
 if TYPE_CHECKING:
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from testbed.link.profile import LinkProfile
     from testbed.metrics import SweepMetrics
     from testbed.metrics.exposition import MetricsServer
+    from testbed.sweep.android import PhoneHead
 
 __all__ = ["Configuration", "Plan", "SweepOptions", "pending", "run_experiment"]
 
@@ -81,9 +84,6 @@ def run_experiment(path: str | Path, options: SweepOptions = SweepOptions(),
 
 def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: Console) -> None:
     """Estimate, deploy, sweep; everything deployed is torn down on the way out."""
-    from testbed.deploy import deploy
-    from testbed.link.link import Link
-
     exp = p.experiment
     finished = run.finished()
     kpis = kpis_from(run)
@@ -99,58 +99,61 @@ def _run(p: Plan, run: RunFolder, options: SweepOptions, listen: str, console: C
     if not todo:
         return
     cpus = placement.cpu_plan(exp)
-    ssh = _ssh_spec(exp)
-    if ssh is not None:  # the remote computes on its own machine, on none of this host's CPUs
+    if exp.nodes.remote_ssh:  # the remote computes on its own machine, on none of this host's CPUs
         cpus = placement.without_remote(cpus)
-    parallel = placement.disjoint(cpus) or ssh is not None
+    parallel = placement.parallel(exp, cpus)
     backend = options.backend or exp.nodes.backend
     estimates, source, setup = estimate(p, run, options, finished, backend if backend != "auto" else "docker",
                                         parallel)
-    from testbed.sweep.estimate import Eta, human
     timing = Timing(Eta(estimates), source)
     console.print(f"estimate: about {human(setup + timing.remaining_s())} (from {source})")
     images = inputs(p)
     p.n_inputs = len(images)
-    run_id, token = secrets.token_hex(3), secrets.token_urlsafe(24)
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(placement.pinned(cpus.orchestrator))
         metrics, server = stack.enter_context(_metrics(exp, run.path.name, listen, console))
-        dep = stack.enter_context(deploy(run_id, placement.node_spec(exp.nodes.local, cpus.local),
-                                         placement.node_spec(exp.nodes.remote, cpus.remote),
-                                         backend=backend, token=token, ssh=ssh))
-        console.print(f"backend: {dep.backend}  run id: {run_id}")
-        for note in cpus.notes:
-            console.print(f"cpus: {note}")
-        stack.callback(_publish_targets(exp, run.path.name, metrics, server, dep))
-        link = Link(dep.local.shaping, dep.remote.shaping)
-        stack.callback(link.teardown)
-        link.check(p.profiles)
-        environment.record(run, environment.environment(p, run_id, dep, link.capabilities(), options, cpus),
-                           run.environment())
-        nodes = placement.NodePair(dep, dep.local.client(token), dep.remote.client(token), parallel=parallel)
-        for client in (nodes.local, nodes.remote):
-            stack.callback(client.close)
-            client.health()
-        nodes.local.set_inputs([{p.graph.inputs[0].name: a} for a in images])
-        nodes.local.connect_peer(dep.remote.data_host, dep.remote.data_port)
+        session = stack.enter_context(Session(p, run, options, cpus, secrets.token_urlsafe(24), metrics, server,
+                                              console, images, _publish_targets))
         parts = Parts(p, run)
         if not options.keep_parts:
             stack.callback(parts.remove)
-        profile_layers(p, nodes, run, metrics)
+        assert session.nodes is not None and session.dep is not None
+        phone = _phone(stack, p, run, session.run_ids[0], metrics, console)
+        profile_layers(p, session.nodes, run, metrics, phone)
         timing.setup_s = time.monotonic() - timing.started
-        estimates, timing.source, _ = estimate(p, run, options, finished, dep.backend, parallel, run.layers())
+        estimates, timing.source, _ = estimate(p, run, options, finished, session.dep.backend, parallel,
+                                               run.layers())
         timing.eta = Eta(estimates)
-        _sweep(p, nodes, link, run, todo, total, kpis, metrics, console, options, parts, timing)
+        _sweep(p, session, run, todo, total, kpis, metrics, console, options, parts, timing, phone)
         environment.record_timing(run, timing.record())
 
 
-def _ssh_spec(exp: Experiment):  # -> testbed.deploy.ssh.SshSpec | None
-    if not exp.nodes.remote_ssh:
+def _phone(stack: contextlib.ExitStack, p: Plan, run: RunFolder, run_id: str, metrics: SweepMetrics,
+           console: Console) -> PhoneHead | None:
+    """With ``nodes.local.backend: android``: hold the phone for the run (its folder removed on the
+    way out, whatever happens) and record it in environment.json."""
+    cfg = p.experiment.nodes.android
+    if cfg is None:
         return None
-    from testbed.deploy.ssh import SshSpec
+    from testbed.android.adb import Adb
+    from testbed.android.session import phone_session
+    from testbed.metrics.phone import PhoneMetrics
+    from testbed.sweep.android import PhoneHead
 
-    return SshSpec.from_config(exp.nodes.remote)
+    adb = Adb(cfg.adb_port)
+    held = stack.enter_context(phone_session(adb, cfg.serial, p.experiment.resolve_path(cfg.benchmark_model),
+                                             run_id=run_id, cores=cfg.cores or "all",
+                                             need_bytes=2 * p.model_path.stat().st_size))
+    pm = PhoneMetrics(metrics.registry, p.experiment.name, run.path.name, held.phone.serial, held.info.model or "")
+    phone = PhoneHead(held, cfg, p.experiment.runs, p.graph, pm)
+    pm.set_state(held.start_state)
+    console.print(f"phone: {held.phone.serial} {held.info.model} ({held.info.soc}), cores {held.cores} "
+                  f"(mask {held.mask or 'all'}), e2e composed with a proxy local node on this host")
+    env = run.environment()
+    env["android"] = phone.environment()
+    run.write_environment(env)
+    return phone
 
 
 @contextlib.contextmanager
@@ -195,16 +198,6 @@ def _publish_targets(exp: Experiment, run_name: str, metrics: SweepMetrics, serv
     return undo
 
 
-def _failed(run: RunFolder, c: Configuration, e: TestbedError, dep: Deployment) -> None:
-    """Record the configuration as failed (results so far stay), then stop the run with
-    one line saying why and how to finish it."""
-    lost = dep.lost() if hasattr(dep, "lost") else None
-    why = f"{lost}: {e}" if lost else str(e)
-    run.mark_failed(c.repeat, c.profile.name, c.split, why)
-    raise NodeError(f"configuration {c.profile.name} k={c.split} failed ({why}); marked in "
-                    f"{run.path}/failures.csv, results so far kept; finish with --resume {run.path}") from e
-
-
 def _link_changed(link: Link, prof: LinkProfile, metrics: SweepMetrics) -> None:
     link.apply(prof)
     for direction in ("uplink", "downlink"):
@@ -213,12 +206,12 @@ def _link_changed(link: Link, prof: LinkProfile, metrics: SweepMetrics) -> None:
                          jitter_s=d.jitter_s if d else None, emulation=link.emulation[direction])
 
 
-def _sweep(p: Plan, nodes: placement.NodePair, link: Link, run: RunFolder, todo: list[Configuration],
-           total: int, kpis: KpiCache, metrics: SweepMetrics, console: Console, options: SweepOptions,
-           parts: Parts, timing: Timing) -> None:
+def _sweep(p: Plan, session: Session, run: RunFolder, todo: list[Configuration], total: int, kpis: KpiCache,
+           metrics: SweepMetrics, console: Console, options: SweepOptions, parts: Parts, timing: Timing,
+           phone: PhoneHead | None = None) -> None:
     done = total - len(todo)
-    current_profile = None
     repeats = p.experiment.runs.repeat
+    budget = FailureBudget()
     with progress_bar(console, options.progress) as bar:
         task = bar.add_task("starting", total=total, completed=done, eta=timing.human_remaining())
         metrics.set_progress(done, total)
@@ -228,17 +221,27 @@ def _sweep(p: Plan, nodes: placement.NodePair, link: Link, run: RunFolder, todo:
             # Each configuration's clock starts where the previous one's ended, so
             # the sweep's whole time is accounted for, between configurations too.
             clock = PhaseClock(start)
-            if prof is not current_profile:
-                with clock("link"):
-                    _link_changed(link, prof, metrics)
-                current_profile = prof
             where = f"repeat {c.repeat + 1}/{repeats}  " if repeats > 1 else ""
             bar.update(task, description=f"{where}{prof.name}  k={k}")
             metrics.configuration_started(k, prof.name, total=total, done=done, eta_s=timing.remaining_s())
             try:
-                result = run_configuration(p, nodes, link, c, kpis, metrics, clock, parts)
+                result = _measure(p, session, c, kpis, metrics, clock, parts, timing, phone)
             except (NodeError, ProtocolError) as e:
-                _failed(run, c, e, nodes.dep)
+                _failed(session, run, c, clock, e, budget, metrics, console)
+                start = time.monotonic()
+                continue
+            except TestbedError as e:
+                if phone is None or getattr(e, "serial", None) is None:
+                    raise
+                # The phone failed mid-configuration (unplugged, refused): mark it, keep what is done.
+                run.append_failure({"repeat": c.repeat, "profile": prof.name, "split": k,
+                                    "phase": clock.failed_in, "node": "phone", "cause": "phone failed",
+                                    "error": " ".join(str(e).split())[:500],
+                                    "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                raise type(e)(f"{str(e).split(': ', 1)[-1]}; configuration k={k} at {prof.name} marked failed, "
+                              f"results so far in {run.path} (finish with: testbed run EXPERIMENT --resume "
+                              f"{run.path})", serial=e.serial) from e
+            budget.ok()
             with clock("write"):
                 run.write_rows(result)
             result.summary.update(clock.close())
@@ -253,4 +256,33 @@ def _sweep(p: Plan, nodes: placement.NodePair, link: Link, run: RunFolder, todo:
             except TestbedError as e:  # a Pushgateway that is down must not stop a measurement
                 console.print(f"[yellow]warning:[/yellow] {e}")
         bar.update(task, description="done")
+    if budget.total:
+        console.print(f"[yellow]{budget.total} configuration(s) failed (failures.csv); "
+                      f"continue with --resume {run.path}[/yellow]")
     console.print(f"done: {run.path}")
+
+
+def _measure(p: Plan, session: Session, c: Configuration, kpis: KpiCache, metrics: SweepMetrics,
+             clock: PhaseClock, parts: Parts, timing: Timing, phone: PhoneHead | None = None) -> ConfigurationResult:
+    """One configuration on the session's nodes, the link shaped as its profile says."""
+    assert session.nodes is not None and session.link is not None
+    if session.profile is not c.profile:
+        with clock("link"):
+            _link_changed(session.link, c.profile, metrics)
+        session.profile = c.profile
+    deadlines = Deadlines.from_estimate(timing.eta.estimates.get(c.key))
+    return run_configuration(p, session.nodes, session.link, c, kpis, metrics, clock, parts, deadlines, phone)
+
+
+def _failed(session: Session, run: RunFolder, c: Configuration, clock: PhaseClock, error: Exception,
+            budget: FailureBudget, metrics: SweepMetrics, console: Console) -> None:
+    """Record why a configuration could not be measured and bring the nodes back."""
+    node, cause = session.diagnose()
+    run.append_failure({"repeat": c.repeat, "profile": c.profile.name, "split": c.split,
+                        "phase": clock.failed_in, "node": node, "cause": cause,
+                        "error": " ".join(str(error).split())[:500], "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    metrics.configuration_failed(c.split, c.profile.name, node=node or "none")
+    console.print(f"[yellow]{c.profile.name} k={c.split} failed in {clock.failed_in or 'setup'}: "
+                  f"{node + ' node ' + cause if node else error}; {'redeploying' if node else 'reconnecting'}[/yellow]")
+    budget.failed(f"{c.profile.name} k={c.split}: {cause if node else error}")
+    session.recover(node_died=node is not None, cause=f"{node} node {cause}" if node else str(error))

@@ -397,3 +397,34 @@ def test_resume_measures_only_what_is_missing(smoke, tmp_path):
     assert len(again.layers()) == len(run.layers())  # layers profiled once per run
     assert len(again.environment()["resumed"]) == 1
     _assert_nothing_left(again.environment()["resumed"][0]["run_id"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_float16_model_sweeps_with_computing_layers_only(backend, tmp_path):
+    """PoseNet with float16 weights (62 DEQUANTIZE ops on constants folded into the
+    31 convolutions that read them): three split points measured on real nodes,
+    per-layer latency for the 31 computing layers only, the cut never a weight."""
+    from rich.console import Console
+
+    from testbed.analysis.results import RunFolder
+    from testbed.sweep import SweepOptions, run_experiment
+
+    _need_root()
+    exp = yaml.safe_load(SMOKE.read_text())
+    exp.update(name="fp16", model={"builtin": "posenet", "scheme": "float16"}, splits=[0, 12, 31])
+    exp["runs"].update(samples=2, kpi_runs=1, layer_runs=2)
+    path = tmp_path / "fp16.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    run = RunFolder(run_experiment(path, SweepOptions(backend=backend, output=tmp_path / "out",
+                                                      metrics_listen="127.0.0.1:0", progress=False),
+                                   console=Console(file=io.StringIO())))
+    manifest = run.manifest()
+    assert manifest["model"]["layers"] == 31 and manifest["model"]["folded_ops"] == 62
+    layers = run.layers()
+    assert sorted((r["node"], r["layer"]) for r in layers) == sorted(
+        (n, i) for n in ("local", "remote") for i in range(31))
+    assert "DEQUANTIZE" not in {r["op"] for r in layers}
+    assert {r["split"] for r in run.summary()} == {0, 12, 31}
+    cut12 = next(s for s in manifest["splits"] if s["k"] == 12)["cut"]
+    assert len(cut12) == 1 and cut12[0]["dtype"] == "float32"  # an activation, not a weight
+    _assert_nothing_left(run.environment()["run_id"])

@@ -1,5 +1,7 @@
 """The CLI shell: command groups listed, help with examples, errors as one line."""
 
+import re
+
 import pytest
 from typer.testing import CliRunner
 
@@ -9,21 +11,24 @@ pytestmark = pytest.mark.unit
 
 
 def _commands(group=app):
+    """The path of every command and every group (the top level included), e.g. [], ["netem"], ["netem", "list"]."""
     import typer.main
 
     cmd = typer.main.get_command(group)
     out = []
 
     def walk(c, path):
-        subs = getattr(c, "commands", None)
-        if subs:
-            for name, sub in subs.items():
-                walk(sub, [*path, name])
-        else:
-            out.append(path)
+        out.append(path)
+        for name, sub in (getattr(c, "commands", None) or {}).items():
+            walk(sub, [*path, name])
 
     walk(cmd, [])
     return out
+
+
+def test_the_walk_reaches_groups_and_their_commands():
+    paths = _commands()
+    assert [] in paths and ["netem"] in paths and ["netem", "list"] in paths and ["run"] in paths
 
 
 def test_help_lists_every_command_group():
@@ -33,11 +38,11 @@ def test_help_lists_every_command_group():
         assert group in result.output
 
 
-@pytest.mark.parametrize("path", _commands(), ids=lambda p: " ".join(p))
-def test_every_command_has_help_with_an_example(path):
+@pytest.mark.parametrize("path", _commands(), ids=lambda p: " ".join(["testbed", *p]))
+def test_every_command_and_group_has_help_with_an_example(path):
     result = CliRunner().invoke(app, [*path, "--help"])
     assert result.exit_code == 0, result.output
-    assert "example" in result.output.lower(), f"testbed {' '.join(path)} --help has no example"
+    assert re.search(r"examples?:\s+testbed ", result.output.lower()), f"testbed {' '.join(path)} --help has no example"
 
 
 def test_testbed_error_is_one_line_and_exit_1(tmp_path):

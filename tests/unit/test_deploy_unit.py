@@ -61,7 +61,6 @@ def fake_repo(tmp_path, monkeypatch):
     d.mkdir()
     n.mkdir()
     (d / "Dockerfile").write_text("FROM x\n")
-    (d / "requirements.txt").write_text("numpy\n")
     (n / "__init__.py").write_text("")
     (n / "agent.py").write_text("print(1)\n")
     (n / "__pycache__").mkdir()

@@ -93,7 +93,7 @@ def test_missing_model_file_is_named(tmp_path):
     ("runs: {min_seconds: 5s, max_seconds: 1s}\n", 4, "runs"),
     ("runs: {samples: 0}\n", 4, "runs.samples"),
     ("input_encoding: webp\n", 4, "input_encoding"),
-    ("codec: zstd\n", 4, "codec"),
+    ("codec: gzip\n", 4, "codec"),
     ("metrics: {listen: 'localhost'}\n", 4, "metrics.listen"),
     ("input: {source: /no/such/folder}\n", 4, "input.source"),
 ])

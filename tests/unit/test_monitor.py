@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -126,3 +127,23 @@ def test_grafana_provisioning_points_at_the_dashboards():
     assert ds["uid"] == "testbed-prometheus" and ds["type"] == "prometheus"
     provider = yaml.safe_load((root / "dashboards" / "testbed.yaml").read_text())["providers"][0]
     assert provider["type"] == "file" and provider["options"]["path"]
+
+
+def test_targets_of_a_dead_run_are_removed_and_a_live_ones_kept(tmp_path):
+    """A run killed before it could remove its targets file leaves Prometheus
+    scraping nothing forever; remove_dead_targets (run by `testbed cleanup`)
+    removes it, judging by the owner recorded beside it; a live run's stays."""
+    import subprocess
+    import sys
+
+    from testbed.metrics.monitor import publish_targets, remove_dead_targets
+
+    live = publish_targets("live", "e", "127.0.0.1:1", {}, monitor_dir=tmp_path)
+    dead = publish_targets("dead", "e", "127.0.0.1:2", {}, monitor_dir=tmp_path)
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    from testbed.deploy import owner
+    gone = owner.tag(os.getpid()).replace(str(os.getpid()), child.stdout.strip(), 1)
+    dead.with_name(dead.name + ".owner").write_text(gone + "\n")
+    removed = remove_dead_targets(tmp_path)
+    assert removed == [f"prometheus targets {dead}"]
+    assert live.exists() and not dead.exists() and not dead.with_name(dead.name + ".owner").exists()

@@ -133,3 +133,14 @@ def test_repeats_are_pooled_and_their_spread_shown(tmp_path):
     assert shaped and all(1.0 <= float(r["uplink_over_ideal_p50"]) <= 1.02 for r in shaped)
     html = report.html_path.read_text()
     assert "× 2 repeats" in html and 'id="fig-repeatability"' in html
+
+
+def test_values_are_escaped_not_interpreted(tmp_path):
+    """The template autoescapes: markup in a run's name is shown as text, and cells still equal their CSVs."""
+    name = "x<img src=x onerror=alert(1)>&"
+    run = make_run(tmp_path, name=name)
+    rep = build_report(run, tmp_path / "out")
+    check_report(rep, {"e2e"})
+    html = rep.html_path.read_text()
+    assert "<img src=x" not in html
+    assert "x&lt;img src=x onerror=alert(1)&gt;&amp;" in html

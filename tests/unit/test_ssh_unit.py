@@ -143,14 +143,30 @@ def test_agent_clock_op_and_offset_argument(tmp_path) -> None:
         a.dispatch("run", {"samples": 1, "clock_offset_ns": "soon"}, bytearray())
 
 
-def test_failures_are_recorded_and_stay_unfinished(tmp_path) -> None:
-    from testbed.analysis.results import RunFolder
+def test_a_dropped_connection_is_the_remote_s_death(tmp_path) -> None:
+    """What failures.csv says of an ssh remote: its connection, read from the Deployment.
+    ``Conn`` stands in for a paramiko connection's liveness only; tests/integration/test_ssh.py
+    drops real ones."""
+    from testbed.deploy import Deployment
+    from testbed.deploy.node import Node
 
-    run = RunFolder(tmp_path)
-    run.mark_failed(0, "ladder-20mbit", 12, "ssh connection to root@edge:22 dropped: node remote: run: closed")
-    got = run.failures()
-    assert [(r["repeat"], r["profile"], r["split"]) for r in got] == [(0, "ladder-20mbit", 12)]
-    assert "dropped" in got[0]["error"] and run.finished() == set()
+    class Conn:
+        spec = type("Spec", (), {"name": "root@edge:22"})()
+        up = True
+
+        def alive(self) -> bool:
+            return self.up
+
+    def node(name: str, backend: str) -> Node:
+        return Node(name=name, backend=backend, control_host="127.0.0.1", control_port=1, metrics_host="127.0.0.1",
+                    metrics_port=2, data_host="127.0.0.1", data_port=3, shaping=None)
+
+    conn = Conn()
+    dep = Deployment(run_id="r", backend="ssh", reason="", token="t", local=node("local", "netns"),
+                     remote=node("remote", "ssh"), remote_conn=conn)
+    assert dep.death("remote") is None
+    conn.up = False
+    assert dep.death("remote") == "ssh connection to root@edge:22 dropped"
 
 
 def test_cpu_plan_without_remote() -> None:

@@ -8,15 +8,21 @@ and from the stepper compare directly.
 
 Subcommands:
   ping HOST N INTERVAL_S         N ICMP echoes; per-probe send time and RTT (None = lost)
+                                 (a "ready" line first, when the first probe is due)
   sink PORT                      accept one TCP connection, read to EOF, report a timeline
   source HOST PORT SECONDS       send as fast as TCP allows for SECONDS, then close
+                                 (a "connected" line first)
+  lateness MAX_SECONDS           sleep 5-40 ms over and over until SIGUSR1 (or MAX_SECONDS);
+                                 how late each sleep ended
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import selectors
+import signal
 import socket
 import struct
 import sys
@@ -24,6 +30,11 @@ import time
 
 PAD = 56              # bytes of ICMP payload after the sequence number
 SO_TIMESTAMPNS = 35   # Linux; also the SCM type of the ancillary timestamp
+SINK_BUCKET_S = 0.01  # fine enough for the judge to re-bin into any interval it needs
+# The sleeps the lateness probe cycles through: the delays the checks set
+# (netem holds packets on hrtimers of these lengths).
+LATENESS_SLEEPS_S = (0.005, 0.010, 0.020, 0.030, 0.040)
+_PR_SET_TIMERSLACK = 29
 
 
 def _checksum(data: bytes) -> int:
@@ -50,6 +61,9 @@ def ping(host: str, count: int, interval_s: float, linger_s: float = 1.5) -> dic
     ident = os.getpid() & 0xFFFF
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
+    # Python starts in ~1 s under TCG, several on a loaded host: callers wait
+    # for this line instead of guessing how long to sleep.
+    print(json.dumps({"ready": True}), flush=True)
     sent = [0.0] * count           # CLOCK_MONOTONIC, comparable across processes
     sent_real = [0.0] * count      # CLOCK_REALTIME, the clock of kernel timestamps
     rtt: list[float | None] = [None] * count
@@ -72,25 +86,34 @@ def ping(host: str, count: int, interval_s: float, linger_s: float = 1.5) -> dic
             break
         wake = start + seq * interval_s if seq < count else end
         for _ in sel.select(max(0.0, wake - now)):
-            while True:
-                try:
-                    data, anc, _, _ = sock.recvmsg(2048, 256)
-                except BlockingIOError:
-                    break
-                ihl = (data[0] & 0x0F) * 4
-                kind, _, _, who = struct.unpack_from("!BBHH", data, ihl)
-                if kind != 0 or who != ident:
-                    continue
-                (n,) = struct.unpack_from("!I", data, ihl + 8)
-                stamp = next((struct.unpack("qq", d[:16]) for lvl, typ, d in anc
-                              if lvl == socket.SOL_SOCKET and typ == SO_TIMESTAMPNS), None)
-                got = stamp[0] + stamp[1] * 1e-9 if stamp else time.time()
-                if n < count and rtt[n] is None:
-                    rtt[n] = got - sent_real[n]
+            _read_replies(sock, ident, sent_real, rtt)
+    # A reply the kernel queued while this process waited for a CPU past the
+    # linger is no loss (a starved guest once reported 78 % for 10 %): read
+    # what is queued once more; its kernel timestamp is still exact.
+    _read_replies(sock, ident, sent_real, rtt)
     return {"sent": sent, "rtt": rtt, "interval_s": interval_s}
 
 
-def sink(port: int, bucket_s: float = 0.1) -> dict:
+def _read_replies(sock: socket.socket, ident: int, sent_real: list[float], rtt: list[float | None]) -> None:
+    """Read every queued echo reply of ours into ``rtt`` (non-blocking)."""
+    while True:
+        try:
+            data, anc, _, _ = sock.recvmsg(2048, 256)
+        except BlockingIOError:
+            return
+        ihl = (data[0] & 0x0F) * 4
+        kind, _, _, who = struct.unpack_from("!BBHH", data, ihl)
+        if kind != 0 or who != ident:
+            continue
+        (n,) = struct.unpack_from("!I", data, ihl + 8)
+        stamp = next((struct.unpack("qq", d[:16]) for lvl, typ, d in anc
+                      if lvl == socket.SOL_SOCKET and typ == SO_TIMESTAMPNS), None)
+        got = stamp[0] + stamp[1] * 1e-9 if stamp else time.time()
+        if n < len(rtt) and rtt[n] is None:
+            rtt[n] = got - sent_real[n]
+
+
+def sink(port: int, bucket_s: float = SINK_BUCKET_S) -> dict:
     """One TCP connection read to EOF; bytes per ``bucket_s`` from the first byte."""
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -124,6 +147,10 @@ def sink(port: int, bucket_s: float = 0.1) -> dict:
 def source(host: str, port: int, seconds: float) -> dict:
     """Send for ``seconds``; an error (reset, broken pipe) is reported, not raised."""
     sock = socket.create_connection((host, port), timeout=10)
+    # The segment payload actually used (MSS less TCP options such as
+    # timestamps): what the judge's framing-aware ideal goodput needs.
+    mss = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+    print(json.dumps({"connected": True}), flush=True)  # the caller times from here, not from exec
     chunk = b"\0" * (1 << 16)
     sent, error = 0, None
     start = stopped = time.monotonic()
@@ -137,17 +164,50 @@ def source(host: str, port: int, seconds: float) -> dict:
         error = f"{type(e).__name__}: {e}"
     finally:
         sock.close()
-    return {"bytes": sent, "start": start, "stopped": stopped, "end": time.monotonic(), "error": error}
+    return {"bytes": sent, "start": start, "stopped": stopped, "end": time.monotonic(), "error": error,
+            "mss": mss}
+
+
+def lateness(max_seconds: float) -> dict:
+    """How late sleeps of the checks' durations end, until SIGUSR1 or ``max_seconds``.
+
+    Runs beside a measurement so it sees the same load: under TCG a host
+    that deschedules a vCPU thread makes every guest timer late, and that
+    is the host's doing, not the shaper's. What this process sees is what a
+    Python thread waking on a timer sees (the trace stepper); the kernel's
+    side of the same sleeps is read from the kernel's trace
+    (``guest/timers.py``). Timer slack is set to 1 ns because the kernel's
+    qdisc timers have none.
+    """
+    ctypes.CDLL(None).prctl(_PR_SET_TIMERSLACK, 1, 0, 0, 0)
+    stop = []
+    # A sleep interrupted by the signal resumes (PEP 475): no sample is cut short.
+    signal.signal(signal.SIGUSR1, lambda *_: stop.append(True))
+    print(json.dumps({"ready": True}), flush=True)
+    at, slept, late = [], [], []
+    end = time.monotonic() + max_seconds
+    i = 0
+    while not stop and time.monotonic() < end:
+        d = LATENESS_SLEEPS_S[i % len(LATENESS_SLEEPS_S)]
+        i += 1
+        t = time.monotonic()
+        time.sleep(d)
+        at.append(t)
+        slept.append(d)
+        late.append(time.monotonic() - t - d)
+    return {"at": at, "sleep_s": slept, "late_s": late}
 
 
 def main(argv: list[str]) -> None:
     cmd, rest = argv[0], argv[1:]
     if cmd == "ping":
-        out = ping(rest[0], int(rest[1]), float(rest[2]))
+        out = ping(rest[0], int(rest[1]), float(rest[2]))  # printed after its "ready" line
     elif cmd == "sink":
         out = sink(int(rest[0]))
     elif cmd == "source":
         out = source(rest[0], int(rest[1]), float(rest[2]))
+    elif cmd == "lateness":
+        out = lateness(float(rest[0]))
     else:
         raise SystemExit(f"unknown probe command {cmd!r}")
     print(json.dumps(out), flush=True)
