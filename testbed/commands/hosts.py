@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import getpass
 import re
-from typing import Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -16,13 +16,15 @@ from rich.markup import escape
 
 from testbed.errors import ConfigError, NodeError
 
-app = typer.Typer(help="Remote hosts for ssh nodes.", no_args_is_help=True)
+app = typer.Typer(help="Remote hosts for ssh nodes.\n\n"
+                       "Example: testbed hosts check bench@edge.lab.example --key ~/.ssh/id_ed25519",
+                  no_args_is_help=True)
 
 _TARGET = re.compile(r"^(?:(?P<user>[A-Za-z_][A-Za-z0-9_.-]*)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)"
                      r"(?::(?P<port>[0-9]{1,5}))?$")
 
 
-def parse_target(text: str, user: Optional[str], port: Optional[int]) -> tuple[str, str, int]:
+def parse_target(text: str, user: str | None, port: int | None) -> tuple[str, str, int]:
     """``[USER@]HOST[:PORT]`` -> (user, host, port); options win over the text."""
     m = _TARGET.match(text)
     if not m:
@@ -36,14 +38,16 @@ def parse_target(text: str, user: Optional[str], port: Optional[int]) -> tuple[s
 
 @app.command("check")
 def check(
-    host: str = typer.Argument(..., metavar="[USER@]HOST[:PORT]"),
-    key: str = typer.Option(..., "--key", "-i", help="Private key file to log in with (the only key tried)."),
-    known_hosts: str = typer.Option("~/.ssh/known_hosts", "--known-hosts", help="known_hosts file to check "
-                                    "the host key against (strictly: an unknown key is refused)."),
-    user: Optional[str] = typer.Option(None, "--user", "-u"),
-    port: Optional[int] = typer.Option(None, "--port", "-p"),
-    ports: str = typer.Option("7700,7701,7702", "--ports", help="Agent control,data,metrics ports to test."),
-    timeout: float = typer.Option(10.0, "--timeout", help="Seconds to wait for the host."),
+    host: Annotated[str, typer.Argument(metavar="[USER@]HOST[:PORT]")],
+    key: Annotated[str, typer.Option("--key", "-i", help="Private key file to log in with (the only key tried).")],
+    known_hosts: Annotated[str, typer.Option(
+        "--known-hosts", help="known_hosts file to check the host key against (strictly: an unknown key is "
+                              "refused).")] = "~/.ssh/known_hosts",
+    user: Annotated[str | None, typer.Option("--user", "-u", help="Remote user (default: USER@ or yours).")] = None,
+    port: Annotated[int | None, typer.Option("--port", "-p", help="SSH port (default: :PORT or 22).")] = None,
+    ports: Annotated[str, typer.Option("--ports", help="Agent control,data,metrics ports to test.")]
+    = "7700,7701,7702",
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the host.")] = 10.0,
 ) -> None:
     """Check a host for an ssh remote node: reachable, host key known, auth, python3/venv,
     disk, Docker, free agent ports, clock offset to this host, remote qdiscs.
