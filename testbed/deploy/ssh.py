@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from testbed import resources
 from testbed.deploy import owner
 from testbed.deploy.node import Node, NodeSpec
 from testbed.deploy.sshconn import Connection, HostSpec, connect
@@ -53,9 +54,7 @@ from testbed.errors import NodeError
 log = logging.getLogger("testbed.deploy")
 
 STATE_DIR = Path("/run/testbed/ssh")
-REPO = Path(__file__).resolve().parents[2]
-NODES_DIR = REPO / "nodes"
-REQUIREMENTS = REPO / "docker" / "requirements.txt"
+NODES_DIR = resources.package_path("nodes")
 #: Free space the agent's venv needs on the remote (numpy, LiteRT, pillow, ...).
 VENV_BYTES = 600 * 2**20
 #: Free space a run's workdir needs (the parts of one split point, logs).
@@ -176,10 +175,26 @@ def _require_space(conn: Connection, facts: dict, need: int, what: str) -> None:
 
 # --- runtime: process ---------------------------------------------------------------------
 
+def requirements_file() -> Path:
+    """The agent's requirements as the node image has them (``image.node_requirements``:
+    from the installed distribution's metadata), written once per content to a cache file."""
+    from testbed.deploy.image import node_requirements
+
+    text = node_requirements()
+    folder = Path(os.path.expanduser("~/.cache/testbed/requirements"))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"node-{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path
+
+
 def _source_files() -> list[tuple[str, Path]]:
     files = [(str(Path("nodes") / p.relative_to(NODES_DIR)), p) for p in sorted(NODES_DIR.rglob("*"))
              if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")]
-    return files + [("requirements.txt", REQUIREMENTS)]
+    return files + [("requirements.txt", requirements_file())]
 
 
 def env_hash(facts: dict) -> str:
@@ -228,7 +243,7 @@ def _wheels_here(facts: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     platforms = [f"manylinux{t}_{machine}" for t in ("2014", "_2_17", "_2_28", "_2_31")] + [f"linux_{machine}"]
     argv = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "-d", str(folder),
-            "--python-version", py, "--implementation", "cp", "-r", str(REQUIREMENTS), "pip"]
+            "--python-version", py, "--implementation", "cp", "-r", str(requirements_file()), "pip"]
     for plat in platforms:
         argv += ["--platform", plat]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=900)

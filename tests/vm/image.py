@@ -41,9 +41,9 @@ DEBIAN_PACKAGES = (
     "linux-image-cloud-amd64", "initramfs-tools", "kmod", "udev",
     "python3", "iproute2", "iputils-ping", "iperf3", "procps", "ethtool",
 )
-# The slice of the project's dependencies that testbed.link imports; their
+# The slice of the project's dependencies that testbed.link and nodes.udp import; their
 # version ranges are read from pyproject.toml so the key follows the project.
-PYTHON_DEPS = ("pyroute2", "pydantic", "pyyaml", "typer", "rich")
+PYTHON_DEPS = ("pyroute2", "pydantic", "pyyaml", "typer", "rich", "numpy")
 # Modules the initrd must hold to find the root disk; the rest load from /lib/modules.
 INITRD_MODULES = ("virtio_pci", "virtio_blk")  # ext4 is built in
 

@@ -25,9 +25,10 @@ from pathlib import Path
 from tests.vm.image import PROJECT, VmImage
 
 # What the guest needs of the project: the link layer (and what it imports),
-# the shipped profiles and traces, the guest scripts themselves, and the
-# judge's framing/token-bucket arithmetic (the guest chooses rates with it).
-PAYLOAD_PATHS = ("testbed", "netem_profiles", "tests/__init__.py", "tests/vm/__init__.py",
+# the data path's UDP delivery (nodes/udp.py), the shipped profiles and traces,
+# the guest scripts themselves, and the judge's framing/token-bucket arithmetic
+# (the guest chooses rates with it).
+PAYLOAD_PATHS = ("testbed", "nodes", "netem_profiles", "tests/__init__.py", "tests/vm/__init__.py",
                  "tests/vm/judge.py", "tests/vm/guest")
 
 

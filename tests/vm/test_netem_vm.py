@@ -91,6 +91,33 @@ def test_random_loss(check):
     assert 7.0 <= got["loss_pct"] <= 13.0, f"10 % loss set, {got['loss_pct']:.2f} % measured"
 
 
+def test_udp_delivery_counts_netem_loss_and_zero_fills(check):
+    """The data path's UDP delivery (nodes/udp.py) under real netem loss: every lost
+    datagram is counted, holes are zero, what arrived is intact, a forged datagram is
+    dropped, and no frame waits past its deadline. Judged against the same boot's
+    unshaped run of the same traffic (what the guest loses by itself)."""
+    got = check("udp_loss")
+    base, shaped = got["baseline"], got["shaped"]
+    for run in (base, shaped):
+        per = run["packets_per_frame"]
+        assert run["packets_sent"] == len(run["frames"]) * per
+        assert [f["frame"] for f in run["frames"]] == list(range(len(run["frames"])))
+        assert all(f["holes_zero"] and f["intact"] for f in run["frames"]), run["frames"]
+        assert max(f["waited_s"] for f in run["frames"]) <= got["deadline_s"] + 1.0
+        assert run["rejected"] >= 1, "the forged datagram was accepted"
+        assert all(f["received"] + f["lost"] == per for f in run["frames"])
+    n = base["packets_sent"]
+    q = sum(f["lost"] for f in base["frames"]) / n
+    assert q <= 0.02, f"not meaningful on this host: the guest lost {100 * q:.2f} % of datagrams unshaped"
+    p = 1 - (1 - got["set_loss_pct"] / 100) * (1 - q)
+    measured = sum(f["lost"] for f in shaped["frames"]) / shaped["packets_sent"]
+    sigma = (p * (1 - p) / shaped["packets_sent"]) ** 0.5
+    assert abs(measured - p) <= 4 * sigma, (
+        f"{got['set_loss_pct']} % netem loss (+{100 * q:.2f} % unshaped): {100 * measured:.2f} % of "
+        f"{shaped['packets_sent']} datagrams counted lost, expected {100 * p:.2f} ± {400 * sigma:.2f} %")
+    assert sum(1 for f in shaped["frames"] if f["lost"]) >= len(shaped["frames"]) // 2
+
+
 def test_gilbert_elliott_loss_is_bursty(check):
     shaped = check("gemodel")["shaped"]
     random_burst = check("loss")["shaped"]["mean_burst"]

@@ -569,10 +569,45 @@ def check_clear(net: Net) -> dict:
             "shown_after_clear_root": shown["root"]}
 
 
+UDP_FRAMES, UDP_FRAME_BYTES, UDP_RATE_BPS, UDP_GAP_S, UDP_DEADLINE_S = 30, 60_000, 4_000_000, 0.02, 2.0
+UDP_LOSS_PCT = 5.0
+
+
+def udp_frames(net: Net) -> dict:
+    """The data path's UDP delivery (``nodes.udp``) from A to B: frames paced at
+    ``UDP_RATE_BPS``, received by the project's jitter buffer in B."""
+    key = os.urandom(32).hex()
+    sink = subprocess.Popen(in_ns(NS_B, *PY, "udp_sink", IP_B, key, str(UDP_FRAMES), str(UDP_FRAME_BYTES),
+                                  str(UDP_DEADLINE_S)), stdout=subprocess.PIPE, text=True)
+    try:
+        port = json.loads(sink.stdout.readline())["port"]
+        sent = json.loads(sh(*in_ns(NS_A, *PY, "udp_source", IP_B, str(port), key, str(UDP_FRAMES),
+                                    str(UDP_FRAME_BYTES), str(UDP_RATE_BPS), str(UDP_GAP_S))))
+        got = json.loads(sink.communicate(timeout=UDP_FRAMES * (UDP_DEADLINE_S + 1) + 60)[0])
+    finally:
+        if sink.poll() is None:
+            sink.kill()
+    return {**got, **sent}
+
+
+def check_udp_loss(net: Net) -> dict:
+    """Unshaped first (what the guest itself loses), then netem loss on A's egress."""
+    baseline = udp_frames(net)
+    link = make_link(NS_A, DEV_A)
+    emulation = link.apply({"loss": f"{UDP_LOSS_PCT:g}%"})
+    try:
+        shaped = udp_frames(net)
+    finally:
+        link.clear()
+    return {"set_loss_pct": UDP_LOSS_PCT, "deadline_s": UDP_DEADLINE_S, "emulation": emulation,
+            "baseline": baseline, "shaped": shaped}
+
+
 CHECKS = {"platform": check_platform, "calibration": check_calibration, "delay": check_delay, "jitter": check_jitter,
           "jitter_uniform": check_jitter_uniform,
           "loss": check_loss, "gemodel": check_gemodel, "rate": check_rate,
-          "change": check_change, "arrangements": check_arrangements, "trace": check_trace, "clear": check_clear}
+          "change": check_change, "arrangements": check_arrangements, "trace": check_trace, "clear": check_clear,
+          "udp_loss": check_udp_loss}
 
 
 NEEDS_RATES = {"rate", "change", "arrangements"}

@@ -198,6 +198,59 @@ def lateness(max_seconds: float) -> dict:
     return {"at": at, "sleep_s": slept, "late_s": late}
 
 
+# --- the data path's UDP delivery (nodes/udp.py) ----------------------------------------
+
+def _udp_pattern(total: int) -> bytes:
+    return bytes(i % 251 for i in range(total))
+
+
+def udp_sink(host: str, key_hex: str, frames: int, total: int, deadline_s: float) -> dict:
+    """Receive ``frames`` frames with the project's jitter buffer; per frame what
+    arrived, whether the holes are zero and the rest intact, how long it waited."""
+    import numpy as np
+
+    from nodes import udp
+
+    sock = udp.open_socket(host)
+    receiver = udp.Receiver(sock, bytes.fromhex(key_hex))
+    packets = -(-total // udp.payload_size(None))
+    expect = np.frombuffer(_udp_pattern(total), dtype=np.uint8)
+    print(json.dumps({"port": sock.getsockname()[1]}), flush=True)
+    rows = []
+    try:
+        for fid in range(frames):
+            t0 = time.monotonic()
+            got = receiver.receive(fid, total, packets, deadline_s)
+            waited = time.monotonic() - t0
+            data = np.frombuffer(bytes(got.payload), dtype=np.uint8)
+            holes_zero = bool((data[~got.have] == 0).all())
+            intact = bool((data[got.have] == expect[got.have]).all())
+            rows.append({"frame": fid, "packets": got.packets, "received": got.received, "lost": got.lost,
+                         "holes_zero": holes_zero, "intact": intact, "waited_s": waited})
+    finally:
+        receiver.close()
+        sock.close()
+    return {"frames": rows, "rejected": receiver.rejected, "packets_per_frame": packets}
+
+
+def udp_source(host: str, port: int, key_hex: str, frames: int, total: int, rate_bps: float,
+               gap_s: float) -> dict:
+    """Send ``frames`` frames paced at ``rate_bps``, ``gap_s`` apart, and one forged datagram."""
+    from nodes import udp
+
+    sock = udp.open_socket("0.0.0.0")
+    sock.connect((host, port))
+    view = memoryview(_udp_pattern(total))
+    forged = udp.HEAD.pack(udp.MAGIC, 0, 0, 1, 0, 16) + bytes(udp.TAG_BYTES) + bytes(16)
+    sock.send(forged)  # a datagram without the run's key: must be dropped unread
+    sent = 0
+    for fid in range(frames):
+        sent += udp.send(sock, bytes.fromhex(key_hex), fid, [view], None, rate_bps).packets
+        time.sleep(gap_s)
+    sock.close()
+    return {"packets_sent": sent}
+
+
 def main(argv: list[str]) -> None:
     cmd, rest = argv[0], argv[1:]
     if cmd == "ping":
@@ -208,6 +261,11 @@ def main(argv: list[str]) -> None:
         out = source(rest[0], int(rest[1]), float(rest[2]))
     elif cmd == "lateness":
         out = lateness(float(rest[0]))
+    elif cmd == "udp_sink":
+        out = udp_sink(rest[0], rest[1], int(rest[2]), int(rest[3]), float(rest[4]))
+    elif cmd == "udp_source":
+        out = udp_source(rest[0], int(rest[1]), rest[2], int(rest[3]), int(rest[4]), float(rest[5]),
+                         float(rest[6]))
     else:
         raise SystemExit(f"unknown probe command {cmd!r}")
     print(json.dumps(out), flush=True)
