@@ -36,7 +36,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, PrivateAttr, field_validator, model_validator
+from pydantic import AfterValidator, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from testbed.config import Frozen, Int, Located, Number, check_regular_file, load_yaml, validate
 from testbed.errors import ConfigError
@@ -392,6 +392,24 @@ class Experiment(Frozen):
     @classmethod
     def _check_splits(cls, v: Any) -> Any:
         parse_splits(v)
+        return v
+
+    @field_validator("runs")
+    @classmethod
+    def _phone_single(cls, v: Runs, info: ValidationInfo) -> Runs:
+        nodes = info.data.get("nodes")
+        if v.mode == "stream" and nodes is not None and nodes.local.backend == "android":
+            raise ValueError("mode: stream is not available with a phone as the local node "
+                             "(the phone's head times are composed per sample; use mode: single)")
+        return v
+
+    @field_validator("topology")
+    @classmethod
+    def _phone_topology(cls, v: int, info: ValidationInfo) -> int:
+        nodes = info.data.get("nodes")
+        if v != 1 and nodes is not None and nodes.local.backend == "android":
+            raise ValueError(f"topology {v} runs the head in the network; a phone as the local node "
+                             "measures the head on the phone, so it needs topology 1")
         return v
 
     @field_validator("codec")
