@@ -55,7 +55,7 @@ from typing import Any, Iterator
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from nodes import pipeline, serving
+from nodes import pipeline, runs, serving
 from nodes import protocol as P
 from nodes.addresses import parse_host_port
 from nodes.agent_metrics import METRICS_LIMITS, AgentMetrics
@@ -350,7 +350,7 @@ class Agent:
 
     def op_clock(self, payload: bytearray) -> tuple[Any, list[Any]]:
         """This node's CLOCK_MONOTONIC now (ns): one NTP-style exchange for the
-        orchestrator's clock-offset estimate (``testbed.sweep.clock``)."""
+        orchestrator's clock-offset estimate (``testbed.deploy.clock``)."""
         return {"t_ns": pipeline.now()}, []
 
     def op_health(self, payload: bytearray) -> tuple[Any, list[Any]]:
@@ -496,7 +496,7 @@ class Agent:
                        **_data_path(data_path), **_stream(stream))
         role = "head" if spec.topology == 1 else "tail"
         with self._run_lock, self._link_guard():
-            result = pipeline.run_samples(
+            result = runs.run_samples(
                 self.link, self.parts.get(role), self.inputs, spec,
                 observe=lambda part, s: self.metrics.inference(part, s), cpu=self.cpu)
         for _ in range(len(result.rows) + spec.warmup):

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from testbed.analysis import plots
-from testbed.analysis.report import Column, Table
 from testbed.analysis.run_data import RunData
+from testbed.analysis.tables import Column, Table
 
 
 def _streamed(runs: Sequence[RunData]) -> bool:

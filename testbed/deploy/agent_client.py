@@ -196,7 +196,7 @@ class AgentClient:
 
     def clock(self, timeout: float | None = None) -> int:
         """The agent's CLOCK_MONOTONIC (ns) when it handled the request (one exchange
-        of ``testbed.sweep.clock``'s offset estimate)."""
+        of ``testbed.deploy.clock``'s offset estimate)."""
         t = self._object("clock", timeout).get("t_ns")
         if not isinstance(t, int) or isinstance(t, bool):
             raise ProtocolError(f"node {self.node_name}: clock: reply lacks 't_ns' (int)")
@@ -277,7 +277,7 @@ class AgentClient:
                 is both a model output and read by the tail (DAGs).
             clock_shared: None = detect (same boot id and time namespace).
             max_seconds: stop after this long (at least one sample is kept).
-            clock_offset_ns: remote - local clock measured by the caller (``testbed.sweep.clock``);
+            clock_offset_ns: remote - local clock measured by the caller (``testbed.deploy.clock``);
                 the agent then uses it instead of its own estimate (rows ``derived``).
         """
         return self.run_detailed(samples, warmup, inputs=inputs, codec=codec, input_encoding=input_encoding,

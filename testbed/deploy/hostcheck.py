@@ -127,7 +127,7 @@ def _docker(conn: Connection, out: list[Finding]) -> None:
 
 
 def _clock(conn: Connection, out: list[Finding]) -> None:
-    from testbed.sweep.clock import estimate
+    from testbed.deploy.clock import estimate
 
     try:
         echo = _EchoClock(conn)

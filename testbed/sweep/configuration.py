@@ -8,7 +8,7 @@ their own), warm-up on each node without the link, samples bounded by time,
 the framing-aware ideal of every transfer, and per-layer latency (once per run
 per node). Every step is charged to a phase of the configuration's clock.
 When the nodes do not share a clock (an ssh remote) the remote's offset is
-measured before and after (``testbed.sweep.clock``), handed to the agents for the
+measured before and after (``testbed.deploy.clock``), handed to the agents for the
 one-way times, and recorded with its uncertainty and drift.
 How the nodes time things is the agents'; how rows are written ``results``'.
 """
@@ -253,7 +253,7 @@ def _clock_check(nodes: NodePair) -> Any:
     dep = getattr(nodes, "dep", None)
     if dep is None or getattr(dep.remote, "clock_shared", True):
         return None
-    from testbed.sweep.clock import ClockCheck
+    from testbed.deploy.clock import ClockCheck
 
     return ClockCheck(nodes.local, nodes.remote)
 

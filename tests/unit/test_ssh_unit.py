@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from testbed.commands.hosts import parse_target
+from testbed.deploy import clock
 from testbed.errors import ConfigError
 from testbed.experiment import NodeConfig, Nodes
 from testbed.link.target import Target
-from testbed.sweep import clock
 
 
 def _ssh(**kw):
