@@ -578,15 +578,23 @@ def udp_frames(net: Net) -> dict:
     ``UDP_RATE_BPS``, received by the project's jitter buffer in B."""
     key = os.urandom(32).hex()
     sink = subprocess.Popen(in_ns(NS_B, *PY, "udp_sink", IP_B, key, str(UDP_FRAMES), str(UDP_FRAME_BYTES),
-                                  str(UDP_DEADLINE_S)), stdout=subprocess.PIPE, text=True)
+                                  str(UDP_DEADLINE_S)), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    source = None
     try:
         port = json.loads(sink.stdout.readline())["port"]
-        sent = json.loads(sh(*in_ns(NS_A, *PY, "udp_source", IP_B, str(port), key, str(UDP_FRAMES),
-                                    str(UDP_FRAME_BYTES), str(UDP_RATE_BPS), str(UDP_GAP_S))))
+        source = subprocess.Popen(in_ns(NS_A, *PY, "udp_source", IP_B, str(port), key, str(UDP_FRAMES),
+                                        str(UDP_FRAME_BYTES), str(UDP_RATE_BPS), str(UDP_GAP_S)),
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert source.stdout.readline().strip() == "ready"
+        for proc in (sink, source):  # the sink first: it must be receiving when the first datagram comes
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        sent = json.loads(source.communicate(timeout=120)[0])
         got = json.loads(sink.communicate(timeout=UDP_FRAMES * (UDP_DEADLINE_S + 1) + 60)[0])
     finally:
-        if sink.poll() is None:
-            sink.kill()
+        for proc in (sink, source):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
     return {**got, **sent}
 
 

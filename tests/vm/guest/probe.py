@@ -206,7 +206,9 @@ def _udp_pattern(total: int) -> bytes:
 
 def udp_sink(host: str, key_hex: str, frames: int, total: int, deadline_s: float) -> dict:
     """Receive ``frames`` frames with the project's jitter buffer; per frame what
-    arrived, whether the holes are zero and the rest intact, how long it waited."""
+    arrived, whether the holes are zero and the rest intact, how long it waited.
+    Prints the port, then starts on a line on stdin (as the data path starts a
+    frame's deadline when its header arrives, not before the sender exists)."""
     import numpy as np
 
     from nodes import udp
@@ -216,6 +218,7 @@ def udp_sink(host: str, key_hex: str, frames: int, total: int, deadline_s: float
     packets = -(-total // udp.payload_size(None))
     expect = np.frombuffer(_udp_pattern(total), dtype=np.uint8)
     print(json.dumps({"port": sock.getsockname()[1]}), flush=True)
+    sys.stdin.readline()  # "go": the source is up (imports under TCG take seconds)
     rows = []
     try:
         for fid in range(frames):
@@ -235,13 +238,16 @@ def udp_sink(host: str, key_hex: str, frames: int, total: int, deadline_s: float
 
 def udp_source(host: str, port: int, key_hex: str, frames: int, total: int, rate_bps: float,
                gap_s: float) -> dict:
-    """Send ``frames`` frames paced at ``rate_bps``, ``gap_s`` apart, and one forged datagram."""
+    """Send ``frames`` frames paced at ``rate_bps``, ``gap_s`` apart, and one forged datagram;
+    prints ``ready`` and starts on a line on stdin."""
     from nodes import udp
 
     sock = udp.open_socket("0.0.0.0")
     sock.connect((host, port))
     view = memoryview(_udp_pattern(total))
     forged = udp.HEAD.pack(udp.MAGIC, 0, 0, 1, 0, 16) + bytes(udp.TAG_BYTES) + bytes(16)
+    print("ready", flush=True)
+    sys.stdin.readline()  # "go": the sink is receiving
     sock.send(forged)  # a datagram without the run's key: must be dropped unread
     sent = 0
     for fid in range(frames):
