@@ -8,7 +8,7 @@ Two measurements (issue 9), each on the real CLI (`testbed run`), per backend:
    uplink_s ÷ framing-aware ideal (frame bytes + 66 header bytes per 1448-byte
    segment, at the rung's rate). Goals: every run's median within 0.97 … 1.05,
    and max ÷ min of the runs' medians ≤ 1.05. Rungs: 5, 20 and 50 Mbit/s.
-2. **Device anchor.** The flagship's nodes (UE 1 CPU, edge 2 CPUs) at k = N over
+2. **Device anchor.** The flagship's nodes (as experiments/posenet_sweep.yaml sets them) at k = N over
    the flagship's five ladder rungs: the e2e p50 per profile (nothing crosses
    the link, so it is pure UE compute). Goal: max ÷ min ≤ 1.10.
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from testbed.deploy import Deployment
+    from testbed.deploy.ssh import SshSpec
     from testbed.link.link import Link
     from testbed.link.profile import LinkProfile
     from testbed.metrics import SweepMetrics
@@ -109,7 +110,7 @@ class Session:
         if len(self.run_ids) == 1:
             self.console.print(f"loss: nftables drops {loss.percent}% of packets leaving {node.name}'s {loss.dev}")
 
-    def _ssh_spec(self):  # -> testbed.deploy.ssh.SshSpec | None
+    def _ssh_spec(self) -> SshSpec | None:
         """The remote's host when it runs on another machine (``backend: ssh``)."""
         if not self.p.experiment.nodes.remote_ssh:
             return None
