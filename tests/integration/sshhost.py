@@ -17,6 +17,7 @@ host-network containers live in *this* namespace: reachable from the edge at
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
 
 SSHD = "/usr/sbin/sshd"
 PORT = 2222
@@ -189,8 +191,13 @@ def edge_host() -> Iterator[Edge]:
             netns.remove(ns)
         except OSError:
             pass
+        # Removing the namespace destroys the peer, which takes this end along a moment
+        # later: it may be gone between the lookup and the delete.
         with IPRoute() as ipr:
-            found = ipr.link_lookup(ifname=veth)
-            if found:
-                ipr.link("del", index=found[0])
+            for idx in ipr.link_lookup(ifname=veth):
+                try:
+                    ipr.link("del", index=idx)
+                except NetlinkError as e:
+                    if e.code not in (errno.ENODEV, errno.ENOENT):
+                        raise
         shutil.rmtree(folder, ignore_errors=True)
