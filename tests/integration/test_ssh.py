@@ -166,7 +166,9 @@ def test_smoke_over_ssh(edge: Edge, tmp_path: Path, local: str, runtime: str) ->
     _nothing_left(edge, _run_id(folder))
 
 
-def test_sigint_mid_run_leaves_nothing(edge: Edge, tmp_path: Path) -> None:
+def _run_until_samples(tmp_path: Path, edge: Edge) -> tuple[subprocess.Popen, Path]:
+    """``testbed run`` of the smoke experiment with a process remote, returned once its
+    first samples are on disk (the run is then mid-sweep)."""
     path = _experiment(tmp_path, edge, "process")
     proc = subprocess.Popen([*TESTBED, "run", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=ROOT)
@@ -175,7 +177,11 @@ def test_sigint_mid_run_leaves_nothing(edge: Edge, tmp_path: Path) -> None:
     while time.monotonic() < deadline and not list(results.glob("*/samples.csv")):
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.2)
-    folder = next(results.glob("*"))
+    return proc, next(results.glob("*"))
+
+
+def test_sigint_mid_run_leaves_nothing(edge: Edge, tmp_path: Path) -> None:
+    proc, folder = _run_until_samples(tmp_path, edge)
     run_id = _run_id(folder)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -284,15 +290,7 @@ def test_bad_input_is_one_line(edge: Edge, tmp_path: Path, case: str, expect: st
 def test_sigkill_then_cleanup_from_the_state_record(edge: Edge, tmp_path: Path) -> None:
     """A SIGKILLed orchestrator tears nothing down; `testbed cleanup --run ID` reconnects
     to the host named in the run's state record and removes both sides."""
-    path = _experiment(tmp_path, edge, "process")
-    proc = subprocess.Popen([*TESTBED, "run", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT)
-    results = tmp_path / "results"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not list(results.glob("*/samples.csv")):
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.2)
-    folder = next(results.glob("*"))
+    proc, folder = _run_until_samples(tmp_path, edge)
     run_id = _run_id(folder)
     proc.kill()
     proc.communicate(timeout=30)
