@@ -7,12 +7,17 @@
              the downlink shaped on this host's ingress (IFB) at ``--rate``
 3. overhead: wall time per configuration of the smoke experiment with an ssh remote
              (runtime: process, venv already made)  ÷  the same experiment on the netns backend
+4. shape_at: the smoke experiment over a link whose downlink (``--down-rate``) is slower
+             than its uplink, the downlink shaped on the edge's own interface
+             (shape_at: remote) and on this host's ingress (shape_at: local): downlink
+             time ÷ its framing-aware ideal (median of the offloading split points) for
+             each, and the whole run's wall time remote ÷ local
 
 The edge host is ``tests/integration/sshhost.py``'s: a namespace running Debian's
 sshd, reached over a veth. Needs root, openssh-server and iperf3. Prints ratios;
 never fails on speed.
 
-    .venv/bin/python bench/ssh_bench.py [--requests 400] [--skip-overhead]
+    .venv/bin/python bench/ssh_bench.py [--requests 400] [--skip-overhead] [--skip-shape-at]
 """
 
 from __future__ import annotations
@@ -137,7 +142,7 @@ def goodput(edge: Edge, rate: str, rounds: int = 3) -> dict[str, tuple[float, fl
     return out
 
 
-def _smoke(tmp: Path, edge: Edge | None) -> Path:
+def _smoke(tmp: Path, edge: Edge | None, shape_at: str = "local", down_rate: str | None = None) -> Path:
     exp = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
     exp["nodes"]["local"]["backend"] = "netns"
     if edge is None:
@@ -145,15 +150,21 @@ def _smoke(tmp: Path, edge: Edge | None) -> Path:
     else:
         exp["nodes"]["remote"] = {"backend": "ssh", "host": edge.addr, "user": "root", "port": edge.port,
                                   "key": str(edge.key), "known_hosts": str(edge.known_hosts), "runtime": "process",
-                                  "wheels": "push", "threads": 1}
+                                  "wheels": "push", "threads": 1, "shape_at": shape_at}
+    if down_rate:
+        profile = tmp / "slow-down.yaml"
+        profile.write_text(yaml.safe_dump({"name": "slow-down", "source": "ssh_bench: downlink slower than uplink",
+                                           "uplink": {"rate": "20mbit"}, "downlink": {"rate": down_rate}}))
+        exp["network"] = [str(profile)]
+        exp["runs"]["samples"] = 10
     exp["output"] = str(tmp / "results")
     exp["metrics"] = {"listen": "127.0.0.1:0"}  # never collide with another run's 9400
-    path = tmp / ("ssh.yaml" if edge else "netns.yaml")
+    path = tmp / (f"ssh-{shape_at}.yaml" if edge else "netns.yaml")
     path.write_text(yaml.safe_dump(exp))
     return path
 
 
-def _per_configuration(path: Path) -> tuple[float, float]:
+def _summary(path: Path) -> tuple[list[dict], float]:
     t0 = time.monotonic()
     r = subprocess.run([TESTBED, "run", str(path)], capture_output=True, text=True, timeout=1800)
     total = time.monotonic() - t0
@@ -161,8 +172,24 @@ def _per_configuration(path: Path) -> tuple[float, float]:
         raise RuntimeError(r.stderr[-2000:])
     folder = Path(r.stdout.strip().splitlines()[-1])
     with open(folder / "summary.csv", newline="") as f:
-        walls = [float(row["wall_s"]) for row in csv.DictReader(f)]
-    return statistics.mean(walls), total
+        return list(csv.DictReader(f)), total
+
+
+def _per_configuration(path: Path) -> tuple[float, float]:
+    rows, total = _summary(path)
+    return statistics.mean(float(row["wall_s"]) for row in rows), total
+
+
+def shape_at(edge: Edge, down_rate: str) -> dict[str, tuple[float, float, str]]:
+    """shape_at -> (median downlink ÷ ideal over k < N, whole run's seconds, shaped_at)."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="ssh-bench-") as tmp:
+        _summary(_smoke(Path(tmp), edge, "remote", down_rate))  # makes the remote venv (with the shaper)
+        for where in ("remote", "local"):
+            rows, total = _summary(_smoke(Path(tmp), edge, where, down_rate))
+            ratios = [float(r["downlink_over_ideal_p50"]) for r in rows if r["downlink_over_ideal_p50"]]
+            out[where] = (statistics.median(ratios), total, rows[0]["downlink_shaped_at"])
+    return out
 
 
 def main() -> int:
@@ -170,6 +197,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--skip-overhead", action="store_true")
     ap.add_argument("--rate", default="50mbit", help="downlink rate of the shaped goodput case")
+    ap.add_argument("--skip-shape-at", action="store_true")
+    ap.add_argument("--down-rate", default="4mbit", help="downlink rate of the shape_at comparison")
     args = ap.parse_args()
     with edge_host() as edge:
         direct, tunnel = control(edge, args.requests)
@@ -186,6 +215,12 @@ def main() -> int:
             print(f"configuration wall time: ssh remote {ssh_cfg:.2f} s, netns {ns_cfg:.2f} s"
                   f"  -> ratio {ssh_cfg / ns_cfg:.2f}  (whole run incl. deploy: {ssh_total:.1f} s vs "
                   f"{ns_total:.1f} s -> {ssh_total / ns_total:.2f})")
+        if not args.skip_shape_at:
+            got = shape_at(edge, args.down_rate)
+            for where, (ratio, total, at) in got.items():
+                print(f"shape_at: {where} ({at}): downlink ÷ ideal {ratio:.3f} at {args.down_rate}, run {total:.1f} s")
+            print(f"shape_at remote ÷ local: downlink ÷ ideal {got['remote'][0] / got['local'][0]:.3f}, "
+                  f"whole run {got['remote'][1] / got['local'][1]:.2f}")
     return 0
 
 

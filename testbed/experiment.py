@@ -174,9 +174,6 @@ class NodeConfig(Frozen):
         if self.key is None:
             raise ValueError("backend ssh needs key: the private key file to log in with "
                              "(keys from an ssh-agent are never used)")
-        if self.shape_at != "local":
-            raise ValueError("shape_at: remote (the downlink shaped on the remote host) is not implemented "
-                             "yet; both directions are shaped on this host (shape_at: local)")
         ports = [self.control_port, self.data_port, self.metrics_port]
         if len(set(ports)) != 3:
             raise ValueError(f"control_port, data_port and metrics_port must differ, got {ports}")
@@ -492,6 +489,9 @@ class Experiment(Frozen):
             raise ValueError(f"nft_loss drops on the interface of the node that sends the cut, the ssh "
                              f"remote in topology {topology}; this host does not change the remote's "
                              "firewall (use topology 1, or netem loss in the profile)")
+        if v.protocol == "udp" and nodes is not None and nodes.remote_ssh and nodes.remote.shape_at == "remote":
+            raise ValueError("protocol udp with shape_at: remote: the remote shapes only the data "
+                             "connection's port and the datagrams leave from another; use shape_at: local")
         return v
 
     @field_validator("codec")

@@ -55,9 +55,9 @@ def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def node_requirements(distribution: str = DISTRIBUTION) -> str:
-    """``requirements.txt`` of the node image: the ``NODE_DISTRIBUTIONS`` lines of
-    ``distribution``'s installed metadata, ranges and markers as pyproject.toml says.
+def node_requirements(distribution: str = DISTRIBUTION, names: tuple[str, ...] = NODE_DISTRIBUTIONS) -> str:
+    """``requirements.txt`` of the node image: the ``names`` lines (``NODE_DISTRIBUTIONS``)
+    of ``distribution``'s installed metadata, ranges and markers as pyproject.toml says.
 
     The metadata is what ``pip install`` wrote from pyproject.toml (scripts/setup.sh
     reinstalls on every run, so an edited range reaches the image then).
@@ -70,7 +70,7 @@ def node_requirements(distribution: str = DISTRIBUTION) -> str:
     except importlib.metadata.PackageNotFoundError:
         raise NodeError(f"{distribution} is not installed, so the node image's requirements are unknown; "
                         "run: pip install -e .") from None
-    wanted = {_canonical(n) for n in NODE_DISTRIBUTIONS}
+    wanted = {_canonical(n) for n in names}
     lines: dict[str, str] = {}
     for line in requires:
         name = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", line)

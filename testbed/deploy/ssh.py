@@ -26,6 +26,12 @@ is created, so ``remove_run`` — teardown, and ``testbed cleanup`` after a kill
 run — reconnects and removes exactly that. Agents also stop by themselves when the
 lease holder (this process, through the tunnel) is gone (``nodes.lease``).
 
+With ``shape_at: remote`` the venv also gets the ``testbed`` package and the link
+layer's requirements, and the downlink is shaped there by ``testbed.link.remote``
+(the remote's interface toward this host, the agent's data flow only; root or
+passwordless sudo needed); the state record names the interface so teardown and
+cleanup clear it.
+
 Leaves to others: paramiko (``testbed.deploy.sshconn``), the Docker SDK
 (``testbed.deploy.docker``), the local node (``testbed.deploy.netns``), shaping
 (``testbed.link``; the downlink is shaped on this host's ingress by default).
@@ -55,6 +61,10 @@ log = logging.getLogger("testbed.deploy")
 
 STATE_DIR = Path("/run/testbed/ssh")
 NODES_DIR = resources.package_path("nodes")
+#: shape_at: remote runs ``python -m testbed.link.remote`` there, from this package.
+TESTBED_DIR = resources.package_path("testbed")
+#: What the remote shaper imports beyond the agent's requirements (shape_at: remote).
+SHAPER_DISTRIBUTIONS = ("pyroute2", "pydantic", "pyyaml")
 #: Free space the agent's venv needs on the remote (numpy, LiteRT, pillow, ...).
 VENV_BYTES = 600 * 2**20
 #: Free space a run's workdir needs (the parts of one split point, logs).
@@ -124,7 +134,8 @@ while not os.path.isdir(p):
     p = os.path.dirname(p) or "/"
 print(json.dumps({"python": "%d.%d.%d" % sys.version_info[:3], "machine": platform.machine(),
                   "home": os.path.expanduser("~"), "dir": d, "free_bytes": shutil.disk_usage(p).free,
-                  "kernel": platform.release(), "boot_id": open("/proc/sys/kernel/random/boot_id").read().strip()}))
+                  "kernel": platform.release(), "boot_id": open("/proc/sys/kernel/random/boot_id").read().strip(),
+                  "uid": os.getuid(), "ssh_client": (os.environ.get("SSH_CONNECTION") or "?").split()[0]}))
 """
 
 _PORTS = r"""
@@ -175,12 +186,13 @@ def _require_space(conn: Connection, facts: dict, need: int, what: str) -> None:
 
 # --- runtime: process ---------------------------------------------------------------------
 
-def requirements_file() -> Path:
+def requirements_file(with_shaper: bool = False) -> Path:
     """The agent's requirements as the node image has them (``image.node_requirements``:
-    from the installed distribution's metadata), written once per content to a cache file."""
-    from testbed.deploy.image import node_requirements
+    from the installed distribution's metadata), with the remote shaper's ones when
+    ``with_shaper``; written once per content to a cache file."""
+    from testbed.deploy.image import NODE_DISTRIBUTIONS, node_requirements
 
-    text = node_requirements()
+    text = node_requirements(names=NODE_DISTRIBUTIONS + (SHAPER_DISTRIBUTIONS if with_shaper else ()))
     folder = Path(os.path.expanduser("~/.cache/testbed/requirements"))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"node-{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
@@ -191,16 +203,29 @@ def requirements_file() -> Path:
     return path
 
 
-def _source_files() -> list[tuple[str, Path]]:
-    files = [(str(Path("nodes") / p.relative_to(NODES_DIR)), p) for p in sorted(NODES_DIR.rglob("*"))
-             if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")]
-    return files + [("requirements.txt", requirements_file())]
+def _package(folder: Path) -> list[tuple[str, Path]]:
+    """(path on the remote, file here) for a package's sources and data; symlinked folders
+    followed (``testbed.resources`` links the repository's profiles in an editable install)."""
+    out = []
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(names):
+            p = Path(top) / name
+            if p.suffix not in (".pyc", ".pyo") and p.is_file():
+                out.append((str(Path(folder.name) / p.relative_to(folder)), p))
+    return out
 
 
-def env_hash(facts: dict) -> str:
-    """Names the remote venv: nodes/, the requirements, the remote's Python and machine."""
+def _source_files(with_shaper: bool = False) -> list[tuple[str, Path]]:
+    files = _package(NODES_DIR) + [("requirements.txt", requirements_file(with_shaper))]
+    return files + (_package(TESTBED_DIR) if with_shaper else [])
+
+
+def env_hash(facts: dict, with_shaper: bool = False) -> str:
+    """Names the remote venv: nodes/ (and testbed/ for a remote shaper), the
+    requirements, the remote's Python and machine."""
     h = hashlib.sha256(f"{facts['python']} {facts['machine']}\n".encode())
-    for rel, p in _source_files():
+    for rel, p in _source_files(with_shaper):
         data = p.read_bytes()
         h.update(f"{rel} {len(data)}\n".encode())
         h.update(data)
@@ -235,7 +260,7 @@ def _pip_failure(conn: Connection, status: int, text: str, how: str) -> NodeErro
                      exit_status=status, stderr=text)
 
 
-def _wheels_here(facts: dict) -> Path:
+def _wheels_here(facts: dict, with_shaper: bool = False) -> Path:
     """Download wheels for the remote's Python and machine into a local cache."""
     py = facts["python"].rsplit(".", 1)[0]
     machine = facts["machine"]
@@ -243,7 +268,7 @@ def _wheels_here(facts: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     platforms = [f"manylinux{t}_{machine}" for t in ("2014", "_2_17", "_2_28", "_2_31")] + [f"linux_{machine}"]
     argv = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "-d", str(folder),
-            "--python-version", py, "--implementation", "cp", "-r", str(requirements_file()), "pip"]
+            "--python-version", py, "--implementation", "cp", "-r", str(requirements_file(with_shaper)), "pip"]
     for plat in platforms:
         argv += ["--platform", plat]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=900)
@@ -253,9 +278,10 @@ def _wheels_here(facts: dict) -> Path:
     return folder
 
 
-def provision(conn: Connection, facts: dict, wheels: str = "auto") -> str:
-    """The remote venv with the agent (reused when ready); returns its folder."""
-    env = f"{facts['dir']}/{env_hash(facts)}"
+def provision(conn: Connection, facts: dict, wheels: str = "auto", with_shaper: bool = False) -> str:
+    """The remote venv with the agent (and the link layer, ``with_shaper``), reused when
+    ready; returns its folder."""
+    env = f"{facts['dir']}/{env_hash(facts, with_shaper)}"
     q = shlex.quote
     status, _, _ = conn.run(["test", "-f", f"{env}/ready"], check=False)
     if status == 0:
@@ -263,7 +289,7 @@ def provision(conn: Connection, facts: dict, wheels: str = "auto") -> str:
     _require_space(conn, facts, VENV_BYTES, "the agent's venv")
     log.info("preparing the agent on %s in %s (once per nodes/ version)", conn.spec.name, env)
     conn.run(["mkdir", "-p", f"{env}/src"])
-    _sftp_put_tree(conn, _source_files(), f"{env}/src")
+    _sftp_put_tree(conn, _source_files(with_shaper), f"{env}/src")
     status, out, err = conn.run(["python3", "-m", "venv", f"{env}/venv"], check=False, timeout_s=300)
     if status != 0:
         raise NodeError(f"{conn.spec.name}: python3 -m venv failed (install python3-venv on the remote)",
@@ -281,7 +307,7 @@ def provision(conn: Connection, facts: dict, wheels: str = "auto") -> str:
         if not done:
             log.info("%s: no package index answered; pushing wheels from here", conn.spec.name)
     if not done:
-        folder = _wheels_here(facts)
+        folder = _wheels_here(facts, with_shaper)
         files = [(f"wheels/{p.name}", p) for p in sorted(folder.glob("*.whl"))]
         _sftp_put_tree(conn, files, env)
         status, out, err = conn.run_shell(f"{q(pip)} install -q --disable-pip-version-check --no-index "
@@ -353,6 +379,7 @@ def _start(conn: Connection, state: dict, run_id: str, spec: NodeSpec, token: st
     control = f"{bind_ctl}:{ssh.control_port}"
     metrics = f"{bind_ctl}:{ssh.metrics_port}"
     data = f"{data_addr}:{ssh.data_port}"
+    shaper = ssh.shape_at == "remote"
     if ssh.runtime == "process":
         facts = probe(conn, ssh.remote_dir)
         _require_space(conn, facts, RUN_BYTES, "a run")
@@ -361,7 +388,7 @@ def _start(conn: Connection, state: dict, run_id: str, spec: NodeSpec, token: st
             where, why = busy[0]
             raise NodeError(f"{conn.spec.name}: port {where} is already in use on the remote ({why}); "
                             "choose free ones with control_port / data_port / metrics_port", node="remote")
-        env = provision(conn, facts, ssh.wheels)
+        env = provision(conn, facts, ssh.wheels, with_shaper=shaper)
         workdir = f"{facts['dir']}/runs/{run_id}"
         state["workdir"] = workdir
         _save(state)
@@ -390,9 +417,14 @@ def _start(conn: Connection, state: dict, run_id: str, spec: NodeSpec, token: st
                    "pid": state["pid"], "limits": "none (runtime: process runs unconfined)"}
         cpus = memory = None
     else:
-        facts = {}
+        facts, env = {}, ""
+        if shaper:  # the shaper runs from a venv even when the agent runs in a container
+            facts = probe(conn, ssh.remote_dir)
+            env = provision(conn, facts, ssh.wheels, with_shaper=True)
         rnode = _start_container(conn, state, run_id, spec, token, control, data, metrics, lease_s, image)
         check, details, cpus, memory = rnode
+    if shaper:
+        shaping = remote_shaping(conn, state, facts, env, ssh.data_port)
     ctl_fwd = conn.forward(control.rsplit(":", 1)[0], ssh.control_port, "control")
     met_fwd = conn.forward(metrics.rsplit(":", 1)[0], ssh.metrics_port, "metrics")
     details.update({"control_via": f"ssh {conn.spec.name} -> {control}", "metrics_via": f"ssh -> {metrics}",
@@ -430,6 +462,41 @@ def _start_container(conn: Connection, state: dict, run_id: str, spec: NodeSpec,
     return check, details, cpus, host_cfg.get("Memory") or None
 
 
+# --- shaping on the remote (shape_at: remote) ----------------------------------------------
+
+def _shaper_argv(shaped: dict, args: list[str]) -> list[str]:
+    sudo = ["sudo", "-n"] if shaped.get("sudo") else []
+    return [*sudo, "env", f"PYTHONPATH={shaped['env']}/src", f"{shaped['env']}/venv/bin/python", "-m",
+            "testbed.link.remote", *args]
+
+
+def remote_shaping(conn: Connection, state: dict, facts: dict, env: str, sport: int) -> Any:
+    """The ``RemoteTarget`` of the downlink: the remote's interface toward this host,
+    the agent's data port as the flow. Recorded in the run's state for teardown."""
+    from testbed.link.remote import RemoteTarget
+
+    shaped: dict[str, Any] = {"env": env, "sudo": facts.get("uid") != 0, "dev": None}
+    if shaped["sudo"] and conn.run(["sudo", "-n", "true"], check=False)[0] != 0:
+        raise NodeError(f"{conn.spec.name}: shape_at: remote needs root or passwordless sudo on the remote "
+                        "(NET_ADMIN to change its qdiscs)", node="remote")
+
+    def run(args: list[str]) -> str:
+        return conn.run(_shaper_argv(shaped, args), timeout_s=60)[1]
+
+    answer = json.loads(run(["route-dev", facts["ssh_client"]]).strip().splitlines()[-1])
+    if "dev" not in answer:
+        raise NodeError(f"{conn.spec.name}: cannot find the interface toward this host: "
+                        f"{answer.get('error')}", node="remote")
+    if answer.get("shaped"):
+        raise NodeError(f"{conn.spec.name}: {answer['dev']} already carries the testbed's qdiscs (7462:): another "
+                        "run shapes it, or a killed one left them (testbed cleanup on the machine that "
+                        "started it)", node="remote")
+    shaped["dev"] = answer["dev"]
+    state["shaped"] = shaped
+    _save(state)
+    return RemoteTarget(dev=answer["dev"], sport=sport, host=conn.spec.name, run=run)
+
+
 # --- removal -------------------------------------------------------------------------------
 
 _KILL = r"""
@@ -453,7 +520,7 @@ def remove_run(run_id: str, conn: Connection | None = None) -> list[str]:
     state = load_state(run_id)
     if not state:
         return []
-    if not state.get("workdir") and not state.get("container"):  # nothing was made there yet
+    if not any(state.get(k) for k in ("workdir", "container", "shaped")):  # nothing was made there yet
         _state_path(run_id).unlink(missing_ok=True)
         return []
     spec = HostSpec(**state["host"])
@@ -468,6 +535,11 @@ def remove_run(run_id: str, conn: Connection | None = None) -> list[str]:
         return [f"(not reached: {spec.name})"]
     assert conn is not None
     try:
+        shaped = state.get("shaped") or {}
+        if shaped.get("dev"):
+            _, out, _ = conn.run(_shaper_argv(shaped, ["clear", shaped["dev"]]), check=False, timeout_s=60)
+            if '"removed": true' in out:
+                removed.append(f"{spec.name}: qdiscs on {shaped['dev']}")
         if state.get("container"):
             from testbed.deploy import docker as dk
 

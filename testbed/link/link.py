@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from testbed.errors import TestbedError
+from testbed.errors import ShapingError, TestbedError
 from testbed.link.profile import DIRECTIONS, LinkProfile
 from testbed.link.shaper import Capabilities, Shaper
 from testbed.link.stepper import Stepper
@@ -43,8 +43,12 @@ class Link:
                  state_dir: str | Path | None = None, capabilities: Capabilities | None = None) -> None:
         first = Shaper(local, arrangement=arrangement, state_dir=state_dir, capabilities=capabilities)
         caps = capabilities or first.capabilities()
-        self.shapers = {"uplink": first,
-                        "downlink": Shaper(remote, arrangement=arrangement, state_dir=state_dir, capabilities=caps)}
+        # A target that brings its own shaper (testbed.link.remote.RemoteTarget: shaped on
+        # another machine) is driven through it; the kernel there has its own capabilities.
+        make = getattr(remote, "shaper", None)
+        down = make() if callable(make) else Shaper(remote, arrangement=arrangement, state_dir=state_dir,
+                                                    capabilities=caps)
+        self.shapers = {"uplink": first, "downlink": down}
         self._steppers: dict[str, Stepper] = {}
         self.profile: LinkProfile | None = None
         # What results record per direction: tbf, htb, netem, tbf+netem, ... or none.
@@ -64,6 +68,9 @@ class Link:
         """
         for prof in profiles:
             for which, shaper in self.shapers.items():
+                if len(prof.schedule(which)) > 1 and not getattr(shaper, "steps", True):
+                    raise ShapingError(f"profile {prof.name!r} {which}: a time-varying profile cannot be "
+                                       f"stepped on {shaper.target}; shape it on this host")
                 for _, direction in prof.schedule(which):
                     try:
                         shaper.plan(direction)

@@ -224,6 +224,9 @@ def _wrap(e: Exception, target: Target, what: str) -> ShapingError:
     return ShapingError(f"{what} failed: {reason}", interface=str(target), errno=code)
 
 
+ETH_P_IP = 0x0800  # the ethertype a filter matches (IPv4)
+
+
 class Netlink:
     """An rtnetlink socket in ``target``'s namespace, bound to its interface.
 
@@ -327,6 +330,13 @@ class Netlink:
             tuple(self._ipr.nlm_request(msg, msg_type=RTM_NEWQDISC, msg_flags=NLM_F_REQUEST | NLM_F_ACK | flags))
         except NetlinkError as e:
             raise _wrap(e, self.target, "setting netem") from e
+
+    def sport_filter(self, parent: int, port: int, flowid: int) -> None:
+        """u32 filter on ``parent``: IPv4 TCP/UDP packets whose source port is ``port`` go to
+        class ``flowid`` (the port is the upper half of the 32-bit word 20 bytes into an IP
+        header without options); everything else to the qdisc's default class."""
+        self._call("adding the source-port filter", "add-filter", "u32", self.index, parent=parent, prio=1,
+                   protocol=ETH_P_IP, target=flowid, keys=[f"0x{port << 16:08x}/0xffff0000+20"])
 
     def delete_root(self, handle_: int) -> None:
         """Delete the root qdisc with this handle (children go with it)."""
@@ -506,3 +516,4 @@ def ifb_detach(target: Target, ifb: str) -> bool:
             except NetlinkError:
                 pass
     return removed
+

@@ -16,12 +16,21 @@ shaped with the same qdiscs at the egress of the IFB device the interface's
 ingress is redirected to (``netlink.ifb_attach``, done before the first qdisc);
 ``clear`` removes the qdiscs, the redirect and the IFB device.
 
+``match_sport`` shapes one flow on an interface others use too (the downlink on an
+ssh remote's own interface, where the SSH connection also leaves): an htb root only
+to classify — a u32 filter sends packets with that TCP/UDP source port to class
+7462:1, everything else to the default class 7462:2; both pass at line rate — and
+the profile shaped by the tbf arrangement under 7462:1 (a tbf splits GSO
+super-packets; an htb class would let a whole one through, ``testbed.link.params``).
+
 Layout on the interface (handles are fixed so our qdiscs are recognisable)::
 
     arrangement tbf (default):  7462: tbf root ── (7462:1) ── 7463: pfifo (rate only)
                                                           └── 7464: netem (delay, loss, ...)
     arrangement htb:            7462: htb root ── 7462:1 class (rate = ceil) ── 7463: pfifo | 7464: netem
     arrangement netem:          7462: netem root (netem's own rate)
+    match_sport (one flow):     7462: htb root ┬ 7462:1 (u32 sport) ── 7465: tbf ── (7465:1) ── 7463: | 7464:
+                                               └ 7462:2 default (everything else, unshaped)
 
 Example::
 
@@ -55,6 +64,9 @@ ROOT = handle(TAG)                 # 7462:
 CLASS = handle(TAG, 1)             # 7462:1 (htb class / tbf's inner class)
 PFIFO_LEAF = handle(TAG + 1)       # 7463:
 NETEM_LEAF = handle(TAG + 2)       # 7464:
+FLOW_TBF = handle(TAG + 3)         # 7465: the flow's tbf (match_sport)
+FLOW_CLASS = handle(TAG + 3, 1)    # 7465:1 its inner class, where the leaf goes
+OTHERS = handle(TAG, 2)            # 7462:2 the default class: everything but the flow
 MTU_BYTES = 1500
 
 
@@ -106,9 +118,14 @@ class Shaper:
     """
 
     def __init__(self, target: Target, *, arrangement: str = "auto", state_dir: str | Path | None = None,
-                 capabilities: Capabilities | None = None) -> None:
+                 capabilities: Capabilities | None = None, match_sport: int | None = None) -> None:
         self.target = target
-        self.arrangement = arrangement
+        # one flow of a shared interface: an htb to classify, the tbf arrangement to shape
+        self.match_sport = match_sport
+        self.arrangement = "tbf" if match_sport is not None else arrangement
+        # where the rate limiter and the leaf hang: (limiter handle, its parent, the leaf's parent)
+        self._limiter, self._limiter_parent, self._leaf_parent = \
+            (FLOW_TBF, CLASS, FLOW_CLASS) if match_sport is not None else (ROOT, TC_H_ROOT, CLASS)
         self.state_dir = state.state_dir(state_dir)
         self._caps = capabilities
         # One netlink socket per thread: pyroute2's IPRoute runs an event loop
@@ -196,7 +213,7 @@ class Shaper:
             qdiscs = nl.qdiscs()
             root = _root_of(qdiscs)
             if root is not None and root["handle"] == ROOT:
-                return self._change(params, profile, _layout_of(qdiscs, self._state_root_before()))
+                return self._change(params, profile, self._layout_of(qdiscs))
             if root is not None and root["handle"] != 0:
                 raise ShapingError(f"the interface already has a root qdisc {root['kind']} "
                                    f"{handle_str(root['handle'])} that the testbed did not add; refusing to "
@@ -211,7 +228,7 @@ class Shaper:
                 raise
             state.write(self.target, self.state_dir, self._record(params, profile, before, "applied"))
             self.emulation, self.profile_name = params.emulation, profile
-            self._layout = (params.root, _leaf_handle(params), before)
+            self._layout = (self._root_kind(params), _leaf_handle(params), before)
             self._last, self._last_record = params, (params.root, params.emulation, profile, before)
             return params.emulation
 
@@ -238,7 +255,7 @@ class Shaper:
             if root is None or root["handle"] != ROOT:
                 raise ShapingError("nothing to change: the testbed's qdisc is not installed (apply first)",
                                    interface=str(self.target))
-            return self._change(params, profile, _layout_of(qdiscs, self._state_root_before()))
+            return self._change(params, profile, self._layout_of(qdiscs))
 
     def clear(self) -> bool:
         """Remove what the shaper added (our root and its children) and the
@@ -272,7 +289,16 @@ class Shaper:
         if p.root == "netem":
             nl.netem(ROOT, TC_H_ROOT, p.netem)
             return
-        if p.root == "htb":
+        if self.match_sport is not None:
+            from testbed.link.params import PASS_THROUGH_BPS, burst_bytes
+
+            line = PASS_THROUGH_BPS // 8
+            nl.htb_root(ROOT, default_minor=2)
+            for cls in (CLASS, OTHERS):
+                nl.htb_class(cls, ROOT, line, burst_bytes(line, self.capabilities().timer_slack_s), 0)
+            nl.sport_filter(ROOT, self.match_sport, CLASS)
+            nl.tbf(FLOW_TBF, CLASS, p.rate_Bps, p.burst_bytes, p.queue_packets * MTU_BYTES)
+        elif p.root == "htb":
             nl.htb_root(ROOT, default_minor=1)
             nl.htb_class(CLASS, ROOT, p.rate_Bps, p.burst_bytes, p.overhead_bytes)
         else:
@@ -282,15 +308,26 @@ class Shaper:
     def _set_leaf(self, nl: netlink.Netlink, p: KernelParams, current: int | None) -> None:
         """Put the right leaf under 7462:1: change it when it is the right kind,
         graft a new one otherwise (the old leaf goes in the same operation)."""
+        parent = self._leaf_parent
         if p.netem is not None:
             if current == NETEM_LEAF:
-                nl.netem(NETEM_LEAF, CLASS, p.netem, command="change")
+                nl.netem(NETEM_LEAF, parent, p.netem, command="change")
             else:
-                nl.netem(NETEM_LEAF, CLASS, p.netem, command="replace")
+                nl.netem(NETEM_LEAF, parent, p.netem, command="replace")
         elif current == PFIFO_LEAF:
-            nl.pfifo(PFIFO_LEAF, CLASS, p.queue_packets, command="change")
+            nl.pfifo(PFIFO_LEAF, parent, p.queue_packets, command="change")
         else:
-            nl.pfifo(PFIFO_LEAF, CLASS, p.queue_packets, command="replace")
+            nl.pfifo(PFIFO_LEAF, parent, p.queue_packets, command="replace")
+
+    def _root_kind(self, p: KernelParams) -> str:
+        """The root qdisc ``p`` is installed under (htb classifies for one flow)."""
+        return "htb" if self.match_sport is not None else p.root
+
+    def _layout_of(self, qdiscs: list[dict]) -> tuple[str, int | None, str | None]:
+        """(root kind, handle of the leaf, root_before) from a dump."""
+        root = _root_of(qdiscs)
+        leaf = next((q["handle"] for q in qdiscs if q["parent"] == self._leaf_parent), None)
+        return (root["kind"] if root else "", leaf, self._state_root_before())
 
     def _state_root_before(self) -> str | None:
         return (state.read(self.target, self.state_dir) or {}).get("root_before")
@@ -309,7 +346,7 @@ class Shaper:
                 resend: tuple[str, ...] = ()) -> str:
         nl = self._link()
         root_kind, leaf, before = layout
-        if root_kind != p.root:
+        if root_kind != self._root_kind(p):
             raise ShapingError(f"cannot change in place: installed root is {root_kind}, this direction "
                                f"needs {p.root} (arrangement {self.arrangement}); clear and apply instead",
                                interface=str(self.target))
@@ -323,12 +360,12 @@ class Shaper:
                 if p.root == "htb":
                     nl.htb_class(CLASS, ROOT, p.rate_Bps, p.burst_bytes, p.overhead_bytes, command="change-class")
                 else:
-                    nl.tbf(ROOT, TC_H_ROOT, p.rate_Bps, p.burst_bytes, p.queue_packets * MTU_BYTES,
-                           command="change")
+                    nl.tbf(self._limiter, self._limiter_parent, p.rate_Bps, p.burst_bytes,
+                           p.queue_packets * MTU_BYTES, command="change")
             if (last is None or last.netem != p.netem or not same_limiter or leaf != _leaf_handle(p)
                     or "leaf" in resend):
                 self._set_leaf(nl, p, current=leaf)
-        self._layout, self._last = (p.root, _leaf_handle(p), before), p
+        self._layout, self._last = (self._root_kind(p), _leaf_handle(p), before), p
         record = (p.root, p.emulation, profile, before)
         if record != self._last_record:   # the record says what is installed; a trace step rarely changes it
             state.write(self.target, self.state_dir, self._record(p, profile, before, "applied"))
@@ -371,13 +408,6 @@ class Shaper:
 
 def _root_of(qdiscs: list[dict]) -> dict | None:
     return next((q for q in qdiscs if q["parent"] == TC_H_ROOT), None)
-
-
-def _layout_of(qdiscs: list[dict], root_before: str | None) -> tuple[str, int | None, str | None]:
-    """(root kind, handle of the leaf under 7462:1, root_before) from a dump."""
-    root = _root_of(qdiscs)
-    leaf = next((q["handle"] for q in qdiscs if q["parent"] == CLASS), None)
-    return (root["kind"] if root else "", leaf, root_before)
 
 
 def _limiter(p: KernelParams) -> tuple:

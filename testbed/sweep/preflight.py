@@ -365,6 +365,7 @@ def _ssh_remote(run: _Run) -> None:
         return
     spec = remote_ssh.SshSpec.from_config(run.exp.nodes.remote)
     loc = ("nodes", "remote")
+    shaper = spec.shape_at == "remote"  # the shaper runs there from a venv, whatever the runtime
     try:
         with connect(spec.host) as conn:
             if spec.runtime == "docker":
@@ -376,22 +377,31 @@ def _ssh_remote(run: _Run) -> None:
                     run.problem(run.at(f"{spec.host.name}: {why} (runtime: docker)", loc))
                     return
                 run.fact("remote", f"{spec.host.name}, Docker engine {out.strip()}")
-                return
+                if not shaper:
+                    return
             facts = remote_ssh.probe(conn, spec.remote_dir)
-            data = spec.data_address or conn.server_address()
-            wanted = [f"127.0.0.1:{spec.control_port}", f"{data}:{spec.data_port}",
-                      f"127.0.0.1:{spec.metrics_port}"]
-            for where, why in remote_ssh.busy_ports(conn, wanted):
-                run.problem(run.at(f"{spec.host.name}: port {where} is already in use on the remote ({why}); "
-                                   "choose free ones with control_port / data_port / metrics_port", loc))
-            env = f"{facts['dir']}/{remote_ssh.env_hash(facts)}"
+            if shaper and facts.get("uid") != 0 and conn.run(["sudo", "-n", "true"], check=False)[0] != 0:
+                run.problem(run.at(f"{spec.host.name}: shape_at: remote needs root or passwordless sudo there "
+                                   f"(NET_ADMIN to change its qdiscs); {spec.host.user} has neither", loc))
+            if spec.runtime == "process":
+                data = spec.data_address or conn.server_address()
+                wanted = [f"127.0.0.1:{spec.control_port}", f"{data}:{spec.data_port}",
+                          f"127.0.0.1:{spec.metrics_port}"]
+                for where, why in remote_ssh.busy_ports(conn, wanted):
+                    run.problem(run.at(f"{spec.host.name}: port {where} is already in use on the remote ({why}); "
+                                       "choose free ones with control_port / data_port / metrics_port", loc))
+            env = f"{facts['dir']}/{remote_ssh.env_hash(facts, with_shaper=shaper)}"
             ready = conn.run(["test", "-f", f"{env}/ready"], check=False)[0] == 0
             need = remote_ssh.RUN_BYTES + (0 if ready else remote_ssh.VENV_BYTES)
             if facts["free_bytes"] < need:
                 run.problem(run.at(f"{spec.host.name}: remote disk full: {facts['free_bytes'] // 2**20} MiB free "
                                    f"under {facts['dir']}, the agent needs about {need // 2**20} MiB", loc))
-            run.fact("remote", f"{spec.host.name}, python {facts['python']} ({facts['machine']}), agent venv "
-                               f"{'ready' if ready else 'to be made'}")
+            if spec.runtime == "process":
+                run.fact("remote", f"{spec.host.name}, python {facts['python']} ({facts['machine']}), agent venv "
+                                   f"{'ready' if ready else 'to be made'}")
+            if shaper:
+                run.fact("remote shaping", f"downlink on {spec.host.name}'s interface toward this host "
+                                           f"(source port {spec.data_port}); venv {'ready' if ready else 'to be made'}")
     except TestbedError as e:
         run.problem(run.at(_one_line(e).removeprefix("node remote: "), loc))
 
@@ -409,9 +419,16 @@ def _kernel(run: _Run) -> None:
         return
     run.fact("kernel", ", ".join(f"{k} {'yes' if getattr(caps, k) else 'NO'}" for k in ("netem", "htb", "tbf")))
     lacking: set[str] = set()
+    # shape_at: remote: the downlink is the remote kernel's (testbed.link.remote; Link.check
+    # plans it there before anything is measured); stepping a trace there is not offered
+    remote = run.exp.nodes.remote_ssh and run.exp.nodes.remote.shape_at == "remote"
     for i, prof in enumerate(run.profiles):
         needs: dict[str, set[str]] = {}
-        for direction in ("uplink", "downlink"):
+        if remote and len(prof.schedule("downlink")) > 1:
+            run.problem(run.exp.error(f"profile {prof.name!r} varies its downlink over time, which cannot be "
+                                      "stepped on the remote (shape_at: remote); use shape_at: local",
+                                      ("network", i)))
+        for direction in ("uplink",) if remote else ("uplink", "downlink"):
             for _, d in prof.schedule(direction):
                 try:
                     missing = caps.missing(kernel_params(d, "auto", caps.timer_slack_s))

@@ -41,7 +41,8 @@ PORT = 2222
 @dataclass
 class Edge:
     ns: str
-    veth: str
+    veth: str            # this host's end of the veth
+    dev: str             # the edge's end (in ns): what shape_at: remote shapes
     host_addr: str       # this host's end of the veth
     addr: str            # the edge's address (sshd, the data port)
     port: int
@@ -171,7 +172,7 @@ def edge_host() -> Iterator[Edge]:
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=open(folder / "sshd.log", "wb"), start_new_session=True)
         _wait_port(addr, PORT, proc)
-        yield Edge(ns=ns, veth=veth, host_addr=host_addr, addr=addr, port=PORT, folder=folder,
+        yield Edge(ns=ns, veth=veth, dev=peer, host_addr=host_addr, addr=addr, port=PORT, folder=folder,
                    key=folder / "client_key", known_hosts=known, host_pub=host_pub, proc=proc)
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):

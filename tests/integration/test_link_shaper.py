@@ -80,15 +80,17 @@ def test_ladder_transfer_times_match_the_rate(pair, shaper):
     assert not bad, f"measured/ideal outside 1±0.10: {bad} (all: {results})"
 
 
-def _warm_connection_times(pair, sizes: list[int]) -> dict[int, float]:
+def _warm_connection_times(pair, sizes: list[int], client_port: int = 0) -> dict[int, float]:
     """Seconds from ``sendall`` to the last byte received, per size, on ONE
     long-lived connection after an idle pause: how the nodes send model parts
     and cut tensors (a warm connection's congestion window is wide open and
-    TCP hands the qdisc 64 kB GSO super-packets)."""
+    TCP hands the qdisc 64 kB GSO super-packets). ``client_port``: the sender's
+    source port (0: any)."""
     server = ns_socket(pair.ns_b)
     server.bind((pair.addr_b, 0))
     server.listen(1)
     client = ns_socket(pair.ns_a)
+    client.bind((pair.addr_a, client_port))
     client.connect((pair.addr_b, server.getsockname()[1]))
     conn, _ = server.accept()
     out = {}
@@ -122,6 +124,35 @@ def test_small_transfers_on_a_warm_connection_pay_the_rate(pair, shaper):
     times = _warm_connection_times(pair, [20_000, 57_000])
     ratios = {n: t / (n * 8 / rate) for n, t in times.items()}
     assert all(r >= 0.85 for r in ratios.values()), f"faster than the rate: {ratios}"
+
+
+def test_one_flow_of_a_shared_interface(pair, caps, tmp_path):
+    """``match_sport`` (shape_at: remote, where the SSH connection shares the edge's
+    interface): only packets from that source port are shaped — by a tbf, so a warm
+    connection's GSO super-packets pay the rate — everything else passes; a change is
+    in place under the same classifier; clear leaves the interface as it was."""
+    port = 17701
+    s = Shaper(Target(pair.dev_a, netns=pair.ns_a), state_dir=tmp_path / "state", capabilities=caps,
+               match_sport=port)
+    try:
+        rate = 5_000_000
+        assert s.apply(Direction(rate_bps=rate)) == "tbf"
+        before = _layout(s)
+        assert before == [("htb", "7462:0", "root"), ("pfifo", "7463:0", "7465:1"), ("tbf", "7465:0", "7462:1")]
+        times = _warm_connection_times(pair, [20_000, 57_000], client_port=port)
+        ratios = {n: t / (n * 8 / rate) for n, t in times.items()}
+        assert all(r >= 0.85 for r in ratios.values()), f"the flow went faster than the rate: {ratios}"
+        other = tcp_transfer(pair, 200_000)   # another source port: not shaped
+        assert other.seconds < 0.5 * 200_000 * 8 / rate, other
+        assert s.change(Direction(rate_bps=2 * rate)) == "tbf"
+        assert _layout(s) == before   # in place: same qdiscs, the tbf's rate changed
+        tbf = next(q for q in s.show()["qdiscs"] if q["kind"] == "tbf")
+        assert tbf["options"]["rate_Bps"] * 8 == 2 * rate, tbf
+        assert s.clear()
+        assert not [q for q in _layout(s) if q[1].startswith("746")], _layout(s)
+    finally:
+        s.clear()
+        s.close()
 
 
 def test_netem_profile_refused_untouched_or_applied(pair, shaper, caps):

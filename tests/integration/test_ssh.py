@@ -166,10 +166,82 @@ def test_smoke_over_ssh(edge: Edge, tmp_path: Path, local: str, runtime: str) ->
     _nothing_left(edge, _run_id(folder))
 
 
-def _run_until_samples(tmp_path: Path, edge: Edge) -> tuple[subprocess.Popen, Path]:
+def _edge_tc(edge: Edge, what: str) -> dict[str, dict]:
+    """``what`` (qdisc or class) on the edge's interface by handle: kind, parent, rate as
+    tc prints it, bytes sent (``tc -s``; iproute2 6.1 has no JSON for classes)."""
+    out = subprocess.run(["ip", "netns", "exec", edge.ns, "tc", "-s", what, "show", "dev", edge.dev],
+                         capture_output=True, text=True).stdout
+    found: dict[str, dict] = {}
+    current = None
+    for line in out.splitlines():
+        words = line.split()
+        if words[:1] == [what]:
+            current = found[words[2]] = {
+                "kind": words[1], "parent": words[words.index("parent") + 1] if "parent" in words else "root",
+                "rate": words[words.index("rate") + 1] if "rate" in words else None, "bytes": 0}
+        elif words[:1] == ["Sent"] and current is not None:
+            current["bytes"] = int(words[1])
+    return found
+
+
+def _slow_downlink(tmp: Path) -> str:
+    """A rate-only profile whose downlink (4 Mbit/s) is slower than its uplink."""
+    path = tmp / "slow-down.yaml"
+    path.write_text(yaml.safe_dump({"name": "slow-down", "source": "test: a downlink slower than the uplink",
+                                    "uplink": {"rate": "20mbit"},
+                                    "downlink": {"rate": "4mbit"}}))
+    return str(path)
+
+
+def test_downlink_shaped_on_the_remote(edge: Edge, tmp_path: Path) -> None:
+    """shape_at: remote: the edge's own interface carries an htb whose shaped class takes
+    the agent's data flow only (the ssh connection on the same interface goes through
+    the pass-through class), the results say so, the downlink takes its shaped time,
+    and nothing is left on the edge's interface afterwards."""
+    path = _experiment(tmp_path, edge, "process", shape_at="remote")
+    exp = yaml.safe_load(path.read_text())
+    exp["network"] = [_slow_downlink(tmp_path)]
+    path.write_text(yaml.safe_dump(exp))
+    seen: dict[str, dict] = {}
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            seen.update({f"class {h}": c for h, c in _edge_tc(edge, "class").items()})
+            seen.update({f"qdisc {h}": q for h, q in _edge_tc(edge, "qdisc").items()})
+            time.sleep(0.1)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    try:
+        r = _run(path)
+    finally:
+        stop.set()
+        t.join()
+    assert r.returncode == 0, r.stderr[-3000:]
+    folder = _run_folder(r.stdout)
+    flow, others, tbf = seen.get("class 7462:1"), seen.get("class 7462:2"), seen.get("qdisc 7465:")
+    assert flow and others and tbf, seen
+    assert tbf["kind"] == "tbf" and tbf["parent"] == "7462:1" and tbf["rate"] == "4Mbit", tbf
+    assert flow["bytes"] > 10_000, flow      # the data flow: the tail's results
+    assert others["bytes"] > 0, others       # the ssh connection: unshaped, but on this interface
+    summary = _rows(folder, "summary.csv")
+    assert len(summary) == 3
+    for row in summary:
+        assert row["uplink_shaped_at"] == "local-egress" and row["downlink_shaped_at"] == "remote-egress"
+        if int(row["split"]) < 31:
+            assert 0.8 < float(row["downlink_over_ideal_p50"]) < 1.25, row["downlink_over_ideal_p50"]
+    env = json.loads((folder / "environment.json").read_text())
+    remote = env["nodes"]["remote"]
+    assert remote["shape_at"] == "remote" and remote["shaping"]["dev"] == edge.dev, remote
+    assert not any(h.startswith("746") for h in _edge_tc(edge, "qdisc")), _edge_tc(edge, "qdisc")
+    _nothing_left(edge, _run_id(folder))
+
+
+def _run_until_samples(tmp_path: Path, edge: Edge, **remote_extra: object) -> tuple[subprocess.Popen, Path]:
     """``testbed run`` of the smoke experiment with a process remote, returned once its
     first samples are on disk (the run is then mid-sweep)."""
-    path = _experiment(tmp_path, edge, "process")
+    path = _experiment(tmp_path, edge, "process", **remote_extra)
     proc = subprocess.Popen([*TESTBED, "run", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=ROOT)
     results = tmp_path / "results"
@@ -287,18 +359,25 @@ def test_bad_input_is_one_line(edge: Edge, tmp_path: Path, case: str, expect: st
     assert set(Path("/run/testbed/ssh").glob("*.json")) <= records
 
 
-def test_sigkill_then_cleanup_from_the_state_record(edge: Edge, tmp_path: Path) -> None:
+@pytest.mark.parametrize("shape_at", ["local", "remote"])
+def test_sigkill_then_cleanup_from_the_state_record(edge: Edge, tmp_path: Path, shape_at: str) -> None:
     """A SIGKILLed orchestrator tears nothing down; `testbed cleanup --run ID` reconnects
-    to the host named in the run's state record and removes both sides."""
-    proc, folder = _run_until_samples(tmp_path, edge)
+    to the host named in the run's state record and removes both sides — with
+    shape_at: remote, the qdiscs on the edge's interface too."""
+    proc, folder = _run_until_samples(tmp_path, edge, shape_at=shape_at)
     run_id = _run_id(folder)
     proc.kill()
     proc.communicate(timeout=30)
     record = Path(f"/run/testbed/ssh/{run_id}.json")
     assert record.exists() and json.loads(record.read_text())["host"]["host"] == edge.addr
     assert Path(f"/root/.cache/testbed/runs/{run_id}").exists()
+    shaped_there = "7462:" in _edge_tc(edge, "qdisc")
+    assert shaped_there == (shape_at == "remote"), _edge_tc(edge, "qdisc")
     r = subprocess.run([*TESTBED, "cleanup", "--run", run_id], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+    if shape_at == "remote":
+        assert f"qdiscs on {edge.dev}" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert not any(h.startswith("746") for h in _edge_tc(edge, "qdisc")), _edge_tc(edge, "qdisc")
     _nothing_left(edge, run_id)
 
 

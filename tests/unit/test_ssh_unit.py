@@ -41,8 +41,7 @@ def test_ssh_only_for_the_remote() -> None:
     with pytest.raises(ValueError, match="local node runs on this host"):
         Nodes(local=_ssh())
     assert Nodes(local={"backend": "docker"}, remote=_ssh()).backend == "docker"
-    with pytest.raises(ValueError, match="not implemented"):
-        Nodes(remote=_ssh(shape_at="remote"))
+    assert Nodes(remote=_ssh(shape_at="remote")).remote.shape_at == "remote"
     assert NodeConfig(**_ssh()).ssh_user  # defaults to whoever runs the testbed
 
 
@@ -176,3 +175,43 @@ def test_cpu_plan_without_remote() -> None:
     plan = without_remote(plan_cpus(1, 1, host=(0, 1)))
     assert plan.remote is None and plan.local == (1,) and plan.orchestrator == (0,)
     assert not any("remote" in n for n in plan.notes)
+
+
+def test_shape_at_remote_refuses_what_it_cannot_shape_there(tmp_path) -> None:
+    """The remote shapes the data connection's source port only: UDP datagrams (from
+    another port) are refused at the transport key, one line with file and line."""
+    from testbed.experiment import load_experiment
+
+    f = tmp_path / "e.yaml"
+    f.write_text("name: t\nmodel: {builtin: posenet}\nnetwork: [ladder-10mbit]\n"
+                 "nodes: {remote: {backend: ssh, host: edge, key: k, shape_at: remote}}\ntransport: udp\n")
+    with pytest.raises(ConfigError) as e:
+        load_experiment(f, check_files=False)
+    assert "e.yaml:5: transport" in str(e.value) and "shape_at: local" in str(e.value)
+    f.write_text(f.read_text().replace("shape_at: remote", "shape_at: local"))
+    assert load_experiment(f, check_files=False).transport.protocol == "udp"
+
+
+def test_remote_shaper_plans_here_with_the_remote_s_capabilities() -> None:
+    """RemoteShaper plans against what the remote's kernel said (no netem there: a delay
+    is refused here, before any remote change) and always as a tbf under the classifier."""
+    from testbed.errors import ShapingError
+    from testbed.link.profile import Direction
+    from testbed.link.remote import RemoteShaper, RemoteTarget
+
+    calls: list[list[str]] = []
+
+    def run(args: list[str]) -> str:
+        calls.append(args)
+        if args[0] == "caps":
+            return '{"netem": false, "htb": true, "tbf": true, "kernel": "k", "timer_slack_s": 0.0002}\n'
+        return '{"error": "no such interface", "errno": 19}\n'
+
+    shaper = RemoteShaper(RemoteTarget(dev="eth0", sport=7701, host="edge", run=run))
+    assert shaper.plan(Direction(rate_bps=10_000_000)).root == "tbf"
+    with pytest.raises(ShapingError, match="netem"):
+        shaper.plan(Direction(rate_bps=10_000_000, delay_s=0.02))
+    assert [c[0] for c in calls] == ["caps"]
+    with pytest.raises(ShapingError, match="no such interface"):
+        shaper.apply(Direction(rate_bps=10_000_000), "p")
+    assert calls[-1][:4] == ["apply", "eth0", "7701", "p"]
