@@ -4,7 +4,8 @@ Owns the list of checks and their order: the SSH port answers, the host key is
 known (strictly, from the given known_hosts), the key logs in, the remote's python3
 (and venv) and Docker engine, whether the agent's ports are free there, the clock
 offset to this host (NTP-style, minimum-RTT filter, over an exec channel since no
-agent runs yet) and which qdiscs the remote kernel could shape with. Each check is a
+agent runs yet), which qdiscs the remote kernel could shape with and whether the user
+may change them there (root or passwordless sudo: shape_at: remote). Each check is a
 ``Finding`` (ok or not, one line); connecting failures stop the list there.
 
 Leaves to others: connecting (``sshconn``), the remote facts (``ssh.probe``,
@@ -96,8 +97,18 @@ def check_host(spec: HostSpec, ports: tuple[int, int, int] = (7700, 7701, 7702),
                                "in use: " + ", ".join(f"{a} ({why})" for a, why in busy)))
             _clock(conn, out)
             status, text, err = conn.run(["python3", "-c", _QDISCS], check=False, timeout_s=30)
-            out.append(Finding("remote shaping", True, text.strip() or err.strip() or "?"))
+            out.append(Finding("remote shaping", True, f"{text.strip() or err.strip() or '?'}; "
+                                                       f"shape_at: remote {_net_admin(conn, facts)}"))
     return out
+
+
+def _net_admin(conn: Connection, facts: dict) -> str:
+    """Whether the ssh user may change qdiscs there (what shape_at: remote needs)."""
+    if facts.get("uid") == 0:
+        return "possible (root)"
+    if conn.run(["sudo", "-n", "true"], check=False, timeout_s=30)[0] == 0:
+        return "possible (passwordless sudo)"
+    return "not possible (needs root or passwordless sudo)"
 
 
 def _python(conn: Connection, remote_dir: str, out: list[Finding]) -> dict | None:

@@ -58,6 +58,12 @@ class Link:
         """What this kernel can shape (probed once)."""
         return self.shapers["uplink"].capabilities()
 
+    def remote_capabilities(self) -> Capabilities | None:
+        """What the other machine's kernel can shape when the downlink is shaped there
+        (``testbed.link.remote``), else None."""
+        down = self.shapers["downlink"]
+        return None if isinstance(down, Shaper) else down.capabilities()
+
     def check(self, profiles: list[LinkProfile]) -> None:
         """Refuse, before anything is shaped or measured, a profile (any direction,
         any trace step) this kernel cannot honour; the message names the profile,

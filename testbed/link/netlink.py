@@ -224,7 +224,7 @@ def _wrap(e: Exception, target: Target, what: str) -> ShapingError:
     return ShapingError(f"{what} failed: {reason}", interface=str(target), errno=code)
 
 
-ETH_P_IP = 0x0800  # the ethertype a filter matches (IPv4)
+ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD  # the ethertypes a filter matches
 
 
 class Netlink:
@@ -332,11 +332,13 @@ class Netlink:
             raise _wrap(e, self.target, "setting netem") from e
 
     def sport_filter(self, parent: int, port: int, flowid: int) -> None:
-        """u32 filter on ``parent``: IPv4 TCP/UDP packets whose source port is ``port`` go to
-        class ``flowid`` (the port is the upper half of the 32-bit word 20 bytes into an IP
-        header without options); everything else to the qdisc's default class."""
-        self._call("adding the source-port filter", "add-filter", "u32", self.index, parent=parent, prio=1,
-                   protocol=ETH_P_IP, target=flowid, keys=[f"0x{port << 16:08x}/0xffff0000+20"])
+        """u32 filters on ``parent``: TCP/UDP packets whose source port is ``port`` go to
+        class ``flowid``; everything else to the qdisc's default class. The port is the
+        upper half of the 32-bit word right after the IP header: 20 bytes into an IPv4
+        header without options, 40 into an IPv6 header without extension headers."""
+        for prio, (protocol, offset) in enumerate(((ETH_P_IP, 20), (ETH_P_IPV6, 40)), start=1):
+            self._call("adding the source-port filter", "add-filter", "u32", self.index, parent=parent, prio=prio,
+                       protocol=protocol, target=flowid, keys=[f"0x{port << 16:08x}/0xffff0000+{offset}"])
 
     def delete_root(self, handle_: int) -> None:
         """Delete the root qdisc with this handle (children go with it)."""

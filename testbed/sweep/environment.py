@@ -43,9 +43,12 @@ def _cpu_model() -> str | None:
 
 
 def environment(p: Plan, run_id: str, dep: Deployment, caps: Capabilities, options: SweepOptions,
-                cpus: CpuPlan) -> dict[str, Any]:
-    """The facts of this session of the run (see the module docstring)."""
+                cpus: CpuPlan, remote_caps: Capabilities | None = None) -> dict[str, Any]:
+    """The facts of this session of the run (see the module docstring); ``remote_caps``:
+    the remote kernel's, when the downlink is shaped there (shape_at: remote)."""
     exp = p.experiment
+    remote = {"remote_link_capabilities": {k: getattr(remote_caps, k) for k in ("netem", "htb", "tbf", "kernel")}} \
+        if remote_caps is not None else {}
     return {
         "run_id": run_id,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -55,6 +58,7 @@ def environment(p: Plan, run_id: str, dep: Deployment, caps: Capabilities, optio
         "backend_requested": options.backend or exp.nodes.backend,
         **dep.environment(),  # backend, backend_reason, nodes (limits, image id, ...)
         "link_capabilities": {k: getattr(caps, k) for k in ("netem", "htb", "tbf")},
+        **remote,
         "model": {"path": str(p.model_path), **{k: p.model.get(k) for k in ("sha256", "layers", "bytes")}},
         "threads": {"local": exp.nodes.local.threads, "remote": exp.nodes.remote.threads},
         "cpu_assignment": cpus.as_dict(),

@@ -77,7 +77,8 @@ class Session:
         stack.callback(link.teardown)
         link.check(self.p.profiles)
         self.link, self.profile = link, None
-        env = environment.environment(self.p, run_id, dep, link.capabilities(), self.options, self.cpus)
+        env = environment.environment(self.p, run_id, dep, link.capabilities(), self.options, self.cpus,
+                                      remote_caps=link.remote_capabilities())
         if len(self.run_ids) == 1:
             for note in self.cpus.notes:
                 self.console.print(f"cpus: {note}")

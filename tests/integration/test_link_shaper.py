@@ -155,6 +155,58 @@ def test_one_flow_of_a_shared_interface(pair, caps, tmp_path):
         s.close()
 
 
+def _v6_transfer_s(pair, nbytes: int, client_port: int) -> float:
+    """Seconds to send ``nbytes`` ns_a -> ns_b over IPv6 from ``client_port`` (addresses
+    fd7b::1/2 added to the pair, no duplicate address detection)."""
+    import socket
+
+    from pyroute2 import IPRoute, netns
+
+    for ns, dev, addr in ((pair.ns_a, pair.dev_a, "fd7b::1"), (pair.ns_b, pair.dev_b, "fd7b::2")):
+        with IPRoute(netns=ns, flags=0) as ipr:
+            if not ipr.get_addr(address=addr):
+                ipr.addr("add", index=ipr.link_lookup(ifname=dev)[0], address=addr, prefixlen=64,
+                         flags=0x02)  # IFA_F_NODAD: usable at once
+    server = netns.create_socket(pair.ns_b, socket.AF_INET6, socket.SOCK_STREAM, flags=0)
+    server.bind(("fd7b::2", 0))
+    server.listen(1)
+    client = netns.create_socket(pair.ns_a, socket.AF_INET6, socket.SOCK_STREAM, flags=0)
+    client.bind(("fd7b::1", client_port))
+    client.connect(("fd7b::2", server.getsockname()[1]))
+    conn, _ = server.accept()
+    got = 0
+
+    def receive() -> None:
+        nonlocal got
+        while got < nbytes:
+            got += len(conn.recv(1 << 20))
+    th = threading.Thread(target=receive)
+    th.start()
+    t0 = time.monotonic()
+    try:
+        client.sendall(b"\x5a" * nbytes)
+        th.join(30)
+        return time.monotonic() - t0
+    finally:
+        for sock in (client, conn, server):
+            sock.close()
+
+
+def test_one_flow_over_ipv6(pair, caps, tmp_path):
+    """The source-port match covers IPv6 too (a data_address may be one)."""
+    port, rate, nbytes = 17702, 5_000_000, 300_000
+    s = Shaper(Target(pair.dev_a, netns=pair.ns_a), state_dir=tmp_path / "state", capabilities=caps,
+               match_sport=port)
+    try:
+        s.apply(Direction(rate_bps=rate))
+        shaped = _v6_transfer_s(pair, nbytes, port)
+        assert shaped >= 0.85 * nbytes * 8 / rate, shaped
+        assert _v6_transfer_s(pair, nbytes, 0) < 0.5 * nbytes * 8 / rate
+    finally:
+        s.clear()
+        s.close()
+
+
 def test_netem_profile_refused_untouched_or_applied(pair, shaper, caps):
     before = _layout(shaper)
     lte = load_profile("lte").uplink

@@ -234,6 +234,7 @@ def test_downlink_shaped_on_the_remote(edge: Edge, tmp_path: Path) -> None:
     env = json.loads((folder / "environment.json").read_text())
     remote = env["nodes"]["remote"]
     assert remote["shape_at"] == "remote" and remote["shaping"]["dev"] == edge.dev, remote
+    assert env["remote_link_capabilities"]["htb"] is True and env["remote_link_capabilities"]["tbf"] is True
     assert not any(h.startswith("746") for h in _edge_tc(edge, "qdisc")), _edge_tc(edge, "qdisc")
     _nothing_left(edge, _run_id(folder))
 
@@ -388,6 +389,7 @@ def test_hosts_check(edge: Edge, tmp_path: Path) -> None:
     lines = {line.split()[1]: line for line in r.stdout.splitlines() if line.strip()}
     for name in ("reachable", "host", "auth", "python3", "disk", "docker", "ports", "clock", "remote"):
         assert name in lines and lines[name].startswith("ok"), r.stdout
+    assert "shape_at: remote possible (root)" in lines["remote"], lines["remote"]
     (tmp_path / "kh").write_text("")
     r = subprocess.run([*TESTBED, "hosts", "check", f"root@{edge.addr}:{edge.port}", "--key", str(edge.key),
                         "--known-hosts", str(tmp_path / "kh")], capture_output=True, text=True, timeout=120)
