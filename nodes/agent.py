@@ -11,7 +11,7 @@ Three listeners, one process:
   ``profile_layers``, ``shutdown``.
 * **data** (TCP, the node's data address, shaped): the peer agent's frames, after the
   mutual challenge-response handshake (``protocol.data_handshake_remote``), served by
-  ``nodes.pipeline.serve_data_connection``.
+  ``nodes.answer.serve_data_connection``.
 * **metrics** (HTTP, control side): ``nodes.agent_metrics``.
 
 Every listener is a ``nodes.serving`` server: a listen backlog of 128, a cap on open
@@ -55,7 +55,7 @@ from typing import Any, Iterator
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from nodes import pipeline, runs, serving
+from nodes import answer, pipeline, runs, serving
 from nodes import protocol as P
 from nodes.addresses import parse_host_port
 from nodes.agent_metrics import METRICS_LIMITS, AgentMetrics
@@ -226,7 +226,7 @@ class Agent:
         self.idle_s = idle_s
         self.refusals = serving.RateLimitedLog(log)
 
-    # RemoteState for pipeline.serve_data_connection
+    # RemoteState for answer.serve_data_connection
     def tail(self) -> Part | None:
         return self.parts.get("tail")
 
@@ -263,7 +263,7 @@ class Agent:
             return
         if ctx is not None:
             ctx.authenticated()
-        pipeline.serve_data_connection(conn, self)
+        answer.serve_data_connection(conn, self)
 
     @staticmethod
     def _refuse(conn: socket.socket, header: dict[str, Any]) -> None:
