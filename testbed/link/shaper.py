@@ -306,8 +306,9 @@ class Shaper:
         self._set_leaf(nl, p, current=None)
 
     def _set_leaf(self, nl: netlink.Netlink, p: KernelParams, current: int | None) -> None:
-        """Put the right leaf under 7462:1: change it when it is the right kind,
-        graft a new one otherwise (the old leaf goes in the same operation)."""
+        """Put the right leaf under the limiter (7462:1; 7465:1 for one flow): change it
+        when it is the right kind, graft a new one otherwise (the old leaf goes in the
+        same operation)."""
         parent = self._leaf_parent
         if p.netem is not None:
             if current == NETEM_LEAF:

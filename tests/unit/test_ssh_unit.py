@@ -215,3 +215,23 @@ def test_remote_shaper_plans_here_with_the_remote_s_capabilities() -> None:
     with pytest.raises(ShapingError, match="no such interface"):
         shaper.apply(Direction(rate_bps=10_000_000), "p")
     assert calls[-1][:4] == ["apply", "eth0", "7701", "p"]
+
+
+def test_preflight_refuses_a_time_varying_downlink_shaped_on_the_remote(tmp_path) -> None:
+    """A trace on the downlink cannot be stepped on the remote: preflight names the
+    profile at its network line (the host here answers nothing: that is a second line)."""
+    from testbed.sweep.preflight import check
+
+    (tmp_path / "k").write_text("")
+    (tmp_path / "dip.yaml").write_text(
+        "name: dip\nsource: test\nuplink: {rate: 20mbit}\ndownlink: {rate: 40mbit}\n"
+        "trace: {loop: true, period: 6s, direction: downlink, steps: [{at: 0s, rate: 40mbit}, "
+        "{at: 3s, rate: 4mbit}]}\n")
+    exp = tmp_path / "e.yaml"
+    problems = {}
+    for shape_at in ("remote", "local"):
+        exp.write_text("name: t\nmodel: {builtin: posenet}\nsplits: [0]\nnetwork: [dip.yaml]\noutput: out\n"
+                       f"nodes: {{remote: {{backend: ssh, host: 127.0.0.1, port: 1, key: k, shape_at: {shape_at}}}}}\n")
+        problems[shape_at] = "\n".join(check(exp).problems)
+    assert "e.yaml:4: network.0: profile 'dip' varies its downlink over time" in problems["remote"], problems
+    assert "varies its downlink" not in problems["local"], problems
