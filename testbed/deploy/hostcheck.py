@@ -104,11 +104,8 @@ def check_host(spec: HostSpec, ports: tuple[int, int, int] = (7700, 7701, 7702),
 
 def _net_admin(conn: Connection, facts: dict) -> str:
     """Whether the ssh user may change qdiscs there (what shape_at: remote needs)."""
-    if facts.get("uid") == 0:
-        return "possible (root)"
-    if conn.run(["sudo", "-n", "true"], check=False, timeout_s=30)[0] == 0:
-        return "possible (passwordless sudo)"
-    return "not possible (needs root or passwordless sudo)"
+    how = remote_ssh.net_admin(conn, facts)
+    return f"possible ({how})" if how else "not possible (needs root or passwordless sudo)"
 
 
 def _python(conn: Connection, remote_dir: str, out: list[Finding]) -> dict | None:

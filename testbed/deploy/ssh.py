@@ -39,6 +39,7 @@ Leaves to others: paramiko (``testbed.deploy.sshconn``), the Docker SDK
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -55,7 +56,7 @@ from testbed import resources
 from testbed.deploy import owner
 from testbed.deploy.node import Node, NodeSpec
 from testbed.deploy.sshconn import Connection, HostSpec, connect
-from testbed.errors import NodeError
+from testbed.errors import NodeError, ShapingError
 
 log = logging.getLogger("testbed.deploy")
 
@@ -470,23 +471,35 @@ def _shaper_argv(shaped: dict, args: list[str]) -> list[str]:
             "testbed.link.remote", *args]
 
 
+def net_admin(conn: Connection, facts: dict) -> str | None:
+    """How the ssh user may change qdiscs there (what shape_at: remote needs): ``root``,
+    ``passwordless sudo``, or None."""
+    if facts.get("uid") == 0:
+        return "root"
+    if conn.run(["sudo", "-n", "true"], check=False, timeout_s=30)[0] == 0:
+        return "passwordless sudo"
+    return None
+
+
 def remote_shaping(conn: Connection, state: dict, facts: dict, env: str, sport: int) -> Any:
     """The ``RemoteTarget`` of the downlink: the remote's interface toward this host,
     the agent's data port as the flow. Recorded in the run's state for teardown."""
-    from testbed.link.remote import RemoteTarget
+    from testbed.link.remote import RemoteTarget, parse_answer
 
-    shaped: dict[str, Any] = {"env": env, "sudo": facts.get("uid") != 0, "dev": None}
-    if shaped["sudo"] and conn.run(["sudo", "-n", "true"], check=False)[0] != 0:
+    how = net_admin(conn, facts)
+    if how is None:
         raise NodeError(f"{conn.spec.name}: shape_at: remote needs root or passwordless sudo on the remote "
                         "(NET_ADMIN to change its qdiscs)", node="remote")
+    shaped: dict[str, Any] = {"env": env, "sudo": how != "root", "dev": None}
 
     def run(args: list[str]) -> str:
         return conn.run(_shaper_argv(shaped, args), timeout_s=60)[1]
 
-    answer = json.loads(run(["route-dev", facts["ssh_client"]]).strip().splitlines()[-1])
-    if "dev" not in answer:
-        raise NodeError(f"{conn.spec.name}: cannot find the interface toward this host: "
-                        f"{answer.get('error')}", node="remote")
+    try:
+        answer = parse_answer(run(["route-dev", facts["ssh_client"]]), "")
+    except ShapingError as e:
+        raise NodeError(f"{conn.spec.name}: cannot find the interface toward this host ({e})",
+                        node="remote") from None
     if answer.get("shaped"):
         raise NodeError(f"{conn.spec.name}: {answer['dev']} already carries the testbed's qdiscs (7462:): another "
                         "run shapes it, or a killed one left them (testbed cleanup on the machine that "
@@ -537,9 +550,12 @@ def remove_run(run_id: str, conn: Connection | None = None) -> list[str]:
     try:
         shaped = state.get("shaped") or {}
         if shaped.get("dev"):
+            from testbed.link.remote import parse_answer
+
             _, out, _ = conn.run(_shaper_argv(shaped, ["clear", shaped["dev"]]), check=False, timeout_s=60)
-            if '"removed": true' in out:
-                removed.append(f"{spec.name}: qdiscs on {shaped['dev']}")
+            with contextlib.suppress(ShapingError):
+                if parse_answer(out, spec.name).get("removed"):
+                    removed.append(f"{spec.name}: qdiscs on {shaped['dev']}")
         if state.get("container"):
             from testbed.deploy import docker as dk
 

@@ -34,6 +34,21 @@ from testbed.errors import ShapingError
 Runner = Callable[[list[str]], str]  # runs ``python -m testbed.link.remote ARGS`` there, returns stdout
 
 
+def parse_answer(out: str, where: str) -> dict[str, Any]:
+    """The JSON line a ``python -m testbed.link.remote`` command printed last.
+
+    Raises:
+        ShapingError: it printed no JSON, or answered an error.
+    """
+    try:
+        answer = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise ShapingError(f"remote shaper answered {out[:120]!r}", interface=where) from None
+    if "error" in answer:
+        raise ShapingError(f"on the remote: {answer['error']}", interface=where, errno=answer.get("errno"))
+    return answer
+
+
 @dataclass(frozen=True)
 class RemoteTarget:
     """Where a direction is shaped on the remote: ``dev`` there, only source port ``sport``."""
@@ -63,15 +78,7 @@ class RemoteShaper:
         self._caps: dict[str, Any] = {}
 
     def _call(self, *args: str) -> dict[str, Any]:
-        out = self.target.run(list(args))
-        try:
-            answer = json.loads(out.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise ShapingError(f"remote shaper answered {out[:120]!r}", interface=str(self.target)) from None
-        if "error" in answer:
-            raise ShapingError(f"on the remote: {answer['error']}", interface=str(self.target),
-                               errno=answer.get("errno"))
-        return answer
+        return parse_answer(self.target.run(list(args)), str(self.target))
 
     def capabilities(self) -> Any:
         if self._planner is None:

@@ -380,7 +380,7 @@ def _ssh_remote(run: _Run) -> None:
                 if not shaper:
                     return
             facts = remote_ssh.probe(conn, spec.remote_dir)
-            if shaper and facts.get("uid") != 0 and conn.run(["sudo", "-n", "true"], check=False)[0] != 0:
+            if shaper and remote_ssh.net_admin(conn, facts) is None:
                 run.problem(run.at(f"{spec.host.name}: shape_at: remote needs root or passwordless sudo there "
                                    f"(NET_ADMIN to change its qdiscs); {spec.host.user} has neither", loc))
             if spec.runtime == "process":
